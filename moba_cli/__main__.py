@@ -1,0 +1,3 @@
+from moba_cli.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Thin Typer commands: parse, validate, call the library, write results."""

@@ -1,0 +1,155 @@
+"""Readable float32 reference for MoBA. Runs on any device.
+
+Memory is O(T * blocks) for the gate and O(tile * S) for attention (queries are processed in tiles),
+never O(S^2), so it can check 64K-token sequences on a GPU.
+
+Selection format shared with the Triton backend: ``block_idx [T, Hq, slots]`` int32 of *global* block
+ids (see :mod:`moba_cli.ops.moba.layout`). Slot 0 is the query's own block; slots 1.. hold the chosen
+past blocks in decreasing gate score, ``-1`` where a query has fewer past blocks than ``topk - 1``.
+
+Tie rule: blocks with equal gate scores are ranked by block index, the earlier block first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .layout import BlockLayout, num_slots
+
+
+def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Mean key of each block in float32. k ``[T, Hkv, D]`` -> ``[NB, Hkv, D]``."""
+    nb = layout.num_blocks
+    out = torch.zeros(nb, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
+    out.index_add_(0, layout.token_block.long(), k.float())
+    counts = (layout.block_end - layout.block_start).float()
+    return out / counts[:, None, None]
+
+
+def gate_scores(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, seq: int) -> torch.Tensor:
+    """Gate scores of sequence ``seq``: ``[S_i, Hq, nb_i]`` float32, q . mean(block keys).
+
+    Blocks that are not complete past blocks of the query (its own block and later ones) get -inf.
+    """
+    cu = layout.cu_seqlens.tolist()
+    s0, s1 = cu[seq], cu[seq + 1]
+    qs = q[s0:s1].float()
+    hkv = k.shape[1]
+    g = qs.shape[1] // hkv
+    blocks = torch.nonzero((layout.block_start >= s0) & (layout.block_start < s1)).flatten()
+    means = block_means(k, layout)[blocks]  # [nb_i, Hkv, D]
+    # Grouped view: heads that share a KV head score the same block means, without copying them.
+    scores = torch.einsum("shgd,nhd->shgn", qs.view(s1 - s0, hkv, g, -1), means)
+    scores = scores.reshape(s1 - s0, hkv * g, -1)
+    own_local = (layout.token_block[s0:s1] - layout.token_first_block[s0:s1]).long()
+    past = torch.arange(len(blocks), device=q.device)[None, :] < own_local[:, None]  # [S_i, nb_i]
+    return scores.masked_fill(~past[:, None, :], float("-inf"))
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int) -> torch.Tensor:
+    """Choose each query head's blocks. q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> ``block_idx [T, Hq, slots]``."""
+    t_total, hq = q.shape[0], q.shape[1]
+    slots = num_slots(topk, layout.max_blocks)
+    out = torch.full((t_total, hq, slots), -1, dtype=torch.int32, device=q.device)
+    out[:, :, 0] = layout.token_block[:, None]
+    if slots == 1:
+        return out
+    cu = layout.cu_seqlens.tolist()
+    for i in range(len(cu) - 1):
+        s0, s1 = cu[i], cu[i + 1]
+        if s1 == s0:
+            continue
+        scores = gate_scores(q, k, layout, i)
+        # A stable descending sort keeps the earlier block first among equal scores (the tie rule).
+        order = torch.sort(scores, dim=-1, descending=True, stable=True)
+        n = min(slots - 1, scores.shape[-1])
+        top_val, top_idx = order.values[..., :n], order.indices[..., :n]
+        chosen = torch.where(
+            torch.isfinite(top_val),
+            top_idx + layout.token_first_block[s0:s1, None, None].long(),
+            torch.full_like(top_idx, -1),
+        )
+        out[s0:s1, :, 1 : 1 + n] = chosen.to(torch.int32)
+    return out
+
+
+def _query_tile(heads: int, keys: int) -> int:
+    # Keep one tile's score matrix near 2^27 floats (512 MiB) whatever the sequence length.
+    return int(max(16, min(4096, 2**27 // max(1, heads * keys))))
+
+
+def moba_attention_naive(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    topk: int,
+    softmax_scale: float | None = None,
+    block_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA attention in float32. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``.
+
+    Returns ``(out [T, Hq, D] float32, lse [T, Hq] float32)``. ``block_idx`` overrides the gate (used to
+    check a kernel's attention on exactly the blocks it chose). Differentiable in q, k and v; the
+    selection is computed without gradient.
+    """
+    t_total, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    if block_idx is None:
+        with torch.no_grad():
+            block_idx = select_blocks(q, k, layout, topk)
+    outs, lses = [], []
+    cu = layout.cu_seqlens.tolist()
+    for i in range(len(cu) - 1):
+        s0, s1 = cu[i], cu[i + 1]
+        n = s1 - s0
+        if n == 0:
+            continue
+        first = int(layout.token_first_block[s0].item())
+        nb_i = (n + layout.chunk_size - 1) // layout.chunk_size
+        kf, vf = k[s0:s1].float(), v[s0:s1].float()
+        key_block = torch.arange(n, device=q.device) // layout.chunk_size  # local block of each key
+        tile = _query_tile(hq, n)
+        for r0 in range(0, n, tile):
+            r1 = min(n, r0 + tile)
+            qt = q[s0 + r0 : s0 + r1].float().view(r1 - r0, hkv, g, d)
+            # Which local blocks each (query, head) attends: [tile, Hq, nb_i].
+            local = block_idx[s0 + r0 : s0 + r1].long() - first
+            chosen = torch.zeros(r1 - r0, hq, nb_i + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(2, torch.where(local >= 0, local, nb_i), True)
+            allowed = chosen[:, :, :nb_i][:, :, key_block[:r1]]  # [tile, Hq, keys]
+            causal = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
+            allowed = allowed & causal[:, None, :]
+            s = torch.einsum("qhgd,khd->qhgk", qt, kf[:r1]).reshape(r1 - r0, hq, r1) * scale
+            s = s.masked_fill(~allowed, float("-inf"))
+            lse = torch.logsumexp(s, dim=-1)
+            p = torch.exp(s - lse[..., None]).view(r1 - r0, hkv, g, r1)
+            o = torch.einsum("qhgk,khd->qhgd", p, vf[:r1]).reshape(r1 - r0, hq, d)
+            outs.append(o)
+            lses.append(lse)
+    return torch.cat(outs, 0), torch.cat(lses, 0)
+
+
+def full_attention_naive(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, softmax_scale: float | None
+) -> torch.Tensor:
+    """Dense causal attention in float32, one sequence at a time. Same layout as above; ``[T, Hq, D]``."""
+    t_total, hq, d = q.shape
+    hkv = k.shape[1]
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
+    out = torch.empty(t_total, hq, d, dtype=torch.float32, device=q.device)
+    cu = cu_seqlens.tolist()
+    for i in range(len(cu) - 1):
+        s0, s1 = cu[i], cu[i + 1]
+        if s1 == s0:
+            continue
+        qs, ks, vs = (x[s0:s1].float().transpose(0, 1)[None] for x in (q, k, v))
+        o = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks, vs, is_causal=True, scale=scale, enable_gqa=hq != hkv
+        )
+        out[s0:s1] = o[0].transpose(0, 1)
+    return out

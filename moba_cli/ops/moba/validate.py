@@ -1,0 +1,106 @@
+"""Input checks shared by every backend. Each failure raises :class:`MobaError` with one clear message."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from moba_cli.errors import MobaError
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+TRITON_HEAD_DIMS = (32, 64, 128)
+BACKENDS = ("auto", "naive", "triton")
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def check_inputs(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens: torch.Tensor | None,
+    max_seqlen: int | None,
+    softmax_scale: float | None,
+) -> None:
+    """Check shapes, dtypes and devices of q ``[B,S,Hq,D]`` / k, v ``[B,S,Hkv,D]`` or packed ``[T,H,D]``."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise MobaError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise MobaError(f"q, k and v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise MobaError(f"dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    if not (q.device == k.device == v.device):
+        raise MobaError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
+    want = 3 if cu_seqlens is not None else 4
+    layout = "packed [T, H, D] with cu_seqlens" if want == 3 else "[B, S, H, D]"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != want:
+            raise MobaError(f"{name} must have rank {want} ({layout}), got shape {tuple(t.shape)}")
+    if k.shape != v.shape:
+        raise MobaError(f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[:-2] != k.shape[:-2]:
+        raise MobaError(
+            f"q and k must agree on the token dimensions, got {tuple(q.shape)} and {tuple(k.shape)}"
+        )
+    if q.shape[-1] != k.shape[-1]:
+        raise MobaError(f"q and k must have the same head dim, got {q.shape[-1]} and {k.shape[-1]}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv != 0:
+        raise MobaError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
+    if softmax_scale is not None and not (softmax_scale > 0):
+        raise MobaError(f"softmax_scale must be positive, got {softmax_scale}")
+    if cu_seqlens is not None:
+        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+
+
+def check_cu_seqlens(
+    cu_seqlens: torch.Tensor, total: int, device: torch.device, max_seqlen: int | None
+) -> None:
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise MobaError("cu_seqlens must be a 1-D tensor [num_seqs + 1] of sequence offsets")
+    if cu_seqlens.dtype != torch.int32:
+        raise MobaError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
+    if cu_seqlens.device != device:
+        raise MobaError(f"cu_seqlens must be on {device}, got {cu_seqlens.device}")
+    cu = cu_seqlens.tolist()
+    if cu[0] != 0:
+        raise MobaError(f"cu_seqlens must start at 0, got {cu[0]}")
+    if any(b < a for a, b in zip(cu[:-1], cu[1:], strict=True)):
+        raise MobaError("cu_seqlens must be non-decreasing")
+    if cu[-1] != total:
+        raise MobaError(f"cu_seqlens ends at {cu[-1]} but q has {total} tokens")
+    longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
+    if max_seqlen is not None and max_seqlen < longest:
+        raise MobaError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
+
+
+def check_moba_params(chunk_size: int, topk: int) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+        raise MobaError(f"chunk_size must be a positive integer, got {chunk_size!r}")
+    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+        raise MobaError(f"topk must be an integer >= 1 (it counts the query's own block), got {topk!r}")
+
+
+def resolve_backend(backend: str, q: torch.Tensor) -> str:
+    """Pick the backend: ``auto`` is triton on CUDA (or under the Triton interpreter), naive elsewhere."""
+    if backend not in BACKENDS:
+        raise MobaError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if (q.is_cuda or (triton_interpreting() and q.device.type == "cpu")) else "naive"
+    if backend == "triton":
+        if not q.is_cuda and not triton_interpreting():
+            raise MobaError(
+                "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); "
+                f"got tensors on {q.device}. Use backend='naive' on CPU."
+            )
+        d = q.shape[-1]
+        if d not in TRITON_HEAD_DIMS:
+            raise MobaError(
+                f"head dim {d} is not supported by the triton backend; supported: "
+                f"{', '.join(map(str, TRITON_HEAD_DIMS))} (backend='naive' takes any)"
+            )
+    return backend
