@@ -1,0 +1,600 @@
+"""Triton kernels for MoBA prefill (forward and backward) and the autograd Function around them.
+
+Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :mod:`.layout`):
+
+1. ``_block_mean_kernel``: float32 mean key of every block, ``[NB, Hkv, D]``.
+2. ``_gate_kernel``: each (query, head) scores its sequence's complete past blocks and keeps the best
+   ``topk - 1`` with a streaming top-k (a sorted candidate list merged tile by tile), so the
+   ``[T, NB]`` score matrix is never written. Output ``block_idx [T, Hq, slots]`` as in :mod:`.naive`.
+3. Schedule (torch): the (query, head, slot) pairs are sorted by (slot, head, block), so every key block
+   gets a dense list of the queries that chose it ("gather and densify").
+4. ``_fwd_kernel``: one program per tile of up to ``BLOCK_M`` gathered queries of one (slot, head,
+   block): dense attention of the gathered queries over that block's keys with an online softmax, then a
+   log-sum-exp merge into a float32 accumulator. Slots run as separate launches, and each query has
+   exactly one block per slot, so merges never race and need no atomics.
+5. Backward: ``_bwd_dq_kernel`` walks the same tiles (dQ merged slot by slot), ``_bwd_dkdv_kernel`` owns
+   one key tile of one block and loops over every query (of every head in its KV group) that chose the
+   block, so dK/dV stay in registers and K/V are never copied per query head.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from moba_cli.errors import MobaError
+
+from .layout import BlockLayout, num_slots
+
+LOG2E = 1.4426950408889634
+MAX_GATE_CANDIDATES = 128
+
+
+# Tests set this to fill every buffer the kernels write with NaN (floats) or -7 (ints) first, so an
+# element a kernel forgets to write shows up instead of passing with stale memory.
+POISON_OUTPUTS = False
+
+
+def _is_interp() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _empty(*shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if not POISON_OUTPUTS:
+        return torch.empty(*shape, dtype=dtype, device=device)
+    fill = float("nan") if dtype.is_floating_point else -7
+    return torch.full(shape, fill, dtype=dtype, device=device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Block means and gate
+
+
+@triton.jit
+def _block_mean_kernel(
+    K, BS, BE, KM,
+    stride_kt, stride_kh, stride_mn, stride_mh,
+    D: tl.constexpr, BLOCK_T: tl.constexpr,
+):
+    j = tl.program_id(0)
+    hk = tl.program_id(1)
+    bs = tl.load(BS + j)
+    be = tl.load(BE + j)
+    d = tl.arange(0, D)
+    acc = tl.zeros([BLOCK_T, D], dtype=tl.float32)
+    for t0 in range(bs, be, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        kt = tl.load(
+            K + t.to(tl.int64)[:, None] * stride_kt + hk * stride_kh + d[None, :],
+            mask=(t < be)[:, None], other=0.0,
+        )
+        acc += kt.to(tl.float32)
+    mean = tl.sum(acc, 0) / (be - bs).to(tl.float32)
+    tl.store(KM + j.to(tl.int64) * stride_mn + hk * stride_mh + d, mean)
+
+
+@triton.jit
+def _gate_kernel(
+    Q, KM, TB, FB, OUT, T,
+    stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
+    G: tl.constexpr, NPAST: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < T
+    tb = tl.load(TB + rows, mask=rmask, other=0)
+    fb = tl.load(FB + rows, mask=rmask, other=0)
+    d = tl.arange(0, D)
+    q = tl.load(
+        Q + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0
+    ).to(tl.float32)
+    lo = tl.min(tl.where(rmask, fb, 2147483647), 0)
+    hi = tl.max(tl.where(rmask, tb, 0), 0)
+    # Candidates are int64 keys: the score's order-preserving bits above, (2^31-1-block) below, so one
+    # integer sort ranks by score and, among equal scores, puts the earlier block first (the tie rule).
+    # Empty entries get the high word -2^31+1, below the key of any real (non-NaN) float, -inf included.
+    neg = tl.full([BLOCK_M, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
+    best = neg
+    for j0 in range(lo, hi, BLOCK_N):
+        jj = j0 + tl.arange(0, BLOCK_N)
+        km = tl.load(
+            KM + jj.to(tl.int64)[:, None] * stride_mn + hk * stride_mh + d[None, :],
+            mask=(jj < hi)[:, None], other=0.0,
+        )
+        s = tl.dot(q, tl.trans(km), input_precision=PREC)
+        valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
+        bits = s.to(tl.int32, bitcast=True)
+        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = (key32.to(tl.int64) << 32) | (2147483647 - jj)[None, :].to(tl.int64)
+        key = tl.where(valid, key, neg)
+        key = tl.sort(key, dim=1)
+        # Half-cleaner of a bitonic merge: with best descending and key ascending, the elementwise max
+        # is exactly the BLOCK_N largest of the union; one more sort restores the order.
+        best = tl.sort(tl.maximum(best, key), dim=1, descending=True)
+    cols = tl.arange(0, BLOCK_N)
+    high = (best >> 32).to(tl.int32)
+    blk = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
+    blk = tl.where(high > -2147483647, blk, -1)
+    optr = OUT + rows.to(tl.int64)[:, None] * stride_ot + h * stride_oh
+    tl.store(optr + 1 + cols[None, :], blk, mask=rmask[:, None] & (cols[None, :] < NPAST))
+    tl.store(optr, tb[:, None], mask=rmask[:, None])
+
+
+def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
+    """Float32 mean key of every block. k ``[T, Hkv, D]`` -> ``[NB, Hkv, D]``."""
+    nb, hkv, d = layout.num_blocks, k.shape[1], k.shape[2]
+    km = _empty(nb, hkv, d, dtype=torch.float32, device=k.device)
+    if nb:
+        _block_mean_kernel[(nb, hkv)](
+            k, layout.block_start, layout.block_end, km,
+            k.stride(0), k.stride(1), km.stride(0), km.stride(1),
+            D=d, BLOCK_T=16 if _is_interp() else 64,
+        )
+    return km
+
+
+def _all_past_blocks(layout: BlockLayout, hq: int, slots: int) -> torch.Tensor:
+    """Selection when top-k covers every block: own block, then every past block in order."""
+    tb, fb = layout.token_block, layout.token_first_block
+    past = fb[:, None] + torch.arange(slots - 1, device=tb.device, dtype=torch.int32)[None, :]
+    past = torch.where(past < tb[:, None], past, torch.full_like(past, -1))
+    sel = torch.cat([tb[:, None], past], dim=1)
+    return sel[:, None, :].expand(-1, hq, -1).contiguous()
+
+
+def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int) -> torch.Tensor:
+    """The gate on the GPU: q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> ``block_idx [T, Hq, slots]`` int32."""
+    t_total, hq, d = q.shape
+    slots = num_slots(topk, layout.max_blocks)
+    if slots == 1:
+        return layout.token_block[:, None, None].expand(-1, hq, 1).contiguous()
+    if topk >= layout.max_blocks:
+        return _all_past_blocks(layout, hq, slots)
+    npast = slots - 1
+    if npast > MAX_GATE_CANDIDATES:
+        raise MobaError(
+            f"the triton backend supports topk up to {MAX_GATE_CANDIDATES + 1} unless topk covers every "
+            f"block (got topk={topk} with up to {layout.max_blocks} blocks per sequence)"
+        )
+    km = block_means(k, layout)
+    out = _empty(t_total, hq, slots, dtype=torch.int32, device=q.device)
+    block_n = max(16, triton.next_power_of_2(npast))
+    block_m = 16 if _is_interp() else (64 if block_n <= 32 else 32)
+    _gate_kernel[(triton.cdiv(t_total, block_m), hq)](
+        q, km, layout.token_block, layout.token_first_block, out, t_total,
+        q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1),
+        G=hq // k.shape[1], NPAST=npast, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
+        PREC="ieee" if _is_interp() else "tf32x3",
+        num_warps=4,
+    )
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Schedule: gather the queries of each (slot, head, block)
+
+
+class Schedule:
+    """Work lists built from ``block_idx [T, H, S]``.
+
+    ``pair_t``: token of every valid (token, head, slot) pair, sorted by (slot, head, block) and, within a
+    group, by token. ``group_off``/``group_cnt`` ``[S*H*NB]``: each group's range in ``pair_t``.
+    ``tile_group``/``tile_off``: the forward/dQ tiles (``block_m`` queries each), ordered by slot;
+    ``slot_tiles[s]`` is the ``(first, count)`` of slot ``s``'s tiles.
+    """
+
+    def __init__(self, block_idx: torch.Tensor, num_blocks: int, block_m: int):
+        t_total, h, s = block_idx.shape
+        self.slots, self.heads, self.num_blocks, self.block_m = s, h, num_blocks, block_m
+        ngroups = s * h * num_blocks
+        dev = block_idx.device
+        kdt = torch.int32 if ngroups < 2**31 - 1 else torch.int64
+        flat = block_idx.reshape(-1)
+        idx = torch.arange(flat.numel(), device=dev, dtype=torch.int64)
+        slot = idx % s
+        head = (idx // s) % h
+        key = ((slot * h + head) * num_blocks + flat.to(torch.int64)).to(kdt)
+        key = torch.where(flat >= 0, key, torch.full_like(key, ngroups))
+        del slot, head
+        _, perm = torch.sort(key, stable=True)
+        counts = torch.bincount(key, minlength=ngroups + 1)[:ngroups]
+        npairs = int(counts.sum().item())
+        self.pair_t = (perm[:npairs] // (h * s)).to(torch.int32)
+        del perm, idx, key
+        offs = torch.cumsum(counts, 0)
+        self.group_cnt = counts.to(torch.int32)
+        self.group_off = (offs - counts).to(torch.int32)
+        ntiles = (counts + block_m - 1) // block_m
+        per_slot = ntiles.view(s, h * num_blocks).sum(1).tolist()
+        total = int(sum(per_slot))
+        self.tile_group = torch.repeat_interleave(
+            torch.arange(ngroups, device=dev, dtype=torch.int32), ntiles, output_size=total
+        )
+        first_tile = torch.cumsum(ntiles, 0) - ntiles
+        self.tile_off = ((torch.arange(total, device=dev) - first_tile[self.tile_group.long()]) * block_m).to(
+            torch.int32
+        )
+        starts = [0]
+        for n in per_slot[:-1]:
+            starts.append(starts[-1] + n)
+        self.slot_tiles = list(zip(starts, per_slot, strict=True))
+
+
+# --------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, ACC, M, L,
+    PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
+    tile_base, qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_at, stride_ah, stride_mt,
+    H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
+    FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    tile = tile_base + tl.program_id(0)
+    g = tl.load(TILE_GROUP + tile)
+    off = tl.load(TILE_OFF + tile)
+    j = g % NB
+    h = (g // NB) % H
+    hk = h // G
+    cnt = tl.load(GROUP_CNT + g) - off
+    base = tl.load(GROUP_OFF + g) + off
+    ks = tl.load(BS + j)
+    ke = tl.load(BE + j)
+    rm = tl.arange(0, BLOCK_M)
+    rvalid = rm < cnt
+    # Rows past the tile's end point at the block's first key so they stay finite; they are not stored.
+    t = tl.load(PAIR_T + base + rm, mask=rvalid, other=ks)
+    t64 = t.to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
+    kend = tl.minimum(ke, tl.max(t, 0) + 1)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(ks, kend, BLOCK_N):
+        kn = n0 + tl.arange(0, BLOCK_N)
+        kmask = kn < kend
+        kn64 = kn.to(tl.int64)
+        kt = tl.load(K + kn64[None, :] * stride_kt + hk * stride_kh + d[:, None], mask=kmask[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+        s = tl.where(kmask[None, :] & (kn[None, :] <= t[:, None]), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        vt = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+    aptr = ACC + t64[:, None] * stride_at + h * stride_ah + d[None, :]
+    mptr = t64 * stride_mt + h
+    if FIRST:
+        tl.store(aptr, acc, mask=rvalid[:, None])
+        tl.store(M + mptr, m_i, mask=rvalid)
+        tl.store(L + mptr, l_i, mask=rvalid)
+    else:
+        acc0 = tl.load(aptr, mask=rvalid[:, None], other=0.0)
+        m0 = tl.load(M + mptr, mask=rvalid, other=0.0)
+        l0 = tl.load(L + mptr, mask=rvalid, other=0.0)
+        mm = tl.maximum(m0, m_i)
+        a0 = tl.math.exp2(m0 - mm)
+        a1 = tl.math.exp2(m_i - mm)
+        tl.store(aptr, acc0 * a0[:, None] + acc * a1[:, None], mask=rvalid[:, None])
+        tl.store(M + mptr, mm, mask=rvalid)
+        tl.store(L + mptr, l0 * a0 + l_i * a1, mask=rvalid)
+
+
+@triton.jit
+def _normalize_kernel(
+    ACC, M, L, OUT, LSE, T,
+    stride_at, stride_ah, stride_ot, stride_oh,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    d = tl.arange(0, D)
+    acc = tl.load(ACC + r64[:, None] * stride_at + h * stride_ah + d[None, :], mask=rmask[:, None], other=0.0)
+    m = tl.load(M + r64 * H + h, mask=rmask, other=0.0)
+    l_ = tl.load(L + r64 * H + h, mask=rmask, other=1.0)
+    o = acc / l_[:, None]
+    optr = OUT + r64[:, None] * stride_ot + h * stride_oh + d[None, :]
+    tl.store(optr, o.to(OUT.dtype.element_ty), mask=rmask[:, None])
+    tl.store(LSE + r64 * H + h, m + tl.math.log2(l_), mask=rmask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _delta_kernel(
+    OUT, DO, DELTA, T, stride_ot, stride_oh, stride_dt, stride_dh,
+    H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
+):
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    h = tl.program_id(1)
+    rmask = rows < T
+    r64 = rows.to(tl.int64)
+    d = tl.arange(0, D)
+    o = tl.load(OUT + r64[:, None] * stride_ot + h * stride_oh + d[None, :], mask=rmask[:, None], other=0.0)
+    do = tl.load(DO + r64[:, None] * stride_dt + h * stride_dh + d[None, :], mask=rmask[:, None], other=0.0)
+    tl.store(DELTA + r64 * H + h, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=rmask)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    Q, K, V, DO, LSE, DELTA, DQ,
+    PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
+    tile_base, qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dqt, stride_dqh,
+    H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
+    FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    tile = tile_base + tl.program_id(0)
+    g = tl.load(TILE_GROUP + tile)
+    off = tl.load(TILE_OFF + tile)
+    j = g % NB
+    h = (g // NB) % H
+    hk = h // G
+    cnt = tl.load(GROUP_CNT + g) - off
+    base = tl.load(GROUP_OFF + g) + off
+    ks = tl.load(BS + j)
+    ke = tl.load(BE + j)
+    rm = tl.arange(0, BLOCK_M)
+    rvalid = rm < cnt
+    t = tl.load(PAIR_T + base + rm, mask=rvalid, other=ks)
+    t64 = t.to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
+    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rvalid[:, None], other=0.0)
+    lse = tl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
+    delta = tl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
+    kend = tl.minimum(ke, tl.max(t, 0) + 1)
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(ks, kend, BLOCK_N):
+        kn = n0 + tl.arange(0, BLOCK_N)
+        kmask = kn < kend
+        kn64 = kn.to(tl.int64)
+        kb = tl.load(K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+        vb = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        p = tl.where(rvalid[:, None] & kmask[None, :] & (kn[None, :] <= t[:, None]), p, 0.0)
+        dp = tl.dot(do, tl.trans(vb), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+    dq = dq * sm_scale
+    ptr = DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :]
+    if FIRST:
+        tl.store(ptr, dq, mask=rvalid[:, None])
+    else:
+        tl.store(ptr, tl.load(ptr, mask=rvalid[:, None], other=0.0) + dq, mask=rvalid[:, None])
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV,
+    PAIR_T, GROUP_OFF, GROUP_CNT, BS, BE,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    H: tl.constexpr, NB, NSUB, SLOTS, G: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    hk = tl.program_id(1)
+    j = pid // NSUB
+    ks_blk = tl.load(BS + j)
+    ke = tl.load(BE + j)
+    ks = ks_blk + (pid % NSUB) * BLOCK_N
+    if ks < ke:
+        kn = ks + tl.arange(0, BLOCK_N)
+        kmask = kn < ke
+        kn64 = kn.to(tl.int64)
+        d = tl.arange(0, D)
+        kb = tl.load(K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
+        vb = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
+        dk = tl.zeros([BLOCK_N, D], tl.float32)
+        dv = tl.zeros([BLOCK_N, D], tl.float32)
+        for hh in range(G):
+            h = hk * G + hh
+            for s in range(SLOTS):
+                g = (s * H + h) * NB + j
+                cnt = tl.load(GROUP_CNT + g)
+                base = tl.load(GROUP_OFF + g)
+                # Slot 0 is the block's own queries, in token order: those before this key tile see none of
+                # it (causality), so start at the first tile that can.
+                m_start = 0
+                if s == 0:
+                    m_start = ((ks - ks_blk) // BLOCK_M) * BLOCK_M
+                for m0 in range(m_start, cnt, BLOCK_M):
+                    rm = m0 + tl.arange(0, BLOCK_M)
+                    rvalid = rm < cnt
+                    t = tl.load(PAIR_T + base + rm, mask=rvalid, other=0)
+                    t64 = t.to(tl.int64)
+                    q = tl.load(
+                        Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0
+                    )
+                    do = tl.load(
+                        DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :],
+                        mask=rvalid[:, None], other=0.0,
+                    )
+                    lse = tl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
+                    delta = tl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
+                    st = tl.dot(kb, tl.trans(q), input_precision=PREC) * qk_scale
+                    pt = tl.math.exp2(st - lse[None, :])
+                    pt = tl.where(kmask[:, None] & rvalid[None, :] & (kn[:, None] <= t[None, :]), pt, 0.0)
+                    dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+                    dpt = tl.dot(vb, tl.trans(do), input_precision=PREC)
+                    dst = pt * (dpt - delta[None, :])
+                    dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        dk = dk * sm_scale
+        tl.store(
+            DK + kn64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], dk.to(DK.dtype.element_ty),
+            mask=kmask[:, None],
+        )
+        tl.store(
+            DV + kn64[:, None] * stride_dvt + hk * stride_dvh + d[None, :], dv.to(DV.dtype.element_ty),
+            mask=kmask[:, None],
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Launch configuration
+
+
+def _fwd_config(d: int, dtype: torch.dtype) -> dict:
+    if _is_interp():
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if d <= 64:
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+
+
+def _bwd_config(d: int, dtype: torch.dtype) -> dict:
+    if _is_interp():
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+def _prec(dtype: torch.dtype) -> str:
+    # float32 inputs are meant for exact checks: keep full float32 products instead of TF32.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
+    t_total, hq, d = q.shape
+    g = hq // k.shape[1]
+    cfg = _fwd_config(d, q.dtype)
+    acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
+    m = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    l_ = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    for s, (first, count) in enumerate(sched.slot_tiles):
+        if count == 0:
+            continue
+        _fwd_kernel[(count,)](
+            q, k, v, acc, m, l_,
+            sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off,
+            layout.block_start, layout.block_end,
+            first, scale * LOG2E,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            acc.stride(0), acc.stride(1), m.stride(0),
+            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    out = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    bm = 16 if _is_interp() else 64
+    _normalize_kernel[(triton.cdiv(t_total, bm), hq)](
+        acc, m, l_, out, lse, t_total, acc.stride(0), acc.stride(1), out.stride(0), out.stride(1),
+        H=hq, D=d, BLOCK_M=bm,
+    )
+    return out, lse
+
+
+def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, scale: float):
+    t_total, hq, d = q.shape
+    hkv = k.shape[1]
+    g = hq // hkv
+    cfg = _bwd_config(d, q.dtype)
+    if dout.stride(-1) != 1:
+        dout = dout.contiguous()
+    delta = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    bm = 16 if _is_interp() else 64
+    _delta_kernel[(triton.cdiv(t_total, bm), hq)](
+        out, dout, delta, t_total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
+        H=hq, D=d, BLOCK_M=bm,
+    )
+    if sched.block_m != cfg["BLOCK_M"]:
+        raise RuntimeError("schedule tile size does not match the backward tile size")
+    dq_acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
+    for s, (first, count) in enumerate(sched.slot_tiles):
+        if count == 0:
+            continue
+        _bwd_dq_kernel[(count,)](
+            q, k, v, dout, lse, delta, dq_acc,
+            sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off,
+            layout.block_start, layout.block_end,
+            first, scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dq_acc.stride(0), dq_acc.stride(1),
+            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    dk = _empty(*k.shape, dtype=k.dtype, device=k.device)
+    dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
+    nsub = triton.cdiv(layout.chunk_size, cfg["BLOCK_N"])
+    if layout.num_blocks:
+        _bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
+            q, k, v, dout, lse, delta, dk, dv,
+            sched.pair_t, sched.group_off, sched.group_cnt, layout.block_start, layout.block_end,
+            scale * LOG2E, scale,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            H=hq, NB=layout.num_blocks, NSUB=nsub, SLOTS=sched.slots, G=g, D=d,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+    return dq_acc.to(q.dtype), dk, dv
+
+
+class MobaFunction(torch.autograd.Function):
+    """Autograd wrapper: forward runs the gate and the sparse attention; backward reuses the schedule."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, layout: BlockLayout, topk: int, scale: float):
+        block_idx = select_blocks(q, k, layout, topk)
+        need_grad = any(ctx.needs_input_grad[:3])
+        bm_f = _fwd_config(q.shape[-1], q.dtype)["BLOCK_M"]
+        bm_b = _bwd_config(q.shape[-1], q.dtype)["BLOCK_M"]
+        sched = Schedule(block_idx, layout.num_blocks, bm_f)
+        out, lse = _forward(q, k, v, layout, sched, scale)
+        if need_grad:
+            if bm_b != bm_f:
+                sched = Schedule(block_idx, layout.num_blocks, bm_b)
+            ctx.save_for_backward(q, k, v, out, lse)
+            ctx.sched, ctx.layout, ctx.scale = sched, layout, scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse = ctx.saved_tensors
+        dq, dk, dv = _backward(q, k, v, out, dout, lse, ctx.layout, ctx.sched, ctx.scale)
+        return dq, dk, dv, None, None, None
+
+
+def _contig_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def moba_attention_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    layout: BlockLayout,
+    topk: int,
+    softmax_scale: float | None = None,
+) -> torch.Tensor:
+    """MoBA with the Triton kernels. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
+    scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
+    return MobaFunction.apply(q, k, v, layout, topk, float(scale))

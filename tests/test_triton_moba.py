@@ -1,0 +1,115 @@
+"""Triton MoBA kernels against the float32 reference (CPU: Triton interpreter, tiny sizes).
+
+Pattern follows flash-linear-attention's op tests: fixed seed, odd lengths, varlen batches, forward and
+dq/dk/dv, relative-RMS asserts, every kernel-written buffer poisoned with NaN beforehand.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moba_cli import full_attention, moba_attention
+from moba_cli.ops.moba import naive, triton_moba
+from moba_cli.ops.moba.layout import make_layout
+
+
+def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    monkeypatch.setattr(triton_moba, "POISON_OUTPUTS", True)
+
+
+def make_inputs(lens, hq, hkv, d, device, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    q, k, v = (torch.randn(t, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
+    return q, k, v, cu
+
+
+def check_against_reference(lens, hq, hkv, d, chunk, topk, device, tol=1e-4):
+    q, k, v, cu = make_inputs(lens, hq, hkv, d, device)
+    layout = make_layout(cu, chunk)
+    sel_ref = naive.select_blocks(q, k, layout, topk)
+    sel = triton_moba.select_blocks(q, k, layout, topk)
+    assert torch.equal(sel.sort(-1).values, sel_ref.sort(-1).values), "gate chose different blocks"
+
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    out = moba_attention(qt, kt, vt, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton")
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref, _ = naive.moba_attention_naive(qr, kr, vr, layout, topk)
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) < tol
+    do = torch.randn_like(ref)
+    out.backward(do)
+    ref.backward(do)
+    for name, a, b in (("dq", qt.grad, qr.grad), ("dk", kt.grad, kr.grad), ("dv", vt.grad, vr.grad)):
+        assert not a.isnan().any(), name
+        assert rel_rms(a, b) < tol, name
+
+
+@pytest.mark.parametrize(
+    ("lens", "hq", "hkv", "chunk", "topk"),
+    [
+        ([50], 4, 4, 16, 2),  # MHA, partial last block
+        ([77], 4, 2, 16, 3),  # GQA, odd length
+        ([13, 50, 38], 2, 1, 16, 2),  # MQA, varlen with a sequence shorter than a block
+        ([45], 2, 2, 16, 1),  # own block only
+        ([40, 23], 2, 1, 20, 2),  # chunk not a multiple of the kernel tile
+        ([33], 2, 2, 5, 3),  # chunk smaller than a tile
+        ([70], 2, 2, 32, 2),  # several key tiles per block
+    ],
+)
+def test_matches_reference(lens, hq, hkv, chunk, topk, device):
+    check_against_reference(lens, hq, hkv, 32, chunk, topk, device)
+
+
+def test_head_dim_64(device):
+    check_against_reference([41], 2, 1, 64, 16, 2, device)
+
+
+def test_streaming_topk_over_many_blocks(device):
+    # 26 blocks and a 16-wide candidate tile: the gate merges several tiles.
+    q, k, v, cu = make_inputs([205], 2, 1, 32, device, seed=3)
+    layout = make_layout(cu, 8)
+    sel = triton_moba.select_blocks(q, k, layout, 5)
+    ref = naive.select_blocks(q, k, layout, 5)
+    assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
+    # Future blocks are never chosen and the own block sits in slot 0.
+    own = layout.token_block[:, None]
+    assert torch.equal(sel[:, :, 0], own.expand(-1, 2))
+    assert bool(((sel[:, :, 1:] < own[:, :, None]) | (sel[:, :, 1:] == -1)).all())
+
+
+def test_gate_tie_rule_prefers_earlier_block(device):
+    q, k, v, cu = make_inputs([64], 1, 1, 32, device, seed=1)
+    k[16:32] = k[0:16]  # blocks 0 and 1 get identical means: an exact tie for every query
+    layout = make_layout(cu, 16)
+    sel = triton_moba.select_blocks(q, k, layout, 2)
+    ref = naive.select_blocks(q, k, layout, 2)
+    assert torch.equal(sel, ref)
+    tied = sel[48:, 0, 1]  # queries in block 3: choose one of blocks 0, 1, 2
+    assert not bool((tied == 1).any()), "block 1 ties block 0 and must lose to the earlier block"
+
+
+@pytest.mark.parametrize(("lens", "hq", "hkv"), [([60], 4, 2), ([9, 40], 2, 1)])
+def test_topk_covering_all_blocks_is_full_attention(lens, hq, hkv, device):
+    q, k, v, cu = make_inputs(lens, hq, hkv, 32, device, seed=2)
+    out = moba_attention(q, k, v, chunk_size=16, topk=64, cu_seqlens=cu, backend="triton")
+    full = full_attention(q, k, v, cu_seqlens=cu, backend="naive")
+    assert rel_rms(out, full) < 1e-5
+
+
+def test_batch_layout_matches_packed(device):
+    q, k, v, cu = make_inputs([48, 48], 2, 2, 32, device, seed=4)
+    packed = moba_attention(q, k, v, chunk_size=16, topk=2, cu_seqlens=cu, backend="triton")
+    batched = moba_attention(
+        q.view(2, 48, 2, 32), k.view(2, 48, 2, 32), v.view(2, 48, 2, 32), chunk_size=16, topk=2, backend="triton"
+    )
+    assert torch.equal(batched.view(96, 2, 32), packed)
+
