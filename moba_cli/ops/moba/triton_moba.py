@@ -83,7 +83,7 @@ def _gate_kernel(
     Q, KM, TB, FB, OUT, T,
     stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
     G: tl.constexpr, NPAST: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     h = tl.program_id(1)
@@ -95,7 +95,9 @@ def _gate_kernel(
     d = tl.arange(0, D)
     q = tl.load(
         Q + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0
-    ).to(tl.float32)
+    )
+    if not SPLIT:
+        q = q.to(tl.float32)
     lo = tl.min(tl.where(rmask, fb, 2147483647), 0)
     hi = tl.max(tl.where(rmask, tb, 0), 0)
     # Candidates are int64 keys: the score's order-preserving bits above, (2^31-1-block) below, so one
@@ -109,7 +111,14 @@ def _gate_kernel(
             KM + jj.to(tl.int64)[:, None] * stride_mn + hk * stride_mh + d[None, :],
             mask=(jj < hi)[:, None], other=0.0,
         )
-        s = tl.dot(q, tl.trans(km), input_precision=PREC)
+        if SPLIT:
+            # bf16 q times a float32 mean, as two bf16 products (mean = hi + lo): close to a float32 dot
+            # (about 16 mantissa bits of the mean) at bf16 tensor-core speed.
+            hi = km.to(q.dtype)
+            lo = (km - hi.to(tl.float32)).to(q.dtype)
+            s = tl.dot(q, tl.trans(hi)) + tl.dot(q, tl.trans(lo))
+        else:
+            s = tl.dot(q, tl.trans(km), input_precision=PREC)
         valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
         bits = s.to(tl.int32, bitcast=True)
         key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
@@ -168,12 +177,17 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     out = _empty(t_total, hq, slots, dtype=torch.int32, device=q.device)
     block_n = max(16, triton.next_power_of_2(npast))
     block_m = 16 if _is_interp() else (64 if block_n <= 32 else 32)
+    num_warps = 4
+    cfg = _env_config("MOBA_GATE_CFG")
+    if cfg:
+        block_m, block_n, num_warps = cfg[0], max(block_n, cfg[1]), cfg[2]
+    exact = q.dtype == torch.float32 or _is_interp()
     _gate_kernel[(triton.cdiv(t_total, block_m), hq)](
         q, km, layout.token_block, layout.token_first_block, out, t_total,
         q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1),
         G=hq // k.shape[1], NPAST=npast, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if _is_interp() else "tf32x3",
-        num_warps=4,
+        PREC="ieee" if exact else "tf32x3", SPLIT=(q.dtype == torch.bfloat16 and not _is_interp()),
+        num_warps=num_warps,
     )
     return out
 
@@ -456,7 +470,18 @@ def _bwd_dkdv_kernel(
 # Launch configuration
 
 
+def _env_config(name: str) -> list[int] | None:
+    """Kernel-tuning override, e.g. ``MOBA_FWD_CFG=128,64,8,3`` (used by scripts/perf_probe.py)."""
+    import os
+
+    val = os.environ.get(name)
+    return [int(x) for x in val.split(",")] if val else None
+
+
 def _fwd_config(d: int, dtype: torch.dtype) -> dict:
+    cfg = _env_config("MOBA_FWD_CFG")
+    if cfg:
+        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
     if _is_interp():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
@@ -467,6 +492,9 @@ def _fwd_config(d: int, dtype: torch.dtype) -> dict:
 
 
 def _bwd_config(d: int, dtype: torch.dtype) -> dict:
+    cfg = _env_config("MOBA_BWD_CFG")
+    if cfg:
+        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
     if _is_interp():
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
@@ -586,6 +614,35 @@ def _contig_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+# When top-k covers every block, MoBA *is* dense causal attention; PyTorch's fused dense kernels
+# (cuDNN first) then do the same arithmetic faster than a block-sparse schedule could. Tests switch this
+# off to exercise the sparse kernels on that case too.
+DENSE_WHEN_FULL = True
+
+
+def _dense_causal(q, k, v, layout: BlockLayout, scale: float) -> torch.Tensor:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
+    order.append(SDPBackend.MATH)
+    gqa = q.shape[1] != k.shape[1]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    cu = layout.cu_seqlens.tolist()
+    lens = {b - a for a, b in zip(cu[:-1], cu[1:], strict=True)}
+    with sdpa_kernel(order, set_priority=True):
+        if len(lens) == 1:
+            n, s = len(cu) - 1, lens.pop()
+            view = lambda x: x.view(n, s, x.shape[1], x.shape[2]).transpose(1, 2)  # noqa: E731
+            o = sdpa(view(q), view(k), view(v), is_causal=True, scale=scale, enable_gqa=gqa)
+            return o.transpose(1, 2).reshape(q.shape)
+        outs = []
+        for a, b in zip(cu[:-1], cu[1:], strict=True):
+            if b > a:
+                qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
+                outs.append(sdpa(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1))
+        return torch.cat(outs, 0)
+
+
 def moba_attention_triton(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -594,7 +651,13 @@ def moba_attention_triton(
     topk: int,
     softmax_scale: float | None = None,
 ) -> torch.Tensor:
-    """MoBA with the Triton kernels. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``."""
+    """MoBA with the Triton kernels. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``.
+
+    If ``topk`` covers every block of every sequence, the result is dense causal attention and is
+    computed by PyTorch's fused SDPA kernels (cuDNN preferred), see ``DENSE_WHEN_FULL``.
+    """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if DENSE_WHEN_FULL and topk >= layout.max_blocks and q.is_cuda:
+        return _dense_causal(q, k, v, layout, float(scale))
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
     return MobaFunction.apply(q, k, v, layout, topk, float(scale))
