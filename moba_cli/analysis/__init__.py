@@ -1,0 +1,1 @@
+"""Analyses behind the commands (their logic, kept out of the Typer functions)."""
