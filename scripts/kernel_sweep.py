@@ -39,9 +39,9 @@ def timed(name, cfg, fn, recs):
 
 
 SHAPES = {"paper-1m": (1 << 20, 1, 4096, 12), "flashmoba-512k": (1 << 19, 16, 128, 8)}
-FWD = ["128,64,8,3", "128,128,8,3", "128,128,8,2", "128,64,4,3", "64,64,4,3", "64,128,4,3", "128,32,4,3"]
-BWD = ["64,64,4,2", "64,64,8,2", "64,128,8,2", "128,64,8,2", "32,64,4,2", "64,64,4,3", "128,128,8,2"]
-GATE = ["64,16,4", "32,16,4", "16,16,4", "64,32,4", "128,16,8", "64,16,8", "32,32,4", "64,64,4"]
+FWD = ["128,64,8,3", "64,64,4,3", "64,32,4,3", "64,64,4,4"]
+BWD = ["64,64,4,2", "64,32,4,2", "32,32,4,2"]
+GATE = ["64,16,4", "128,16,8", "128,16,4", "64,32,4", "256,16,8", "128,32,8"]
 
 
 def sweep_shape(label, seq, hq, chunk, topk, recs):
@@ -52,7 +52,7 @@ def sweep_shape(label, seq, hq, chunk, topk, recs):
         sched = tm.Schedule(sel, layout.num_blocks, int(cfg.split(",")[0]))
         timed(f"fwd/{label}", cfg, lambda sched=sched: tm._forward(q, k, v, layout, sched, scale), recs)
     os.environ.pop("MOBA_FWD_CFG")
-    sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype)["BLOCK_M"])
+    sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)["BLOCK_M"])
     out, lse = tm._forward(q, k, v, layout, sched, scale)
     do = torch.randn_like(out)
     for cfg in BWD:

@@ -92,9 +92,14 @@ def test_gate_tie_rule_prefers_earlier_block(device):
     layout = make_layout(cu, 16)
     sel = triton_moba.select_blocks(q, k, layout, 2)
     ref = naive.select_blocks(q, k, layout, 2)
-    assert torch.equal(sel, ref)
+    assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
     tied = sel[48:, 0, 1]  # queries in block 3: choose one of blocks 0, 1, 2
     assert not bool((tied == 1).any()), "block 1 ties block 0 and must lose to the earlier block"
+    # Three identical blocks and two places: the two earliest of the tied blocks win.
+    k[32:48] = k[0:16]
+    sel = triton_moba.select_blocks(q, k, layout, 3)
+    ref = naive.select_blocks(q, k, layout, 3)
+    assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
 
 
 @pytest.mark.parametrize(("lens", "hq", "hkv"), [([60], 4, 2), ([9, 40], 2, 1)])
