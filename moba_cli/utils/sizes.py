@@ -17,9 +17,12 @@ def parse_size(text: str | int) -> int:
         if s and s[-1] in _UNITS:
             mult, s = _UNITS[s[-1]], s[:-1]
         try:
-            value = int(float(s) * mult) if "." in s else int(s) * mult
+            exact = float(s) * mult if "." in s else int(s) * mult
         except ValueError:
             raise MobaError(f"cannot read {text!r} as a size; write e.g. 4096, 4k, 128k, 1m or 10m") from None
+        if exact != int(exact):
+            raise MobaError(f"size {text!r} is not a whole number of tokens")
+        value = int(exact)
     if value <= 0:
         raise MobaError(f"size must be positive, got {text!r}")
     return value
