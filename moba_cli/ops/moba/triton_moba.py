@@ -265,13 +265,44 @@ class Schedule:
 
 
 @triton.jit
+def _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, lo, hi, kend, qk_scale,
+               stride_kt, stride_kh, stride_vt, stride_vh,
+               D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """Online-softmax attention of gathered queries ``q [BLOCK_M, D]`` over keys ``lo .. hi``."""
+    d = tl.arange(0, D)
+    for n0 in range(lo, hi, BLOCK_N):
+        kn = n0 + tl.arange(0, BLOCK_N)
+        kn64 = kn.to(tl.int64)
+        kptr = K + kn64[None, :] * stride_kt + hk * stride_kh + d[:, None]
+        vptr = V + kn64[:, None] * stride_vt + hk * stride_vh + d[None, :]
+        if MASK:
+            kmask = kn < kend
+            kt = tl.load(kptr, mask=kmask[None, :], other=0.0)
+            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            s = tl.where(kmask[None, :] & (kn[None, :] <= t[:, None]), s, float("-inf"))
+        else:
+            s = tl.dot(q, tl.load(kptr), input_precision=PREC) * qk_scale
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if MASK:
+            vt = tl.load(vptr, mask=kmask[:, None], other=0.0)
+        else:
+            vt = tl.load(vptr)
+        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, ACC, M, L,
     PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
     tile_base, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_at, stride_ah, stride_mt,
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
-    FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = tile_base + tl.program_id(0)
     g = tl.load(TILE_GROUP + tile)
@@ -294,20 +325,17 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    for n0 in range(ks, kend, BLOCK_N):
-        kn = n0 + tl.arange(0, BLOCK_N)
-        kmask = kn < kend
-        kn64 = kn.to(tl.int64)
-        kt = tl.load(K + kn64[None, :] * stride_kt + hk * stride_kh + d[:, None], mask=kmask[None, :], other=0.0)
-        s = tl.dot(q, kt, input_precision=PREC) * qk_scale
-        s = tl.where(kmask[None, :] & (kn[None, :] <= t[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vt = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
-        m_i = m_new
+    # Key tiles wholly before the tile's first query need no mask: every past block (complete, and a
+    # multiple of BLOCK_N long when EVEN), and the own block up to the diagonal.
+    if EVEN:
+        tmin = tl.min(tl.where(rvalid, t, 2147483647), 0)
+        free = ks + ((tl.minimum(tmin + 1, kend) - ks) // BLOCK_N) * BLOCK_N
+    else:
+        free = ks
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, ks, free, kend, qk_scale,
+                               stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, free, kend, kend, qk_scale,
+                               stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True)
     aptr = ACC + t64[:, None] * stride_at + h * stride_ah + d[None, :]
     mptr = t64 * stride_mt + h
     if FIRST:
@@ -366,6 +394,33 @@ def _delta_kernel(
 
 
 @triton.jit
+def _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, lo, hi, kend, qk_scale,
+              stride_kt, stride_kh, stride_vt, stride_vh,
+              D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    d = tl.arange(0, D)
+    for n0 in range(lo, hi, BLOCK_N):
+        kn = n0 + tl.arange(0, BLOCK_N)
+        kn64 = kn.to(tl.int64)
+        kptr = K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :]
+        vptr = V + kn64[:, None] * stride_vt + hk * stride_vh + d[None, :]
+        if MASK:
+            kmask = kn < kend
+            kb = tl.load(kptr, mask=kmask[:, None], other=0.0)
+            vb = tl.load(vptr, mask=kmask[:, None], other=0.0)
+        else:
+            kb = tl.load(kptr)
+            vb = tl.load(vptr)
+        s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK:
+            p = tl.where(rvalid[:, None] & kmask[None, :] & (kn[None, :] <= t[:, None]), p, 0.0)
+        dp = tl.dot(do, tl.trans(vb), input_precision=PREC)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+    return dq
+
+
+@triton.jit
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
@@ -373,7 +428,7 @@ def _bwd_dq_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
-    FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     tile = tile_base + tl.program_id(0)
     g = tl.load(TILE_GROUP + tile)
@@ -396,24 +451,51 @@ def _bwd_dq_kernel(
     delta = tl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
     kend = tl.minimum(ke, tl.max(t, 0) + 1)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    for n0 in range(ks, kend, BLOCK_N):
-        kn = n0 + tl.arange(0, BLOCK_N)
-        kmask = kn < kend
-        kn64 = kn.to(tl.int64)
-        kb = tl.load(K + kn64[:, None] * stride_kt + hk * stride_kh + d[None, :], mask=kmask[:, None], other=0.0)
-        vb = tl.load(V + kn64[:, None] * stride_vt + hk * stride_vh + d[None, :], mask=kmask[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(kb), input_precision=PREC) * qk_scale
-        p = tl.math.exp2(s - lse[:, None])
-        p = tl.where(rvalid[:, None] & kmask[None, :] & (kn[None, :] <= t[:, None]), p, 0.0)
-        dp = tl.dot(do, tl.trans(vb), input_precision=PREC)
-        ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kb.dtype), kb, input_precision=PREC)
+    if EVEN:
+        tmin = tl.min(tl.where(rvalid, t, 2147483647), 0)
+        free = ks + ((tl.minimum(tmin + 1, kend) - ks) // BLOCK_N) * BLOCK_N
+    else:
+        free = ks
+    dq = _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, ks, free, kend, qk_scale,
+                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False)
+    dq = _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, free, kend, kend, qk_scale,
+                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True)
     dq = dq * sm_scale
     ptr = DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :]
     if FIRST:
         tl.store(ptr, dq, mask=rvalid[:, None])
     else:
         tl.store(ptr, tl.load(ptr, mask=rvalid[:, None], other=0.0) + dq, mask=rvalid[:, None])
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, PAIR_T, base, m_start, cnt, h, qk_scale,
+                stride_qt, stride_qh, stride_dot, stride_doh,
+                H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
+    """Accumulate one key tile's dK/dV over the gathered queries ``PAIR_T[base + m_start .. base + cnt]``.
+
+    Without MASK, rows past ``cnt`` load as zeros (q, dO, lse, delta): their P is 1 but dP, delta, dO and
+    q are 0, so they add exactly nothing.
+    """
+    d = tl.arange(0, D)
+    for m0 in range(m_start, cnt, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rvalid = rm < cnt
+        t = tl.load(PAIR_T + base + rm, mask=rvalid, other=0)
+        t64 = t.to(tl.int64)
+        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
+        do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rvalid[:, None], other=0.0)
+        lse = tl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
+        delta = tl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
+        st = tl.dot(kb, tl.trans(q), input_precision=PREC) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASK:
+            pt = tl.where(kmask[:, None] & rvalid[None, :] & (kn[:, None] <= t[None, :]), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(vb, tl.trans(do), input_precision=PREC)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+    return dk, dv
 
 
 @triton.jit
@@ -424,7 +506,7 @@ def _bwd_dkdv_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh,
     H: tl.constexpr, NB, NSUB, SLOTS, G: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -443,36 +525,21 @@ def _bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         for hh in range(G):
             h = hk * G + hh
-            for s in range(SLOTS):
+            # Slot 0 is the block's own queries, in token order: those before this key tile see none of it
+            # (causality), so start at the first query tile that can, and mask.
+            g = h * NB + j
+            dk, dv = _dkdv_inner(
+                dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, PAIR_T, tl.load(GROUP_OFF + g),
+                ((ks - ks_blk) // BLOCK_M) * BLOCK_M, tl.load(GROUP_CNT + g), h, qk_scale,
+                stride_qt, stride_qh, stride_dot, stride_doh, H, D, BLOCK_M, PREC, True,
+            )
+            for s in range(1, SLOTS):
                 g = (s * H + h) * NB + j
-                cnt = tl.load(GROUP_CNT + g)
-                base = tl.load(GROUP_OFF + g)
-                # Slot 0 is the block's own queries, in token order: those before this key tile see none of
-                # it (causality), so start at the first tile that can.
-                m_start = 0
-                if s == 0:
-                    m_start = ((ks - ks_blk) // BLOCK_M) * BLOCK_M
-                for m0 in range(m_start, cnt, BLOCK_M):
-                    rm = m0 + tl.arange(0, BLOCK_M)
-                    rvalid = rm < cnt
-                    t = tl.load(PAIR_T + base + rm, mask=rvalid, other=0)
-                    t64 = t.to(tl.int64)
-                    q = tl.load(
-                        Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0
-                    )
-                    do = tl.load(
-                        DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :],
-                        mask=rvalid[:, None], other=0.0,
-                    )
-                    lse = tl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
-                    delta = tl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
-                    st = tl.dot(kb, tl.trans(q), input_precision=PREC) * qk_scale
-                    pt = tl.math.exp2(st - lse[None, :])
-                    pt = tl.where(kmask[:, None] & rvalid[None, :] & (kn[:, None] <= t[None, :]), pt, 0.0)
-                    dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
-                    dpt = tl.dot(vb, tl.trans(do), input_precision=PREC)
-                    dst = pt * (dpt - delta[None, :])
-                    dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+                dk, dv = _dkdv_inner(
+                    dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, PAIR_T, tl.load(GROUP_OFF + g),
+                    0, tl.load(GROUP_CNT + g), h, qk_scale,
+                    stride_qt, stride_qh, stride_dot, stride_doh, H, D, BLOCK_M, PREC, not EVEN,
+                )
         dk = dk * sm_scale
         tl.store(
             DK + kn64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], dk.to(DK.dtype.element_ty),
@@ -544,7 +611,7 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
             first, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             acc.stride(0), acc.stride(1), m.stride(0),
-            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0),
+            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0), EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -584,7 +651,7 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
             first, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq_acc.stride(0), dq_acc.stride(1),
-            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0),
+            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0), EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
@@ -599,6 +666,7 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             H=hq, NB=layout.num_blocks, NSUB=nsub, SLOTS=sched.slots, G=g, D=d,
+            EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
