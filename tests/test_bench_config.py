@@ -1,0 +1,137 @@
+"""`moba bench` options: sizes, presets, overrides, bad values (CPU only, no timing)."""
+
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moba_cli.bench.presets import PRESETS, build_config, parse_passes
+from moba_cli.cli import app
+from moba_cli.errors import MobaError
+
+
+def test_sizes_lists_are_parsed_sorted_and_deduplicated():
+    cfg = build_config(seq="1m,32k,128k,32k", device="cuda")
+    assert cfg.seqs == [32768, 131072, 1048576]
+    assert build_config(seq="10m", device="cuda").seqs == [10 * 2**20]
+    assert build_config(seq="5000", device="cuda").seqs == [5000]
+
+
+def test_defaults_differ_on_cpu_and_gpu():
+    gpu = build_config(device="cuda")
+    assert (gpu.seqs, gpu.heads, gpu.head_dim, gpu.chunk, gpu.topk, gpu.dtype, gpu.passes) == (
+        [32768, 131072], [8], 128, 512, 3, "bfloat16", ["fwd"])
+    cpu = build_config(device="cpu")
+    assert max(cpu.seqs) <= 1024 and cpu.dtype == "float32"
+
+
+def test_paper_preset():
+    cfg = build_config(preset="paper", device="cuda")
+    assert (cfg.chunk, cfg.topk, cfg.heads) == (4096, 12, [1, 8])
+    assert cfg.seqs == [32768, 131072, 524288, 1048576]
+    assert cfg.passes == ["fwd", "fwd+bwd"]
+    assert len(cfg.cases()) == 2 * 2 * 4
+
+
+def test_flashmoba_preset():
+    cfg = build_config(preset="flashmoba", device="cuda")
+    assert (cfg.chunk, cfg.topk, cfg.heads, cfg.passes) == (128, 8, [16], ["fwd+bwd"])
+    assert cfg.seqs == [65536, 131072, 262144, 524288]
+
+
+def test_10m_preset_chunk_follows_seq():
+    cfg = build_config(preset="10m", device="cuda")
+    assert cfg.chunk is None and cfg.chunk_divisor == 64 and cfg.topk == 3 and cfg.heads == [1]
+    (case,) = cfg.cases()
+    assert case.seq == 10 * 2**20 and case.chunk == 10 * 2**20 // 64
+    cfg = build_config(preset="10m", seq="1m,10m", device="cuda")
+    assert [c.chunk for c in cfg.cases()] == [2**20 // 64, 10 * 2**20 // 64]
+    assert cfg.to_dict()["chunk_rule"] == "seq/64"
+
+
+def test_explicit_options_override_a_preset():
+    cfg = build_config(preset="paper", seq="64k", chunk=1024, topk=4, heads="32", kv_heads=8, passes=["fwd"],
+                       device="cuda")
+    assert (cfg.seqs, cfg.chunk, cfg.topk, cfg.heads, cfg.kv_heads, cfg.passes) == (
+        [65536], 1024, 4, [32], 8, ["fwd"])
+    assert build_config(preset="10m", chunk=4096, device="cuda").cases()[0].chunk == 4096
+
+
+def test_passes_accept_repeats_and_commas():
+    assert parse_passes(["fwd", "fwd+bwd,decode", "fwd"]) == ["fwd", "fwd+bwd", "decode"]
+    assert parse_passes("fwd_bwd") == ["fwd+bwd"]
+
+
+def test_baselines():
+    assert build_config(baselines="none", device="cuda").providers == ["moba-triton"]
+    assert build_config(baselines="sdpa-flash,moba-naive", device="cuda").providers == [
+        "moba-triton", "moba-naive", "sdpa-flash"]
+    everything = build_config(device="cuda").providers
+    assert everything[0] == "moba-triton" and {"sdpa-cudnn", "sdpa-flash", "flex-moba"} <= set(everything)
+    assert "sdpa-math" not in everything  # O(S^2) memory: opt-in on GPU
+    assert "sdpa-math" in build_config(device="cpu").providers
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"topk": 0}, "--topk must be >= 1"),
+        ({"chunk": -1}, "--chunk must be >= 1"),
+        ({"batch": 0}, "--batch must be >= 1"),
+        ({"repeats": 0}, "--repeats must be >= 1"),
+        ({"passes": ["foo"]}, "unknown pass 'foo'"),
+        ({"preset": "nope"}, "unknown preset 'nope'"),
+        ({"heads": "6", "kv_heads": 4}, "multiple of --kv-heads"),
+        ({"heads": "8,x"}, "--heads must be an integer"),
+        ({"dtype": "int8"}, "unknown dtype"),
+        ({"seq": "12q"}, "cannot read '12q' as a size"),
+        ({"seq": "0"}, "size must be positive"),
+        ({"baselines": "sdpa-nope"}, "unknown provider 'sdpa-nope'"),
+        ({"device": "tpu"}, "unknown device"),
+        ({"max_dense_seconds": 0}, "--max-dense-seconds must be positive"),
+    ],
+)
+def test_bad_values_give_one_clear_error(kwargs, message):
+    with pytest.raises(MobaError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        build_config(**{"device": "cuda", **kwargs})
+
+
+def test_cpu_runs_stay_small():
+    with pytest.raises(MobaError, match="smoke run"):
+        build_config(device="cpu", seq="1m")
+
+
+def test_decode_pass_without_the_decode_op_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "moba_cli.ops.moba.decode", None)  # as if the module did not exist
+    with pytest.raises(MobaError, match="--pass decode needs the MoBA decode op"):
+        build_config(device="cpu", passes=["decode"])
+
+
+def test_presets_are_documented_in_help():
+    result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0
+    for name in (*PRESETS, "moba-triton", "sdpa-cudnn", "sdpa-flash", "flex-moba", "optional", "estimated",
+                 "results/bench"):
+        assert name in result.output
+
+
+def _one_line_error(result) -> str:
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), result.output
+    return lines[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown without a GPU")
+def test_without_a_gpu_bench_says_so_in_one_line():
+    line = _one_line_error(CliRunner().invoke(app, ["bench", "--seq", "32k"]))
+    assert "no CUDA GPU" in line and "--device cpu" in line
+
+
+@pytest.mark.parametrize(
+    "args", [["--topk", "0"], ["--chunk", "-1"], ["--pass", "foo"], ["--preset", "nope"], ["--seq", "abc"]]
+)
+def test_cli_bad_values(args):
+    _one_line_error(CliRunner().invoke(app, ["bench", "--device", "cpu", *args]))
