@@ -278,8 +278,11 @@ def sdpa_probe(backend: str, case: Case, gqa: bool) -> str | None:
     hkv = case.kv_heads if gqa else case.heads
     s_q = 1 if case.pass_ == "decode" else 256
     grad = case.pass_ == "fwd+bwd"
-    q = torch.randn(1, case.heads, s_q, case.head_dim, device=dev, dtype=dtype, requires_grad=grad)
-    k = torch.randn(1, hkv, 256, case.head_dim, device=dev, dtype=dtype, requires_grad=grad)
+    # Same memory layout as the real call: [B, S, H, D] tensors seen through .transpose(1, 2).
+    q = torch.randn(1, s_q, case.heads, case.head_dim, device=dev, dtype=dtype).transpose(1, 2)
+    k = torch.randn(1, 256, hkv, case.head_dim, device=dev, dtype=dtype).transpose(1, 2)
+    q.requires_grad_(grad)
+    k.requires_grad_(grad)
     reason = None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

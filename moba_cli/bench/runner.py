@@ -3,9 +3,9 @@
 Per (case, provider) the order is: build the op -> spot-check it against the float32 reference
 (:mod:`moba_cli.bench.check`; a mismatch is status ``error`` and the provider is not timed) -> time it.
 
-Timing (:func:`time_call`): one warm-up call on CUDA (compilation, autotuning; the spot-check has already
-called the op once), one call measured for memory and a first time, more warm-up for short calls, then
-``runs`` calls each timed with CUDA events after the L2 cache was flushed (a 256 MiB write), as
+Timing (:func:`time_call`): the spot-check call is the first warm-up (compilation, autotuning); then one
+call measured for memory and a first time, more warm-up (about 50 ms) for short calls, then ``runs``
+calls each timed with CUDA events after the L2 cache was flushed (a 256 MiB write), as
 ``triton.testing.do_bench`` does. ``runs`` is ``--repeats``, raised to fill about 100 ms for short calls
 (at most 100), lowered to about 10 s for long ones (at least 3, or ``--repeats`` if smaller). Median,
 min and max are reported.
@@ -84,9 +84,8 @@ def time_call(fn: Callable[[], object], device: str, repeats: int) -> Timing:
         if cuda:
             torch.cuda.synchronize()
 
-    if cuda:
-        fn()  # warm-up: compilation, autotuning, allocator growth (the spot-check call already ran once)
-        sync()
+    # The spot-check has already called the op once on these shapes (compilation, autotuning, plans), and
+    # the call below, measured for memory, warms up the allocator; short calls get more warm-up after it.
     peak = total = None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
