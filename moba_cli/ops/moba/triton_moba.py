@@ -4,9 +4,8 @@ Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :
 
 1. ``_block_mean_kernel``: float32 mean key of every block, ``[NB, Hkv, D]``.
 2. ``_gate_kernel``: each (query, head) scores its sequence's complete past blocks and keeps the best
-   ``topk - 1``: a streaming top-k of the score values finds the threshold, a second scan writes the
-   blocks at or above it (ties: earliest first), so the ``[T, NB]`` score matrix is never written.
-   Output ``block_idx [T, Hq, slots]`` as in :mod:`.naive` (past blocks in block order).
+   ``topk - 1`` with a streaming top-k (a sorted candidate list merged tile by tile), so the
+   ``[T, NB]`` score matrix is never written. Output ``block_idx [T, Hq, slots]`` as in :mod:`.naive`.
 3. Schedule (torch): the (query, head, slot) pairs are sorted by (slot, head, block), so every key block
    gets a dense list of the queries that chose it ("gather and densify").
 4. ``_fwd_kernel``: one program per tile of up to ``BLOCK_M`` gathered queries of one (slot, head,
@@ -80,27 +79,6 @@ def _block_mean_kernel(
 
 
 @triton.jit
-def _gate_tile(q, KM, j0, fb, tb, hi, hk, stride_mn, stride_mh,
-               D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr):
-    """Scores of blocks ``j0 .. j0+BLOCK_N-1`` for a tile of queries; -inf where not a complete past block."""
-    jj = j0 + tl.arange(0, BLOCK_N)
-    d = tl.arange(0, D)
-    km = tl.load(
-        KM + jj.to(tl.int64)[:, None] * stride_mn + hk * stride_mh + d[None, :], mask=(jj < hi)[:, None], other=0.0
-    )
-    if SPLIT:
-        # bf16 q times a float32 mean, as two bf16 products (mean = hi + lo): close to a float32 dot
-        # (about 16 mantissa bits of the mean) at bf16 tensor-core speed.
-        km_hi = km.to(q.dtype)
-        km_lo = (km - km_hi.to(tl.float32)).to(q.dtype)
-        s = tl.dot(q, tl.trans(km_hi)) + tl.dot(q, tl.trans(km_lo))
-    else:
-        s = tl.dot(q, tl.trans(km), input_precision=PREC)
-    valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
-    return tl.where(valid, s, float("-inf")), jj
-
-
-@triton.jit
 def _gate_kernel(
     Q, KM, TB, FB, OUT, T,
     stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
@@ -122,37 +100,41 @@ def _gate_kernel(
         q = q.to(tl.float32)
     lo = tl.min(tl.where(rmask, fb, 2147483647), 0)
     hi = tl.max(tl.where(rmask, tb, 0), 0)
-    # Pass 1: the NPAST-th best score of each row (tau), by a streaming top-BLOCK_N of the score values.
-    # With best sorted descending and the new tile ascending, their elementwise max is exactly the
-    # BLOCK_N largest of the union (the half-cleaner of a bitonic merge); one sort restores the order.
-    best = tl.full([BLOCK_M, BLOCK_N], float("-inf"), tl.float32)
+    # Candidates are int64 keys: the score's order-preserving bits above, (2^31-1-block) below, so one
+    # integer sort ranks by score and, among equal scores, puts the earlier block first (the tie rule).
+    # Empty entries get the high word -2^31+1, below the key of any real (non-NaN) float, -inf included.
+    neg = tl.full([BLOCK_M, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
+    best = neg
     for j0 in range(lo, hi, BLOCK_N):
-        s, jj = _gate_tile(q, KM, j0, fb, tb, hi, hk, stride_mn, stride_mh, D, BLOCK_N, PREC, SPLIT)
-        best = tl.sort(tl.maximum(best, tl.sort(s, dim=1)), dim=1, descending=True)
+        jj = j0 + tl.arange(0, BLOCK_N)
+        km = tl.load(
+            KM + jj.to(tl.int64)[:, None] * stride_mn + hk * stride_mh + d[None, :],
+            mask=(jj < hi)[:, None], other=0.0,
+        )
+        if SPLIT:
+            # bf16 q times a float32 mean, as two bf16 products (mean = hi + lo): close to a float32 dot
+            # (about 16 mantissa bits of the mean) at bf16 tensor-core speed.
+            hi = km.to(q.dtype)
+            lo = (km - hi.to(tl.float32)).to(q.dtype)
+            s = tl.dot(q, tl.trans(hi)) + tl.dot(q, tl.trans(lo))
+        else:
+            s = tl.dot(q, tl.trans(km), input_precision=PREC)
+        valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
+        bits = s.to(tl.int32, bitcast=True)
+        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = (key32.to(tl.int64) << 32) | (2147483647 - jj)[None, :].to(tl.int64)
+        key = tl.where(valid, key, neg)
+        key = tl.sort(key, dim=1)
+        # Half-cleaner of a bitonic merge: with best descending and key ascending, the elementwise max
+        # is exactly the BLOCK_N largest of the union; one more sort restores the order.
+        best = tl.sort(tl.maximum(best, key), dim=1, descending=True)
     cols = tl.arange(0, BLOCK_N)
-    tau = tl.max(tl.where(cols[None, :] == NPAST - 1, best, float("-inf")), 1)
-    n_gt = tl.sum(((best > tau[:, None]) & (cols[None, :] < NPAST)).to(tl.int32), 1)
-    # Blocks scoring exactly tau fill the remaining places, earliest block first (the tie rule).
-    quota = NPAST - n_gt
-    # Pass 2: rescan with the same arithmetic and write the chosen blocks in block order.
-    taken = tl.zeros([BLOCK_M], tl.int32)
-    eq_seen = tl.zeros([BLOCK_M], tl.int32)
-    optr = OUT + rows.to(tl.int64) * stride_ot + h * stride_oh
-    for j0 in range(lo, hi, BLOCK_N):
-        s, jj = _gate_tile(q, KM, j0, fb, tb, hi, hk, stride_mn, stride_mh, D, BLOCK_N, PREC, SPLIT)
-        real = s > float("-inf")
-        eq = (s == tau[:, None]) & real
-        eq_rank = eq_seen[:, None] + tl.cumsum(eq.to(tl.int32), 1) - 1
-        take = ((s > tau[:, None]) & real) | (eq & (eq_rank < quota[:, None]))
-        pos = taken[:, None] + tl.cumsum(take.to(tl.int32), 1) - 1
-        # pos < NPAST guards the buffer even if a recomputed score were to differ from pass 1.
-        tl.store(optr[:, None] + 1 + pos, jj[None, :] + tl.zeros_like(pos), mask=take & (pos < NPAST) & rmask[:, None])
-        taken += tl.sum(take.to(tl.int32), 1)
-        eq_seen += tl.sum(eq.to(tl.int32), 1)
-    taken = tl.minimum(taken, NPAST)
-    tl.store(optr[:, None] + 1 + cols[None, :], tl.full([BLOCK_M, BLOCK_N], -1, tl.int32),
-             mask=rmask[:, None] & (cols[None, :] >= taken[:, None]) & (cols[None, :] < NPAST))
-    tl.store(optr, tb, mask=rmask)
+    high = (best >> 32).to(tl.int32)
+    blk = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
+    blk = tl.where(high > -2147483647, blk, -1)
+    optr = OUT + rows.to(tl.int64)[:, None] * stride_ot + h * stride_oh
+    tl.store(optr + 1 + cols[None, :], blk, mask=rmask[:, None] & (cols[None, :] < NPAST))
+    tl.store(optr, tb[:, None], mask=rmask[:, None])
 
 
 def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
