@@ -1,9 +1,94 @@
-"""`moba convert` (being written)."""
+"""`moba convert`: switch a transformers checkpoint's attention to MoBA (weights untouched)."""
 
-from moba_cli.commands._common import fail
+from __future__ import annotations
 
-HELP = "Not available yet."
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from moba_cli.commands._common import console, user_errors
+
+HELP = """Switch a transformers checkpoint's attention to MoBA.
+
+SRC is a local checkpoint directory (or a hub id where the network allows). DST receives the same weights
+(hard links where possible, else copies) and a config.json recording the MoBA settings, so that
+`moba_cli.load_model(DST)`, or `AutoModelForCausalLM.from_pretrained(DST)` after `import moba_cli`, runs MoBA.
+Supported: Llama, Mistral/Mixtral, Qwen2/Qwen3 (+MoE), Phi-3, with head dim 32, 64 or 128 and no real
+sliding window. Prints the layer split and the expected sparsity at 32K, 128K and 1M tokens, and writes a
+result JSON into DST (and to --out).
+
+Example: moba convert ./Llama-3.2-1B ./Llama-3.2-1B-moba --chunk 4096 --topk 12 --full-layers last:3
+"""
 
 
-def convert() -> None:
-    raise fail("moba convert is not available in this build yet")
+def convert(
+    src: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id org/name).", show_default=False)],
+    dst: Annotated[Path, typer.Argument(help="Directory to create (must not exist unless --force).")],
+    chunk: Annotated[str, typer.Option("--chunk", help="Keys per MoBA block (e.g. 4096 or 4k).")] = "4096",
+    topk: Annotated[int, typer.Option("--topk", help="Blocks each query attends, counting its own.")] = 12,
+    full_layers: Annotated[
+        str,
+        typer.Option(
+            "--full-layers",
+            help="Layers kept on full attention: last:N, first:N, a list like 0,5,31 (ranges 4-7), none, all.",
+        ),
+    ] = "last:3",
+    force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Also write the result JSON here (file or folder).")
+    ] = None,
+) -> None:
+    with user_errors():
+        from moba_cli.integrations.hf_convert import convert_checkpoint
+        from moba_cli.utils.sizes import parse_size
+
+        result = convert_checkpoint(
+            src, dst, chunk_size=parse_size(chunk), topk=topk, full_layers=full_layers, force=force, out=out
+        )
+        print_summary(result)
+
+
+def _layers(idx: list[int]) -> str:
+    if not idx:
+        return "none"
+    if idx == list(range(idx[0], idx[-1] + 1)) and len(idx) > 2:
+        return f"{idx[0]}-{idx[-1]}"
+    return ",".join(map(str, idx))
+
+
+def print_summary(result: dict[str, Any]) -> None:
+    from moba_cli.utils.sizes import format_size
+
+    s = result["summary"]
+    n_full = len(s["full_layers"])
+    console.print(f"[bold]converted[/] {result['config']['src']} -> {s['dst']} ({s['model_type']})", highlight=False)
+    console.print(
+        f"layers: {s['num_layers']} ({s['num_layers'] - n_full} MoBA: {_layers(s['moba_layers'])}; "
+        f"{n_full} full: {_layers(s['full_layers'])})",
+        highlight=False,
+    )
+    console.print(
+        f"heads: {s['num_heads']}, KV heads: {s['num_kv_heads']}, head dim: {s['head_dim']}; "
+        f"chunk {s['chunk_size']}, top-k {s['topk']}",
+        highlight=False,
+    )
+    if s.get("config_edits"):
+        console.print(f"config edits: {s['config_edits']} (sliding window never narrower than the context)")
+    table = Table(title="expected sparsity (causal pairs skipped)", title_justify="left")
+    for col in ("tokens", "blocks", "per MoBA layer", "whole model"):
+        table.add_column(col, justify="right")
+    for r in result["records"]:
+        table.add_row(
+            format_size(r["seq_len"]), str(r["blocks"]),
+            f"{100 * r['sparsity_moba_layer']:.1f}%", f"{100 * r['sparsity_model']:.1f}%",
+        )
+    console.print(table)
+    console.print(
+        f"weights: {len(s['weights'])} file(s), {s['files_linked']} file(s) hard-linked, "
+        f"{s['files_copied']} copied; result: {s['result_file']}",
+        highlight=False,
+    )
+    if s.get("out_file"):
+        console.print(f"result also written to {s['out_file']}", highlight=False)
