@@ -114,9 +114,9 @@ def _gate_kernel(
         if SPLIT:
             # bf16 q times a float32 mean, as two bf16 products (mean = hi + lo): close to a float32 dot
             # (about 16 mantissa bits of the mean) at bf16 tensor-core speed.
-            hi = km.to(q.dtype)
-            lo = (km - hi.to(tl.float32)).to(q.dtype)
-            s = tl.dot(q, tl.trans(hi)) + tl.dot(q, tl.trans(lo))
+            km_hi = km.to(q.dtype)
+            km_lo = (km - km_hi.to(tl.float32)).to(q.dtype)
+            s = tl.dot(q, tl.trans(km_hi)) + tl.dot(q, tl.trans(km_lo))
         else:
             s = tl.dot(q, tl.trans(km), input_precision=PREC)
         valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
