@@ -10,17 +10,19 @@ from rich.table import Table
 
 from moba_cli.commands._common import console, user_errors
 
-HELP = """Switch a transformers checkpoint's attention to MoBA.
-
-SRC is a local checkpoint directory (or a hub id where the network allows). DST receives the same weights
-(hard links where possible, else copies) and a config.json recording the MoBA settings, so that
-`moba_cli.load_model(DST)`, or `AutoModelForCausalLM.from_pretrained(DST)` after `import moba_cli`, runs MoBA.
-Supported: Llama, Mistral/Mixtral, Qwen2/Qwen3 (+MoE), Phi-3, with head dim 32, 64 or 128 and no real
-sliding window. Prints the layer split and the expected sparsity at 32K, 128K and 1M tokens, and writes a
-result JSON into DST (and to --out).
-
-Example: moba convert ./Llama-3.2-1B ./Llama-3.2-1B-moba --chunk 4096 --topk 12 --full-layers last:3
-"""
+HELP = (
+    "Switch a transformers checkpoint's attention to MoBA.\n\n"
+    "SRC is a local checkpoint directory (or a hub id where the network allows). DST receives the same "
+    "weights (hard links where possible, else copies) and a config.json recording the MoBA settings, so that "
+    "`moba_cli.load_model(DST)`, or `AutoModelForCausalLM.from_pretrained(DST)` after `import moba_cli`, "
+    "runs MoBA. Supported: Llama, Mistral/Mixtral, Qwen2/Qwen3 (and their MoE variants), Phi-3, with head "
+    "dim 32, 64 or 128 and no sliding window narrower than the context (a wider one is dropped from the "
+    "config).\n\n"
+    "Prints the layer split and the expected sparsity at 32K, 128K and 1M tokens, and writes a result JSON "
+    "into DST (and to --out). DST is built in a temporary directory and renamed at the end: a failure "
+    "leaves nothing behind.\n\n"
+    "Example: moba convert ./Llama-3.2-1B ./Llama-3.2-1B-moba --chunk 4096 --topk 12 --full-layers last:3"
+)
 
 
 def convert(
@@ -63,7 +65,11 @@ def print_summary(result: dict[str, Any]) -> None:
 
     s = result["summary"]
     n_full = len(s["full_layers"])
-    console.print(f"[bold]converted[/] {result['config']['src']} -> {s['dst']} ({s['model_type']})", highlight=False)
+    console.print(
+        f"[bold]converted[/] {result['config']['src']} -> {s['dst']} ({s['model_type']})",
+        highlight=False,
+        soft_wrap=True,
+    )
     console.print(
         f"layers: {s['num_layers']} ({s['num_layers'] - n_full} MoBA: {_layers(s['moba_layers'])}; "
         f"{n_full} full: {_layers(s['full_layers'])})",
@@ -82,13 +88,14 @@ def print_summary(result: dict[str, Any]) -> None:
     for r in result["records"]:
         table.add_row(
             format_size(r["seq_len"]), str(r["blocks"]),
-            f"{100 * r['sparsity_moba_layer']:.1f}%", f"{100 * r['sparsity_model']:.1f}%",
+            f"{100 * r['sparsity_moba_layer']:.2f}%", f"{100 * r['sparsity_model']:.2f}%",
         )
     console.print(table)
     console.print(
         f"weights: {len(s['weights'])} file(s), {s['files_linked']} file(s) hard-linked, "
         f"{s['files_copied']} copied; result: {s['result_file']}",
         highlight=False,
+        soft_wrap=True,
     )
     if s.get("out_file"):
-        console.print(f"result also written to {s['out_file']}", highlight=False)
+        console.print(f"result also written to {s['out_file']}", highlight=False, soft_wrap=True)
