@@ -38,7 +38,14 @@ def _version(dist: str) -> str | None:
 
 
 def git_commit() -> str | None:
-    """HEAD of the source tree (with ``-dirty`` when it has uncommitted changes), or None outside git."""
+    """HEAD of the source tree (with ``-dirty`` when it has uncommitted changes).
+
+    Outside a git checkout (a copied tree on a GPU machine) it reads ``MOBA_GIT_COMMIT``; else None.
+    """
+    import os
+
+    if os.environ.get("MOBA_GIT_COMMIT"):
+        return os.environ["MOBA_GIT_COMMIT"]
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10

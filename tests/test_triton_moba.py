@@ -118,3 +118,16 @@ def test_batch_layout_matches_packed(device):
     )
     assert torch.equal(batched.view(96, 2, 32), packed)
 
+
+
+@pytest.mark.parametrize(("lens", "batched"), [([48, 48], True), ([9, 40, 0, 23], False)])
+def test_dense_shortcut_is_full_attention(lens, batched):
+    # The shortcut itself runs on any device (SDPA); moba_attention only takes it on CUDA.
+    q, k, v, cu = make_inputs(lens, 4, 2, 32, "cpu", seed=6)
+    ref = full_attention(q, k, v, cu_seqlens=cu, backend="naive")
+    if batched:
+        out = triton_moba._dense_causal(*(x.view(2, 48, *x.shape[1:]) for x in (q, k, v)), None, 32**-0.5)
+        out = out.reshape(ref.shape)
+    else:
+        out = triton_moba._dense_causal(q, k, v, cu.tolist(), 32**-0.5)
+    assert rel_rms(out, ref) < 1e-5

@@ -51,6 +51,16 @@ def moba_attention(
     check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     check_moba_params(chunk_size, topk)
     backend = resolve_backend(backend, q)
+    if backend == "triton":
+        from . import triton_moba
+
+        # With top-k covering every block MoBA is dense causal attention: hand it to PyTorch's fused
+        # kernel before any block bookkeeping (no layout, no host syncs), so full coverage costs nothing.
+        cu_host = None if cu_seqlens is None else cu_seqlens.tolist()
+        longest = q.shape[1] if cu_host is None else max(b - a for a, b in zip(cu_host[:-1], cu_host[1:], strict=True))
+        if triton_moba.DENSE_WHEN_FULL and q.is_cuda and topk >= -(-longest // chunk_size):
+            scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+            return triton_moba._dense_causal(q, k, v, cu_host, float(scale))
     qp, kp, vp, cu = _pack(q, k, v, cu_seqlens)
     layout = make_layout(cu, chunk_size)
     if backend == "naive":

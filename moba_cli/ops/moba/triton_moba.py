@@ -690,27 +690,26 @@ def _contig_last(x: torch.Tensor) -> torch.Tensor:
 DENSE_WHEN_FULL = True
 
 
-def _dense_causal(q, k, v, layout: BlockLayout, scale: float) -> torch.Tensor:
+def _dense_causal(q, k, v, cu_seqlens: list[int] | None, scale: float) -> torch.Tensor:
+    """Dense causal attention through SDPA, cuDNN first. q ``[B, S, Hq, D]`` (``cu_seqlens`` None) or
+    packed ``[T, Hq, D]`` with host-side ``cu_seqlens``; returns q's shape."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     order = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]
     order.append(SDPBackend.MATH)
-    gqa = q.shape[1] != k.shape[1]
+    gqa = q.shape[-2] != k.shape[-2]
     sdpa = torch.nn.functional.scaled_dot_product_attention
-    cu = layout.cu_seqlens.tolist()
-    lens = {b - a for a, b in zip(cu[:-1], cu[1:], strict=True)}
     with sdpa_kernel(order, set_priority=True):
-        if len(lens) == 1:
-            n, s = len(cu) - 1, lens.pop()
-            view = lambda x: x.view(n, s, x.shape[1], x.shape[2]).transpose(1, 2)  # noqa: E731
-            o = sdpa(view(q), view(k), view(v), is_causal=True, scale=scale, enable_gqa=gqa)
-            return o.transpose(1, 2).reshape(q.shape)
+        if cu_seqlens is None:
+            o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
+                     enable_gqa=gqa)
+            return o.transpose(1, 2)
         outs = []
-        for a, b in zip(cu[:-1], cu[1:], strict=True):
+        for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
             if b > a:
                 qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
                 outs.append(sdpa(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1))
-        return torch.cat(outs, 0)
+        return torch.cat(outs, 0) if outs else torch.empty_like(q)
 
 
 def moba_attention_triton(
@@ -723,11 +722,9 @@ def moba_attention_triton(
 ) -> torch.Tensor:
     """MoBA with the Triton kernels. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``.
 
-    If ``topk`` covers every block of every sequence, the result is dense causal attention and is
-    computed by PyTorch's fused SDPA kernels (cuDNN preferred), see ``DENSE_WHEN_FULL``.
+    Always the sparse kernels; :func:`moba_cli.moba_attention` decides beforehand whether the dense
+    shortcut (``DENSE_WHEN_FULL``) applies.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if DENSE_WHEN_FULL and topk >= layout.max_blocks and q.is_cuda:
-        return _dense_causal(q, k, v, layout, float(scale))
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
     return MobaFunction.apply(q, k, v, layout, topk, float(scale))
