@@ -78,7 +78,9 @@ def _block_mean_kernel(
     tl.store(KM + j.to(tl.int64) * stride_mn + hk * stride_mh + d, mean)
 
 
-@triton.jit
+# Run-time sizes and offsets are not specialised on (divisibility by 16, == 1): one compiled
+# variant serves every shape (applies to each kernel with do_not_specialize) instead of up to three.
+@triton.jit(do_not_specialize=["T"])
 def _gate_kernel(
     Q, KM, TB, FB, OUT, T,
     stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
@@ -277,7 +279,7 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, lo, hi, kend, qk_scale,
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tile_base", "NB"])
 def _fwd_kernel(
     Q, K, V, ACC, M, L,
     PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
@@ -402,7 +404,7 @@ def _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, lo, hi, kend, qk_scale
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tile_base", "NB"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
     PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
@@ -480,7 +482,7 @@ def _dkdv_inner(dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, PAIR_T, base, m_st
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["NB", "NSUB", "SLOTS"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV,
     PAIR_T, GROUP_OFF, GROUP_CNT, BS, BE,
