@@ -278,3 +278,29 @@ def test_moba_triton_through_the_bench():
     (rec,) = Runner(cfg).run()
     assert rec["provider"] == "moba-triton" and rec["status"] == "ok", rec["reason"]
     assert rec["check_out_err"] <= rec["check_tol"] and rec["runs"] == 1
+
+
+def test_an_interrupted_run_keeps_its_finished_records(tmp_path, no_interpreter, monkeypatch):
+    from rich.console import Console
+
+    from moba_cli.bench import run_bench
+
+    real = Runner.run_case
+    calls = []
+
+    def run_case(self, case, providers, anchor_for=None):
+        calls.append(case)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # e.g. a time limit or Ctrl-C in the middle of a long run
+        return real(self, case, providers, anchor_for)
+
+    monkeypatch.setattr(Runner, "run_case", run_case)
+    cfg = _cfg(seq="256,512", out=str(tmp_path), passes="fwd", baselines="moba-naive,sdpa-math")
+    with pytest.raises(KeyboardInterrupt):
+        run_bench(cfg, Console(file=open(os.devnull, "w")))
+    (partial,) = tmp_path.glob("bench-*.partial.json")
+    data = read_result(partial)
+    assert data["summary"]["partial"] is True
+    assert {r["seq"] for r in data["records"]} == {256}
+    assert {r["provider"]: r["status"] for r in data["records"]} == {
+        "moba-triton": "skipped", "moba-naive": "ok", "sdpa-math": "ok"}

@@ -53,6 +53,11 @@ def run_bench(config: BenchConfig, console: Console, progress_console: Console |
         TextColumn("{task.description}"), console=pconsole, transient=True, disable=not pconsole.is_terminal,
     )
     done = [0]
+    # The final path is fixed before the run so that a partial file can sit beside it: long runs that are
+    # interrupted (a time limit, Ctrl-C) keep every finished measurement in <stem>.partial.json.
+    path = _json_path(make_result("bench", {}, [], env=env), config.out, default_dir(env))
+    partial = path.with_suffix(".partial.json")
+    runner = Runner(config)
     with progress, warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*without torch.compile.*")
         warnings.filterwarnings("ignore", message=".*unfused implementation.*")
@@ -66,14 +71,17 @@ def run_bench(config: BenchConfig, console: Console, progress_console: Console |
                 ms = f" {rec['ms']:.4g} ms" if rec["ms"] is not None else ""
                 pconsole.print(f"[{done[0]}/{total}] {label}: {rec['status']}{ms}", highlight=False,
                                soft_wrap=True)
+            snapshot = make_result("bench", config.to_dict(), list(runner.records),
+                                   {"partial": True, "records_done": len(runner.records)}, env=env)
+            write_result(snapshot, partial, default_dir(env))
 
-        records = Runner(config, on_step=step).run()
+        runner.on_step = step
+        records = runner.run()
     add_speedups(records)
     summary = summarize(records)
     summary["notes"] = list(config.notes)
     config_dict = config.to_dict()
     result = make_result("bench", config_dict, records, summary, env=env)
-    path = _json_path(result, config.out, default_dir(env))
     path.parent.mkdir(parents=True, exist_ok=True)
     stem = path.with_suffix("")
     files = {"json": str(path), "csv": str(write_csv(records, stem.with_suffix(".csv")))}
@@ -84,6 +92,7 @@ def run_bench(config: BenchConfig, console: Console, progress_console: Console |
             summary["notes"].append(note)
     summary["files"] = files
     write_result(result, path, default_dir(env))
+    partial.unlink(missing_ok=True)
     device = env.get("gpu") or "CPU (smoke run: timings are not meaningful)"
     print_report(records, console, title=f"moba bench on {device}")
     for note in summary["notes"]:
