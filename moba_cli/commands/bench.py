@@ -41,6 +41,8 @@ reason); oom (out of GPU memory; the bench goes on); error (failed, or its spot-
 
 [bold]Files[/]: results/bench/<gpu-name>/bench-<time>.json (schema moba-result/1), .csv with the same
 stem, and -time.png / -speedup.png plots (needs matplotlib); --out takes a folder or a .json path.
+While it runs, finished records are kept in <stem>.partial.json (removed at the end), so an interrupted run
+loses nothing.
 Without a GPU, only --device cpu works: a tiny smoke run of the bench itself (defaults seq 256,512,
 2 heads, D 32, chunk 64, fp32; CUDA-only providers are recorded as skipped)."""
 
