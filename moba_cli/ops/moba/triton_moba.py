@@ -249,6 +249,34 @@ class Schedule:
 
 
 @triton.jit
+def _tile_queries(PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, tile, NB,
+                  H: tl.constexpr, G: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """A forward/dQ tile: its head, KV head, the key range ``[ks, kend)`` of its block that it needs, the end
+    ``free`` of the key tiles that need no mask, and its gathered tokens ``t`` (valid where ``rvalid``)."""
+    g = tl.load(TILE_GROUP + tile)
+    off = tl.load(TILE_OFF + tile)
+    j = g % NB
+    h = (g // NB) % H
+    cnt = tl.load(GROUP_CNT + g) - off
+    base = tl.load(GROUP_OFF + g) + off
+    ks = tl.load(BS + j)
+    ke = tl.load(BE + j)
+    rm = tl.arange(0, BLOCK_M)
+    rvalid = rm < cnt
+    # Rows past the tile's end point at the block's first key so they stay finite; they are not stored.
+    t = tl.load(PAIR_T + base + rm, mask=rvalid, other=ks)
+    kend = tl.minimum(ke, tl.max(t, 0) + 1)
+    # Key tiles wholly before the tile's first query need no mask: every past block (complete, and a
+    # multiple of BLOCK_N long when EVEN), and the own block up to the diagonal.
+    if EVEN:
+        tmin = tl.min(tl.where(rvalid, t, 2147483647), 0)
+        free = ks + ((tl.minimum(tmin + 1, kend) - ks) // BLOCK_N) * BLOCK_N
+    else:
+        free = ks
+    return h, h // G, ks, kend, free, t, rvalid
+
+
+@triton.jit
 def _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, lo, hi, kend, qk_scale,
                stride_kt, stride_kh, stride_vt, stride_vh,
                D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
@@ -288,34 +316,16 @@ def _fwd_kernel(
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
     FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    tile = tile_base + tl.program_id(0)
-    g = tl.load(TILE_GROUP + tile)
-    off = tl.load(TILE_OFF + tile)
-    j = g % NB
-    h = (g // NB) % H
-    hk = h // G
-    cnt = tl.load(GROUP_CNT + g) - off
-    base = tl.load(GROUP_OFF + g) + off
-    ks = tl.load(BS + j)
-    ke = tl.load(BE + j)
-    rm = tl.arange(0, BLOCK_M)
-    rvalid = rm < cnt
-    # Rows past the tile's end point at the block's first key so they stay finite; they are not stored.
-    t = tl.load(PAIR_T + base + rm, mask=rvalid, other=ks)
+    h, hk, ks, kend, free, t, rvalid = _tile_queries(
+        PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, tile_base + tl.program_id(0), NB,
+        H, G, EVEN, BLOCK_M, BLOCK_N,
+    )
     t64 = t.to(tl.int64)
     d = tl.arange(0, D)
     q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
-    kend = tl.minimum(ke, tl.max(t, 0) + 1)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    # Key tiles wholly before the tile's first query need no mask: every past block (complete, and a
-    # multiple of BLOCK_N long when EVEN), and the own block up to the diagonal.
-    if EVEN:
-        tmin = tl.min(tl.where(rvalid, t, 2147483647), 0)
-        free = ks + ((tl.minimum(tmin + 1, kend) - ks) // BLOCK_N) * BLOCK_N
-    else:
-        free = ks
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, ks, free, kend, qk_scale,
                                stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False)
     acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, free, kend, kend, qk_scale,
@@ -414,32 +424,17 @@ def _bwd_dq_kernel(
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
     FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    tile = tile_base + tl.program_id(0)
-    g = tl.load(TILE_GROUP + tile)
-    off = tl.load(TILE_OFF + tile)
-    j = g % NB
-    h = (g // NB) % H
-    hk = h // G
-    cnt = tl.load(GROUP_CNT + g) - off
-    base = tl.load(GROUP_OFF + g) + off
-    ks = tl.load(BS + j)
-    ke = tl.load(BE + j)
-    rm = tl.arange(0, BLOCK_M)
-    rvalid = rm < cnt
-    t = tl.load(PAIR_T + base + rm, mask=rvalid, other=ks)
+    h, hk, ks, kend, free, t, rvalid = _tile_queries(
+        PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, tile_base + tl.program_id(0), NB,
+        H, G, EVEN, BLOCK_M, BLOCK_N,
+    )
     t64 = t.to(tl.int64)
     d = tl.arange(0, D)
     q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
     do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rvalid[:, None], other=0.0)
     lse = tl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
     delta = tl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
-    kend = tl.minimum(ke, tl.max(t, 0) + 1)
     dq = tl.zeros([BLOCK_M, D], tl.float32)
-    if EVEN:
-        tmin = tl.min(tl.where(rvalid, t, 2147483647), 0)
-        free = ks + ((tl.minimum(tmin + 1, kend) - ks) // BLOCK_N) * BLOCK_N
-    else:
-        free = ks
     dq = _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, ks, free, kend, qk_scale,
                    stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False)
     dq = _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, free, kend, kend, qk_scale,
