@@ -1,27 +1,117 @@
-"""Compile the prefill kernels for Hopper (sm_90) without a GPU, with the launch settings the op uses.
+"""Compile the prefill and decode kernels for Hopper (sm_90) without a GPU, with the launch settings the ops use.
 
 The Triton interpreter runs kernels as Python, so it cannot see errors that only the compiler raises (a
 loop-carried variable changing type, an unsupported construct); this catches them on a CPU machine.
 Run by tests/test_kernels_compile.py in a subprocess without TRITON_INTERPRET. Prints one line a kernel.
+
+Decode: the real launchers (``moba_decode_triton`` with the arguments ``moba_decode`` passes, and
+``dense_decode_triton``) run on meta tensors with their kernels swapped for recorders, so the constexprs,
+``num_warps``/``num_stages`` and Triton's own argument specialisation (ints equal to 1, divisibility by 16)
+are exactly those of a launch on the H200; each distinct launch is then compiled.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton.runtime.jit import create_function_from_signature
 
+from moba_cli.ops.moba import triton_decode as td
 from moba_cli.ops.moba import triton_moba as tm
 
 TARGET = GPUTarget("cuda", 90, 32)
+H200_SMS = 132  # the decode launcher sizes its KV split from the SM count
+# A block may use at most 227 KiB of shared memory on sm_90; more fails only at launch (OutOfResources).
+SM90_MAX_SHARED = 232448
+DECODE_KERNELS = ("_gate_tile_kernel", "_gate_merge_kernel", "_attn_kernel", "_combine_kernel")
 P32, I32 = "*fp32", "*i32"
 
 
 def compile_kernel(fn, types: dict[str, str], consts: dict, **options) -> None:
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=TARGET, options=options)
-    print(f"{fn.__name__} {consts} ok, shared memory {kernel.metadata.shared} bytes", flush=True)
+    report(f"{fn.__name__} {consts}", kernel)
+
+
+def report(what: str, kernel) -> None:
+    """One line a compiled kernel; fail when it needs more shared memory than an sm_90 block has."""
+    shared = kernel.metadata.shared
+    if shared > SM90_MAX_SHARED:
+        raise SystemExit(f"{what} needs {shared} bytes of shared memory, more than sm_90's {SM90_MAX_SHARED}")
+    print(f"{what} ok, shared memory {shared} bytes", flush=True)
+
+
+class _Recorder:
+    """Stands in for a JIT kernel: ``kernel[grid](*args, **kw)`` records the launch instead of running it."""
+
+    def __init__(self, fn, launches: list) -> None:
+        self.fn, self.launches = fn, launches
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.launches.append((self.fn, args, kwargs))
+
+
+@contextmanager
+def recording_decode_launches() -> Iterator[list]:
+    """Swap the decode kernels for recorders (and report an H200's SM count) while the block runs."""
+    launches: list = []
+    saved = {name: getattr(td, name) for name in (*DECODE_KERNELS, "_sm_count")}
+    try:
+        for name in DECODE_KERNELS:
+            setattr(td, name, _Recorder(saved[name], launches))
+        td._sm_count = lambda device: H200_SMS
+        yield launches
+    finally:
+        for name, value in saved.items():
+            setattr(td, name, value)
+
+
+def decode_launches() -> list:
+    """Every kernel launch of the decode ops for the shapes below, as ``(fn, args, kwargs)``."""
+    cases = []  # (dtype, D, Hq, Hkv, cache length, chunk, topk); topk 0 = dense_decode_triton
+    for hq, hkv in ((32, 32), (32, 8), (32, 1)):  # MHA, GQA, MQA: G, GD and GP differ
+        # The GPU decode check's gates; the cache length sets the merge's candidate tile T2.
+        cases += [(torch.bfloat16, 128, hq, hkv, 128 * 1024, 4096, 12), (torch.bfloat16, 128, hq, hkv, 2**20, 512, 8)]
+    cases += [
+        (torch.bfloat16, 128, 32, 8, 300, 512, 8),  # a cache shorter than one block: no past block, no gate tiles
+        (torch.bfloat16, 128, 32, 8, 128 * 1024, 0, 0),  # dense split-KV baseline
+        (torch.float16, 64, 16, 2, 32 * 1024, 512, 3),
+        (torch.float16, 64, 16, 16, 32 * 1024, 512, 3),
+        (torch.float32, 128, 32, 8, 32 * 1024, 512, 3),  # exact dots (DOT_PREC ieee)
+    ]
+    with recording_decode_launches() as launches:
+        for dtype, d, hq, hkv, cache_len, chunk, topk in cases:
+            # transformers' cache [B, Hkv, L, D] seen as [B, L, Hkv, D], as the HF integration passes it.
+            kc = torch.empty(1, hkv, cache_len, d, dtype=dtype, device="meta").transpose(1, 2)
+            q = torch.empty(1, hq, d, dtype=dtype, device="meta")
+            seqlens = torch.empty(1, dtype=torch.int32, device="meta")
+            if topk == 0:
+                td.dense_decode_triton(q, kc, kc, seqlens, d**-0.5)
+            else:
+                means = torch.empty(1, max(1, (cache_len - 1) // chunk), hkv, d, device="meta")
+                # The positional arguments moba_decode passes, no tuning knobs.
+                td.moba_decode_triton(q, kc, kc, seqlens, means, chunk, topk, d**-0.5)
+    return launches
+
+
+def compile_launch(fn, args: tuple, kwargs: dict, backend, done: set) -> None:
+    """Compile one recorded launch the way ``JITFunction.run`` would, unless an identical one was compiled."""
+    binder = create_function_from_signature(fn.signature, fn.params, backend)
+    bound, specialization, opts = binder(*args, **kwargs)
+    key = (fn.__name__, str(specialization), str(opts))
+    if key in done:
+        return
+    done.add(key)
+    options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, opts)
+    kernel = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=TARGET, options=options.__dict__)
+    consts = {p.name: bound[p.name] for p in fn.params if p.is_constexpr and p.name != "NEG"}
+    report(f"{fn.__name__} {consts} warps={options.num_warps} stages={options.num_stages}", kernel)
 
 
 def main() -> None:
@@ -56,6 +146,9 @@ def main() -> None:
                  "PREC": "tf32"}, num_warps=b["num_warps"], num_stages=b["num_stages"],
             )
     compile_kernel(tm._block_mean_kernel, {"K": "*bf16", "BS": I32, "BE": I32, "KM": P32}, {"D": 128, "BLOCK_T": 64})
+    backend, done = make_backend(TARGET), set()
+    for fn, args, kwargs in decode_launches():
+        compile_launch(fn, args, kwargs, backend, done)
 
 
 if __name__ == "__main__":

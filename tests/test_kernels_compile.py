@@ -1,4 +1,4 @@
-"""The prefill kernels must compile for the H200 (sm_90), checked on a CPU machine (see compile_sm90.py)."""
+"""The prefill and decode kernels must compile for the H200 (sm_90), checked on a CPU machine (see compile_sm90.py)."""
 
 import os
 import subprocess
@@ -9,8 +9,14 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 
+# Prefill: 3 (dtype, D, chunk) settings x 7 kernels, plus the block-mean kernel.
+PREFILL = 3 * 7 + 1
+# Decode: the distinct launches of compile_sm90.decode_launches() (identical launches compile once).
+DECODE = 37
+DECODE_KERNELS = ("_gate_tile_kernel", "_gate_merge_kernel", "_attn_kernel", "_combine_kernel")
 
-def test_prefill_kernels_compile_for_sm90(tmp_path):
+
+def test_kernels_compile_for_sm90(tmp_path):
     pytest.importorskip("triton.backends.nvidia")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
@@ -18,4 +24,7 @@ def test_prefill_kernels_compile_for_sm90(tmp_path):
     proc = subprocess.run([sys.executable, str(HERE / "compile_sm90.py")], env=env, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    assert proc.stdout.count(" ok,") == 3 * 7 + 1
+    lines = [line for line in proc.stdout.splitlines() if " ok," in line]
+    assert len(lines) == PREFILL + DECODE, proc.stdout
+    for name in DECODE_KERNELS:
+        assert any(line.startswith(name + " ") for line in lines), f"{name} was never compiled"
