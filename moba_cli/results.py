@@ -16,6 +16,7 @@ Layout (``schema: "moba-result/1"``)::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
@@ -133,16 +134,61 @@ def write_result(result: dict[str, Any], out: Path | str | None, default_dir: Pa
     """Write ``result`` as JSON. ``out`` may be a ``.json`` file or a folder; default ``default_dir``.
 
     Returns the file's path. Names are ``<kind>-<UTC time>.json`` so runs never overwrite each other.
+    A place that cannot be written is a :class:`~moba_cli.errors.MobaError` naming the file.
     """
+    from moba_cli.errors import MobaError
+
     target = Path(out) if out is not None else Path(default_dir)
     if target.suffix != ".json":
         stamp = result["created"].replace(":", "").replace("-", "")
         target = target / f"{result['kind']}-{stamp}.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-    tmp.replace(target)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
+        tmp.replace(target)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise MobaError(f"cannot write the result {target}: {_os_reason(e, target)}") from None
     return target
+
+
+def check_out(out: Path | str | None, default_dir: Path | str, flag: str = "--out") -> None:
+    """Fail before any work when a result could not be written where ``out`` (or ``default_dir``) points.
+
+    Creates nothing: the nearest existing folder on the way must be a folder we can write in.
+    """
+    import tempfile
+
+    from moba_cli.errors import MobaError
+
+    target = Path(out) if out is not None else Path(default_dir)
+    where = f"{flag} {target}" if out is not None else f"the results folder {target} (choose another with {flag})"
+    if target.suffix == ".json":
+        if target.is_dir():
+            raise MobaError(f"{where} is a folder; give a new .json file name or the folder without .json")
+        folder = target.parent
+    else:
+        if target.exists() and not target.is_dir():
+            raise MobaError(f"{where} is a file; give a folder or a path ending in .json")
+        folder = target
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise MobaError(f"{where} cannot be created: {existing} is a file, not a folder")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".moba-write-check-"):
+            pass
+    except OSError as e:
+        raise MobaError(f"{where} cannot be written: {e.strerror or e}") from None  # not the probe's name
+
+
+def _os_reason(e: OSError, path: Path) -> str:
+    """Why ``path`` could not be written: a parent that is a file, else the system's words."""
+    blocker = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
+    return f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
 
 
 def _json_default(obj: Any) -> Any:

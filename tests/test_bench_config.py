@@ -135,3 +135,98 @@ def test_without_a_gpu_bench_says_so_in_one_line():
 )
 def test_cli_bad_values(args):
     _one_line_error(CliRunner().invoke(app, ["bench", "--device", "cpu", *args]))
+
+
+def test_chunk_takes_sizes_like_the_other_commands():
+    assert build_config(device="cuda", chunk="4k").chunk == 4096
+    assert build_config(device="cuda", chunk="512").chunk == 512
+    assert build_config(device="cuda", chunk=256).chunk == 256
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"seq": "1.5"}, "--seq: size '1.5' is not a whole number"),
+        ({"seq": ","}, "--seq: expected at least one size"),
+        ({"chunk": "1.5"}, "--chunk: size '1.5' is not a whole number"),
+        ({"chunk": "0"}, "--chunk: size must be positive"),
+    ],
+)
+def test_size_errors_name_the_option(kwargs, message):
+    with pytest.raises(MobaError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        build_config(**{"device": "cuda", **kwargs})
+
+
+def _captured_config(monkeypatch, *args: str):
+    """Run ``moba bench ARGS`` with the bench itself replaced; return the config it would have run."""
+    import moba_cli.bench
+
+    seen = []
+    monkeypatch.setattr(moba_cli.bench, "run_bench", lambda config, *a, **k: seen.append(config))
+    result = CliRunner().invoke(app, ["bench", "--device", "cpu", *args])
+    assert result.exit_code == 0, result.output
+    return seen[0]
+
+
+def test_cli_chunk_size_units_and_no_plots(monkeypatch):
+    cfg = _captured_config(monkeypatch, "--chunk", "1k", "--seq", "2k", "--no-plots")
+    assert cfg.chunk == 1024 and cfg.seqs == [2048] and cfg.plots is False
+    assert _captured_config(monkeypatch).plots is True
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--seq", "1.5"], "--seq: size '1.5'"),
+        (["--chunk", "1.5"], "--chunk: size '1.5'"),
+        (["--chunk", "0"], "--chunk: size must be positive"),
+    ],
+)
+def test_cli_size_errors_name_the_option(args, needle):
+    assert needle in _one_line_error(CliRunner().invoke(app, ["bench", "--device", "cpu", *args]))
+
+
+@pytest.mark.parametrize(
+    "out,needle",
+    [
+        ("{file}/r.json", "is a file, not a folder"),
+        ("{file}", "is a file; give a folder or a path ending in .json"),
+        ("{dir}", "is a folder; give a new .json file name"),
+    ],
+)
+def test_cli_unusable_out_fails_before_any_measurement(monkeypatch, tmp_path, out, needle):
+    import moba_cli.bench
+
+    def never(*a, **k):
+        raise AssertionError("no measurement may start when --out cannot be written")
+
+    monkeypatch.setattr(moba_cli.bench, "Runner", never)
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "d.json").mkdir()
+    out = out.format(file=tmp_path / "afile", dir=tmp_path / "d.json")
+    line = _one_line_error(CliRunner().invoke(app, ["bench", "--device", "cpu", "--seq", "256", "--out", out]))
+    assert line.startswith(f"error: --out {out}") and needle in line
+
+
+def test_cli_os_errors_are_one_line(monkeypatch):
+    # A disk that fills up while the CSV or plots are written: one line, not a traceback.
+    import moba_cli.bench
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device", "results/bench/cpu/bench-x.csv")
+
+    monkeypatch.setattr(moba_cli.bench, "run_bench", full)
+    line = _one_line_error(CliRunner().invoke(app, ["bench", "--device", "cpu"]))
+    assert line == "error: cannot access results/bench/cpu/bench-x.csv: No space left on device"
+
+
+def test_help_paragraphs_have_no_line_breaks_inside_sentences():
+    from moba_cli.commands import bench
+
+    # rich wraps each source line to the terminal; a break inside a sentence shows up as a ragged line
+    for line in bench.HELP.split("\n"):
+        assert line == "" or line.endswith((".", ":")), line
+    for columns in ("80", "120"):
+        result = CliRunner().invoke(app, ["bench", "--help"], env={"COLUMNS": columns})
+        assert result.exit_code == 0 and max(map(len, result.output.splitlines())) <= int(columns)
+        assert "…" not in result.output  # no option help cut short

@@ -247,13 +247,85 @@ def test_model_branch_delegates(monkeypatch, tmp_path):
               "--out", str(tmp_path / "o"))
     assert res.exit_code == 0, res.output
     assert calls == [{"model": tmp_path, "text": Path("t.txt"), "out": tmp_path / "o",
-                      "device": "cpu", "dtype": "bf16", "seq": 4096}]
+                      "device": "cpu", "dtype": "bf16", "seq": 4096, "backend": None}]
+    # --backend reaches the model comparison instead of being dropped; auto keeps the checkpoint's choice
+    res = run("--model", str(tmp_path), "--backend", "Naive", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    assert calls[-1]["backend"] == "naive"
+    _one_line_error(run("--model", str(tmp_path), "--backend", "flash"), "unknown backend 'flash'")
+    assert len(calls) == 2
 
 
 def test_model_branch_missing_module(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "moba_cli.commands.compare_model", None)  # import fails as if absent
     res = run("--model", str(tmp_path))
     assert res.exit_code == 1 and "not available" in res.output and "Traceback" not in res.output
+
+
+def _one_line_error(res, needle: str) -> str:
+    assert res.exit_code == 1, res.output
+    assert "Traceback" not in res.output
+    lines = [ln for ln in res.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), res.output
+    assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "out,needle",
+    [
+        ("{file}/r.json", "is a file, not a folder"),  # the parent folder is a file
+        ("{file}/sub/r.json", "is a file, not a folder"),
+        ("{file}", "is a file; give a folder or a path ending in .json"),  # a file without .json is no folder
+        ("{dir}", "is a folder; give a new .json file name"),  # a folder named like a .json file
+    ],
+)
+def test_unusable_out_fails_before_the_run(monkeypatch, tmp_path, out, needle):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "d.json").mkdir()
+    out = out.format(file=tmp_path / "afile", dir=tmp_path / "d.json")
+
+    def never(*a, **k):
+        raise AssertionError("the comparison must not start when --out cannot be written")
+
+    monkeypatch.setattr(cmp, "run_compare", never)
+    line = _one_line_error(run(*TINY, "--out", out), needle)
+    assert line.startswith(f"error: --out {out}")
+
+
+def test_result_that_cannot_be_written_is_one_line(monkeypatch, tmp_path):
+    # Past the early check (a disk that fills up or turns read-only during the run): still one line.
+    import moba_cli.results as results
+
+    (tmp_path / "afile").write_text("x")
+    monkeypatch.setattr(results, "check_out", lambda *a, **k: None)
+    out = tmp_path / "afile" / "r.json"
+    _one_line_error(run(*TINY, "--out", str(out)), f"cannot write the result {out}")
+    assert not list(tmp_path.glob("**/*.tmp"))
+
+
+def test_qkv_and_text_folders_are_named_as_folders(tmp_path):
+    _one_line_error(run("--qkv", str(tmp_path), "--device", "cpu"), "is a folder; give a safetensors file")
+    pytest.importorskip("transformers")
+    _one_line_error(run("--model", str(tmp_path), "--text", str(tmp_path), "--device", "cpu"),
+                    "is a folder; give a text file")
+
+
+def test_model_compare_checks_out_before_loading(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    # tmp_path is no checkpoint: reaching the model loader would give a different error
+    _one_line_error(run("--model", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "afile" / "r.json")),
+                    "is a file, not a folder")
+
+
+def test_help_paragraphs_have_no_line_breaks_inside_sentences():
+    from moba_cli.commands import compare
+
+    # rich wraps each source line to the terminal; a break inside a sentence shows up as a ragged line
+    for line in compare.HELP.split("\n"):
+        assert line == "" or line.endswith((".", ":")), line
+    res = runner.invoke(app, ["compare", "--help"], env={"COLUMNS": "80"})
+    assert res.exit_code == 0 and max(map(len, res.output.splitlines())) <= 80
 
 
 # -------------------------------------------------------------------------------------------- analysis

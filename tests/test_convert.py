@@ -251,3 +251,43 @@ def test_failure_at_the_end_leaves_nothing(src, tmp_path, monkeypatch):
     _assert_one_line_error(_run(src, dst, "--out", out), "No space left on device")
     assert not dst.exists() and not out.exists()
     assert _leftovers(tmp_path) == []
+
+
+def test_chunk_errors_name_the_option(src, tmp_path):
+    _assert_one_line_error(_run(src, tmp_path / "moba", "--chunk", "0"), "--chunk: size must be positive")
+    _assert_one_line_error(_run(src, tmp_path / "moba", "--chunk", "1.5"), "--chunk: size '1.5'")
+    assert not (tmp_path / "moba").exists()
+
+
+def test_dst_that_cannot_be_created(src, tmp_path, monkeypatch):
+    (tmp_path / "afile").write_text("x")
+    dst = tmp_path / "afile" / "moba"
+    _assert_one_line_error(_run(src, dst), f"cannot create DST {dst}: {tmp_path / 'afile'} is a file, not a folder")
+
+    def refused(*a, **k):  # a read-only or foreign folder (root ignores permission bits, so simulate it)
+        raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    monkeypatch.setattr(hf_convert.tempfile, "mkdtemp", refused)
+    _assert_one_line_error(_run(src, tmp_path / "moba"), "cannot create DST")
+    _assert_one_line_error(_run(src, tmp_path / "moba"), "Permission denied")
+    assert not (tmp_path / "moba").exists()
+
+
+@pytest.mark.parametrize(
+    "out,needle",
+    [("{file}/r.json", "is a file, not a folder"), ("{file}", "is a file; give a folder or a path ending in .json")],
+)
+def test_unusable_out_fails_before_dst_is_built(src, tmp_path, out, needle):
+    (tmp_path / "afile").write_text("x")
+    out = out.format(file=tmp_path / "afile")
+    dst = tmp_path / "moba"
+    res = _run(src, dst, "--out", out)
+    _assert_one_line_error(res, f"--out {out}")
+    _assert_one_line_error(res, needle)
+    assert not dst.exists() and _leftovers(tmp_path) == []
+
+
+def test_usage_names_src_and_dst():
+    res = runner.invoke(app, ["convert"])
+    assert res.exit_code == 2
+    assert "SRC" in res.output and "DST" in res.output

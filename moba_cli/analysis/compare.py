@@ -162,6 +162,8 @@ def load_qkv(path: Path | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     Any problem (missing file, not safetensors, missing names, inconsistent shapes) is one MobaError.
     """
     path = Path(path)
+    if path.is_dir():
+        raise MobaError(f"--qkv {path} is a folder; give a safetensors file")
     if not path.is_file():
         raise MobaError(f"--qkv file not found: {path}")
     try:

@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from moba_cli.bench.presets import BenchConfig, build_config
 from moba_cli.bench.report import print_report, summarize, write_csv, write_plots
 from moba_cli.bench.runner import Runner, add_speedups
-from moba_cli.results import collect_env, make_result, slug, write_result
+from moba_cli.results import check_out, collect_env, make_result, slug, write_result
 
 __all__ = ["BenchConfig", "build_config", "default_dir", "run_bench"]
 
@@ -56,6 +56,7 @@ def run_bench(config: BenchConfig, console: Console, progress_console: Console |
     # The final path is fixed before the run so that a partial file can sit beside it: long runs that are
     # interrupted (a time limit, Ctrl-C) keep every finished measurement in <stem>.partial.json.
     path = _json_path(make_result("bench", {}, [], env=env), config.out, default_dir(env))
+    check_out(config.out, default_dir(env))  # a bad --out fails now, not after the first measurement
     partial = path.with_suffix(".partial.json")
     runner = Runner(config)
     with progress, warnings.catch_warnings():

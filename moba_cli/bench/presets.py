@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 from moba_cli.errors import MobaError
-from moba_cli.utils.sizes import format_size, parse_size_list
+from moba_cli.utils.sizes import format_size, parse_size, parse_size_list
 
 PASSES = ("fwd", "fwd+bwd", "decode")
 _PASS_ALIASES = {"fwd": "fwd", "fwd+bwd": "fwd+bwd", "fwd_bwd": "fwd+bwd", "fwdbwd": "fwd+bwd", "decode": "decode"}
@@ -185,6 +185,14 @@ def parse_providers(text: str | None, known: list[str], default: list[str]) -> l
     return ordered
 
 
+def _sizes(text: str | int, flag: str, one: bool = False) -> list[int]:
+    """``parse_size_list`` (or ``parse_size`` when ``one``) with the option's name in any error."""
+    try:
+        return [parse_size(text)] if one else parse_size_list(str(text))
+    except MobaError as e:
+        raise MobaError(f"{flag}: {e}") from None
+
+
 def _positive(value: int | None, name: str, minimum: int = 1) -> None:
     if value is not None and value < minimum:
         raise MobaError(f"{name} must be >= {minimum}, got {value}")
@@ -197,7 +205,7 @@ def build_config(
     heads: str | int | None = None,
     kv_heads: int | None = None,
     head_dim: int | None = None,
-    chunk: int | None = None,
+    chunk: int | str | None = None,
     topk: int | None = None,
     dtype: str | None = None,
     passes: list[str] | str | None = None,
@@ -232,6 +240,8 @@ def build_config(
             return explicit
         return preset_value if preset_value is not None else default
 
+    if isinstance(chunk, str):  # "4k" like the other commands; ints pass through to the check below
+        chunk = _sizes(chunk, "--chunk", one=True)[0]
     if topk is not None and topk < 1:
         raise MobaError(f"--topk must be >= 1 (it counts the query's own block), got {topk}")
     for value, name in ((batch, "--batch"), (kv_heads, "--kv-heads"), (head_dim, "--head-dim"),
@@ -241,7 +251,7 @@ def build_config(
     if not (max_dense_seconds > 0):
         raise MobaError(f"--max-dense-seconds must be positive, got {max_dense_seconds}")
 
-    seqs = parse_size_list(pick(seq, pre.seq if pre else None, base["seq"]))
+    seqs = _sizes(pick(seq, pre.seq if pre else None, base["seq"]), "--seq")
     seqs = sorted(set(seqs))
     if on_cpu and max(seqs) > CPU_MAX_SEQ:
         raise MobaError(

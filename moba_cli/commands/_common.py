@@ -32,6 +32,9 @@ def user_errors() -> Iterator[None]:
         raise fail(str(e)) from None
     except FileNotFoundError as e:
         raise fail(f"file not found: {e.filename or e}") from None
+    except OSError as e:  # a folder that is a file, a read-only disk, no space left: the user's to fix
+        where = f" {e.filename}" if e.filename else ""
+        raise fail(f"cannot access{where}: {e.strerror or e}") from None
     except Exception as e:  # noqa: BLE001 - only the known user-facing kinds below get one line
         import torch
 

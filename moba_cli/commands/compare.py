@@ -43,7 +43,7 @@ def compare(
                                        "bfloat16 on CUDA, float32 on CPU; with --qkv the file's dtype.")] = "auto",
     device: Annotated[str, typer.Option(help="auto (cuda when available), cpu or cuda.")] = "auto",
     backend: Annotated[str, typer.Option(help="MoBA backend: auto (triton on CUDA, naive on CPU), naive or "
-                                         "triton.")] = "auto",
+                                         "triton. With --model, auto keeps the checkpoint's choice.")] = "auto",
     seed: Annotated[int, typer.Option(help="Seed of the random inputs (and of sampled recall rows).")] = 0,
     qkv: Annotated[Path | None, typer.Option(help="safetensors file with tensors q, k, v ([B,S,H,D] or "
                                              "[S,H,D]) instead of random inputs.")] = None,
@@ -55,17 +55,18 @@ def compare(
 ) -> None:
     with user_errors():
         if model is not None:
-            _model_compare(model, text, out, device, dtype, seq,
+            _model_compare(model, text, out, device, dtype, seq, backend,
                            other={"--qkv": qkv, "--batch": batch, "--heads": heads, "--kv-heads": kv_heads,
                                   "--head-dim": head_dim, "--chunk": chunk, "--topk": topk})
             return
         if text is not None:
             raise MobaError("--text needs --model (it is the text run through the model)")
         from moba_cli.analysis.compare import run_compare
-        from moba_cli.results import make_result, write_result
+        from moba_cli.results import check_out, make_result, write_result
 
         setup, qkv_tensors = _resolve(seq, batch, heads, kv_heads, head_dim, chunk, topk, dtype, device, backend,
                                       seed, qkv)
+        check_out(out, "results/compare")  # a bad --out fails now, not after the run
         for note in setup.notes:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         config, records, summary = _with_progress(lambda p: run_compare(setup, qkv_tensors, progress=p))
@@ -80,10 +81,13 @@ def compare(
             )
 
 
-def _model_compare(model, text, out, device, dtype, seq, other: dict[str, Any]) -> None:
+def _model_compare(model, text, out, device, dtype, seq, backend: str, other: dict[str, Any]) -> None:
     given = [name for name, value in other.items() if value is not None]
     if given:
         raise MobaError(f"{', '.join(given)} cannot be combined with --model (the checkpoint defines the shapes)")
+    backend = backend.lower()
+    if backend not in ("auto", "naive", "triton"):
+        raise MobaError(f"unknown backend {backend!r}; choose one of auto, naive, triton")
     try:
         from moba_cli.commands.compare_model import run_model_compare
     except ImportError as e:
@@ -91,8 +95,10 @@ def _model_compare(model, text, out, device, dtype, seq, other: dict[str, Any]) 
             raise MobaError("comparing a model (--model) is not available in this build yet") from None
         raise MobaError(f"--model needs the package {e.name!r}, which is not installed "
                         "(pip install 'moba-cli[hf]')") from None
+    # backend None keeps the checkpoint's own choice (config.moba.backend, usually auto)
     run_model_compare(model=model, text=text, out=out, device=device, dtype=dtype,
-                      seq=_size("--seq", seq) if seq is not None else None)
+                      seq=_size("--seq", seq) if seq is not None else None,
+                      backend=None if backend == "auto" else backend)
 
 
 def _size(flag: str, text: str) -> int:

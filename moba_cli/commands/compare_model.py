@@ -35,19 +35,23 @@ def run_model_compare(
     import torch
 
     from moba_cli.integrations.hf_compare import compare_model
-    from moba_cli.results import make_result, write_result
+    from moba_cli.results import check_out, make_result, write_result
 
     path = Path(model)
     if not path.is_dir():
         raise MobaError(f"--model {path} is not a directory")
     dev = resolve_device(device)
-    if dtype == "auto":
+    if dtype.lower() == "auto":
         dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     else:
         dt = parse_dtype(dtype)
     n = seq if seq is not None else DEFAULT_SEQ.get(dev.type, 1024)
     if n < 2:
         raise MobaError(f"--seq must be at least 2 tokens, got {n}")
+    check_out(out, "results/compare")  # a bad --out fails before the model is loaded
+    if dev.type == "cpu" and n > 16384:
+        console.print(f"[yellow]note:[/] {n} tokens through a model on CPU is slow; expect minutes",
+                      highlight=False)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # a command prints its own report; no weight-loading bars

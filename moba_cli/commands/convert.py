@@ -26,8 +26,10 @@ HELP = (
 
 
 def convert(
-    src: Annotated[str, typer.Argument(help="Checkpoint directory (or hub id org/name).", show_default=False)],
-    dst: Annotated[Path, typer.Argument(help="Directory to create (must not exist unless --force).")],
+    src: Annotated[
+        str, typer.Argument(metavar="SRC", help="Checkpoint directory (or hub id org/name).", show_default=False)
+    ],
+    dst: Annotated[Path, typer.Argument(metavar="DST", help="Directory to create (must not exist unless --force).")],
     chunk: Annotated[str, typer.Option("--chunk", help="Keys per MoBA block (e.g. 4096 or 4k).")] = "4096",
     topk: Annotated[int, typer.Option("--topk", help="Blocks each query attends, counting its own.")] = 12,
     full_layers: Annotated[
@@ -43,11 +45,16 @@ def convert(
     ] = None,
 ) -> None:
     with user_errors():
+        from moba_cli.errors import MobaError
         from moba_cli.integrations.hf_convert import convert_checkpoint
         from moba_cli.utils.sizes import parse_size
 
+        try:
+            chunk_size = parse_size(chunk)
+        except MobaError as e:
+            raise MobaError(f"--chunk: {e}") from None
         result = convert_checkpoint(
-            src, dst, chunk_size=parse_size(chunk), topk=topk, full_layers=full_layers, force=force, out=out
+            src, dst, chunk_size=chunk_size, topk=topk, full_layers=full_layers, force=force, out=out
         )
         print_summary(result)
 

@@ -476,7 +476,7 @@ def load_model(
         if not raw and (chunk_size is None or topk is None):
             raise MobaError(
                 f"{path} has no MoBA settings in its config.json; convert it with `moba convert` first "
-                "(or pass chunk_size= and topk=)"
+                "(or, from Python, pass chunk_size= and topk= to load_model)"
             )
         raw.setdefault("version", SCHEMA_VERSION)
         for name, value in overrides.items():

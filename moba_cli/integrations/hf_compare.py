@@ -163,6 +163,8 @@ def compare_model(
     from moba_cli.integrations.hf_convert import expected_sparsity
 
     path = Path(path)
+    if text is not None and Path(text).is_dir():
+        raise MobaError(f"--text {text} is a folder; give a text file")
     if text is not None and not Path(text).is_file():
         raise MobaError(f"--text file {text} does not exist")
     model = load_model(path, backend=backend, dtype=dtype)

@@ -322,7 +322,7 @@ def convert_checkpoint(
 ) -> dict[str, Any]:
     """Write a MoBA checkpoint to ``dst``; returns the ``convert`` result (also saved as ``dst/moba_convert.json``
     and to ``out`` when given)."""
-    from moba_cli.results import make_result, write_result
+    from moba_cli.results import check_out, make_result, write_result
 
     for name, value in (("--chunk", chunk_size), ("--topk", topk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -353,8 +353,15 @@ def convert_checkpoint(
         "force": force,
     }
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".moba-tmp", dir=dst.parent))
+    if out is not None:
+        check_out(out, out)  # before DST is built, so a bad --out leaves nothing behind
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".moba-tmp", dir=dst.parent))
+    except OSError as e:  # DST's folder is a file, read-only, or not ours
+        blocker = next((a for a in dst.parents if a.exists() and not a.is_dir()), None)
+        reason = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
+        raise MobaError(f"cannot create DST {dst}: {reason}") from None
     out_file: Path | None = None
     try:
         linked, copied = _populate(src_path, tmp)
