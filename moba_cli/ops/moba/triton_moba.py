@@ -700,7 +700,7 @@ def _dense_causal(q, k, v, cu_seqlens: list[int] | None, scale: float) -> torch.
         if cu_seqlens is None:
             o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale,
                      enable_gqa=gqa)
-            return o.transpose(1, 2)
+            return o.transpose(1, 2).contiguous()  # callers may .view() the result, as with the kernels'
         outs = []
         for a, b in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
             if b > a:
