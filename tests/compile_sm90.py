@@ -114,8 +114,40 @@ def compile_launch(fn, args: tuple, kwargs: dict, backend, done: set) -> None:
     report(f"{fn.__name__} {consts} warps={options.num_warps} stages={options.num_stages}", kernel)
 
 
+def forward_launches() -> list:
+    """Every launch of ``_forward`` (attention slots, normalisation) on meta tensors, TMA descriptors on and off,
+    for the forward configurations the op picks (bf16 D=128 at chunk 4096, 128 and 1000; fp16 D=64)."""
+    from types import SimpleNamespace
+
+    launches: list = []
+    saved = {name: getattr(tm, name) for name in ("_fwd_kernel", "_normalize_kernel")}
+    saved_desc = tm.FWD_DESC
+    try:
+        for name in saved:
+            setattr(tm, name, _Recorder(saved[name], launches))
+        # chunk 1000: key tiles that do not divide the block (EVEN off)
+        cases = ((torch.bfloat16, 128, 4096), (torch.bfloat16, 128, 128), (torch.float16, 64, 512),
+                 (torch.bfloat16, 128, 1000))
+        for dtype, d, chunk in cases:
+            for desc in (True, False):
+                tm.FWD_DESC = desc
+                t, hq, hkv = 4 * chunk, 8, 2
+                q = torch.empty(t, hq, d, dtype=dtype, device="meta")
+                k = torch.empty(t, hkv, d, dtype=dtype, device="meta")
+                ints = torch.empty(t, dtype=torch.int32, device="meta")
+                layout = SimpleNamespace(chunk_size=chunk, num_blocks=4, block_start=ints, block_end=ints)
+                sched = SimpleNamespace(slot_tiles=[(0, 5), (5, 3)], pair_t=ints, group_off=ints, group_cnt=ints,
+                                        tile_group=ints, tile_off=ints)
+                tm._forward(q, k, k, layout, sched, d**-0.5)
+    finally:
+        for name, value in saved.items():
+            setattr(tm, name, value)
+        tm.FWD_DESC = saved_desc
+    return launches
+
+
 def main() -> None:
-    for dtype, d, chunk in ((torch.bfloat16, 128, 4096), (torch.bfloat16, 128, 128), (torch.float16, 64, 512)):
+    for dtype, d in ((torch.bfloat16, 128), (torch.float16, 64)):
         t = "*bf16" if dtype == torch.bfloat16 else "*fp16"
         common = {"PAIR_T": I32, "GROUP_OFF": I32, "GROUP_CNT": I32, "BS": I32, "BE": I32, "qk_scale": "fp32"}
         compile_kernel(
@@ -123,14 +155,14 @@ def main() -> None:
             {"G": 4, "NPAST": 11, "D": d, "BLOCK_M": 64, "BLOCK_N": 16, "PREC": "tf32x3",
              "SPLIT": dtype == torch.bfloat16}, num_warps=4,
         )
-        f, b = tm._fwd_config(d, dtype, chunk), tm._bwd_config(d, dtype)
-        for even in (True, False):
+        for ng, bm in ((8, 64), (16, 32)):
             compile_kernel(
-                tm._fwd_kernel,
-                {"Q": t, "K": t, "V": t, "ACC": P32, "M": P32, "L": P32, "TILE_GROUP": I32, "TILE_OFF": I32, **common},
-                {"H": 8, "G": 4, "D": d, "FIRST": not even, "EVEN": even, "BLOCK_M": f["BLOCK_M"],
-                 "BLOCK_N": f["BLOCK_N"], "PREC": "tf32"}, num_warps=f["num_warps"], num_stages=f["num_stages"],
+                tm._gate_grouped_kernel, {"Q": t, "KM": P32, "KMH": t, "KML": t, "TB": I32, "FB": I32, "OUT": I32},
+                {"G": 4, "NPAST": ng - 1, "NG": ng, "D": d, "BLOCK_M": bm, "BLOCK_N": 16, "PREC": "tf32x3",
+                 "SPLIT": dtype == torch.bfloat16}, num_warps=4,
             )
+        b = tm._bwd_config(d, dtype)
+        for even in (True, False):
             compile_kernel(
                 tm._bwd_dq_kernel,
                 {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DQ": P32, "TILE_GROUP": I32,
@@ -147,6 +179,8 @@ def main() -> None:
             )
     compile_kernel(tm._block_mean_kernel, {"K": "*bf16", "BS": I32, "BE": I32, "KM": P32}, {"D": 128, "BLOCK_T": 64})
     backend, done = make_backend(TARGET), set()
+    for fn, args, kwargs in forward_launches():
+        compile_launch(fn, args, kwargs, backend, done)
     for fn, args, kwargs in decode_launches():
         compile_launch(fn, args, kwargs, backend, done)
 

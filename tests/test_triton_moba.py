@@ -69,12 +69,20 @@ def test_matches_reference(lens, hq, hkv, chunk, topk, device):
     check_against_reference(lens, hq, hkv, 32, chunk, topk, device)
 
 
+@pytest.mark.parametrize(("lens", "hq", "hkv", "chunk", "topk"), [([70], 2, 2, 32, 2), ([13, 50, 38], 2, 1, 16, 2)])
+def test_forward_through_tma_descriptors(lens, hq, hkv, chunk, topk, device, monkeypatch):
+    # The Hopper path loads unmasked K/V tiles through tensor descriptors; the interpreter runs it too.
+    monkeypatch.setattr(triton_moba, "FWD_DESC", True)
+    check_against_reference(lens, hq, hkv, 32, chunk, topk, device)
+
+
 def test_head_dim_64(device):
     check_against_reference([41], 2, 1, 64, 16, 2, device)
 
 
-def test_streaming_topk_over_many_blocks(device):
-    # 26 blocks and a 16-wide candidate tile: the gate merges several tiles.
+def test_streaming_topk_over_many_blocks(device, monkeypatch):
+    # 26 blocks and a 16-wide candidate tile: the sort gate merges several tiles.
+    monkeypatch.setattr(triton_moba, "GATE_KIND", "sort")
     q, k, v, cu = make_inputs([205], 2, 1, 32, device, seed=3)
     layout = make_layout(cu, 8)
     sel = triton_moba.select_blocks(q, k, layout, 5)
@@ -86,7 +94,56 @@ def test_streaming_topk_over_many_blocks(device):
     assert bool(((sel[:, :, 1:] < own[:, :, None]) | (sel[:, :, 1:] == -1)).all())
 
 
-def test_gate_tie_rule_prefers_earlier_block(device):
+@pytest.fixture(params=["grouped", "sort"])
+def gate_kind(request, monkeypatch):
+    """Both gate kernels, whichever the size would pick."""
+    monkeypatch.setattr(triton_moba, "GATE_KIND", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize(
+    ("kind", "lens", "chunk", "topk"),
+    [
+        ("grouped", [150], 1, 8),  # 150 blocks: many groups, kept groups replaced again and again
+        ("grouped", [150], 1, 17),  # 16 past blocks: the largest kept-group count of the grouped gate
+        ("grouped", [61, 7, 80], 1, 5),  # varlen: tiles hold rows of two sequences with different block ranges
+        ("grouped", [40], 2, 2),  # one past block
+        # The sort gate (above 16 past blocks) on small cases: the interpreter runs tl.sort op by op.
+        ("sort", [61, 7, 80], 1, 5),
+        ("sort", [40], 2, 2),
+    ],
+)
+def test_gate_kernels_match_reference(kind, lens, chunk, topk, device, monkeypatch):
+    monkeypatch.setattr(triton_moba, "GATE_KIND", kind)
+    # The interpreter runs tl.sort op by op: few programs (2 heads, short sequences), many blocks.
+    q, k, _, cu = make_inputs(lens, 2, 1, 16, device, seed=5)
+    layout = make_layout(cu, chunk)
+    sel = triton_moba.select_blocks(q, k, layout, topk)
+    ref = naive.select_blocks(q, k, layout, topk)
+    assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
+    assert torch.equal(sel[:, :, 0], layout.token_block[:, None].expand(-1, 2))
+
+
+def test_gate_best_blocks_in_one_group(gate_kind, device):
+    # Every query prefers blocks 33..39, which share one 16-block tile: the grouped gate must keep that
+    # tile's scores whole, not one block per tile.
+    g = torch.Generator().manual_seed(6)
+    t, chunk = 80, 1
+    u = torch.randn(16, generator=g)
+    q = (u + 0.1 * torch.randn(t, 1, 16, generator=g)).to(device)
+    k = torch.randn(t, 1, 16, generator=g)
+    for b in range(33, 40):
+        k[b * chunk:(b + 1) * chunk, 0] += (3.0 + 0.1 * b) * u
+    k = k.to(device)
+    layout = make_layout(torch.tensor([0, t], dtype=torch.int32, device=device), chunk)
+    sel = triton_moba.select_blocks(q, k, layout, 8)
+    ref = naive.select_blocks(q, k, layout, 8)
+    assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
+    late = sel[48:, :, 1:].sort(-1).values  # queries from block 48 on choose exactly blocks 33..39
+    assert torch.equal(late, torch.arange(33, 40, dtype=late.dtype, device=late.device).expand_as(late))
+
+
+def test_gate_tie_rule_prefers_earlier_block(gate_kind, device):
     q, k, v, cu = make_inputs([64], 1, 1, 32, device, seed=1)
     k[16:32] = k[0:16]  # blocks 0 and 1 get identical means: an exact tie for every query
     layout = make_layout(cu, 16)

@@ -31,6 +31,11 @@ from .layout import BlockLayout, num_slots
 
 LOG2E = 1.4426950408889634
 MAX_GATE_CANDIDATES = 128
+# Gates: "grouped" (group maxima, one sort at the end) up to this many past blocks per query, "sort"
+# (a sorted candidate list merged every tile) above it, where the grouped kernel's kept scores
+# (NG x BLOCK_N per row) would no longer fit in registers. GATE_KIND forces one (tests, probes).
+GROUPED_GATE_MAX = 16
+GATE_KIND: str | None = None
 
 
 # Tests set this to fill every buffer the kernels write with NaN (floats) or -7 (ints) first, so an
@@ -139,6 +144,88 @@ def _gate_kernel(
     tl.store(optr, tb[:, None], mask=rmask[:, None])
 
 
+@triton.jit(do_not_specialize=["T"])
+def _gate_grouped_kernel(
+    Q, KM, KMH, KML, TB, FB, OUT, T,
+    stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
+    G: tl.constexpr, NPAST: tl.constexpr, NG: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    """Top-``NPAST`` past blocks per (query, head) without a sort per tile.
+
+    Each tile of ``BLOCK_N`` blocks is a group. The best ``NPAST`` blocks lie in the ``NPAST`` groups with
+    the best group maxima (a block outside them would be beaten by ``NPAST`` group maxima), so the loop
+    only keeps the ``NG >= NPAST`` best groups per row: one max per tile, one min over the kept groups,
+    and a replace of the worst one, with the replaced group's scores kept in registers. The best
+    ``NPAST`` of the ``NG * BLOCK_N`` kept scores are the answer. Keys as in ``_gate_kernel``.
+    """
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    hk = h // G
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rmask = rows < T
+    tb = tl.load(TB + rows, mask=rmask, other=0)
+    fb = tl.load(FB + rows, mask=rmask, other=0)
+    d = tl.arange(0, D)
+    q = tl.load(
+        Q + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0
+    )
+    if not SPLIT:
+        q = q.to(tl.float32)
+    lo = tl.min(tl.where(rmask, fb, 2147483647), 0)
+    hi = tl.max(tl.where(rmask, tb, 0), 0)
+    # Invalid blocks get the empty high word with low word 0; the kept groups start as distinct empty
+    # keys 1..NG above that, so a group with no valid block never displaces anything and the min over
+    # the kept keys is unique (one slot replaced per row).
+    neg = tl.full([BLOCK_M, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
+    gi = tl.arange(0, NG)
+    gkey = (tl.full([BLOCK_M, NG], -2147483647, tl.int32).to(tl.int64) << 32) | (gi + 1)[None, :].to(tl.int64)
+    gbase = tl.zeros([BLOCK_M, NG], dtype=tl.int32)
+    gsc = tl.zeros([BLOCK_M, NG, BLOCK_N], dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_N):
+        jj = j0 + tl.arange(0, BLOCK_N)
+        moff = jj.to(tl.int64)[:, None] * stride_mn + hk * stride_mh + d[None, :]
+        mmask = (jj < hi)[:, None]
+        if SPLIT:
+            # bf16 q times the float32 mean as two bf16 products (mean = hi + lo, split once on the host)
+            km_hi = tl.load(KMH + moff, mask=mmask, other=0.0)
+            km_lo = tl.load(KML + moff, mask=mmask, other=0.0)
+            s = tl.dot(q, tl.trans(km_hi)) + tl.dot(q, tl.trans(km_lo))
+        else:
+            km = tl.load(KM + moff, mask=mmask, other=0.0)
+            s = tl.dot(q, tl.trans(km), input_precision=PREC)
+        valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
+        bits = s.to(tl.int32, bitcast=True)
+        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        key = (key32.to(tl.int64) << 32) | (2147483647 - jj)[None, :].to(tl.int64)
+        gmax = tl.max(tl.where(valid, key, neg), axis=1)
+        kmin = tl.min(gkey, axis=1)
+        upd = (gkey == kmin[:, None]) & (gmax > kmin)[:, None]
+        gkey = tl.where(upd, gmax[:, None], gkey)
+        gbase = tl.where(upd, j0, gbase)
+        gsc = tl.where(upd[:, :, None], s[:, None, :], gsc)
+    lane = tl.arange(0, BLOCK_N)
+    blk3 = gbase[:, :, None] + lane[None, None, :]
+    kept = ((gkey >> 32).to(tl.int32) > -2147483647)[:, :, None]
+    ok3 = kept & (blk3 >= fb[:, None, None]) & (blk3 < tb[:, None, None])
+    bits3 = gsc.to(tl.int32, bitcast=True)
+    k32 = tl.where(bits3 < 0, bits3 ^ 0x7FFFFFFF, bits3)
+    key3 = (k32.to(tl.int64) << 32) | (2147483647 - blk3).to(tl.int64)
+    key3 = tl.where(ok3, key3, tl.full([BLOCK_M, NG, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32)
+    cand = tl.reshape(key3, [BLOCK_M, NG * BLOCK_N], can_reorder=True)
+    none = tl.full([BLOCK_M, NG * BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
+    optr = OUT + rows.to(tl.int64) * stride_ot + h * stride_oh
+    tl.store(optr, tb, mask=rmask)
+    # NPAST rounds of "take the max, remove it" (keys are unique apart from the empty one): cheaper than
+    # sorting all NG * BLOCK_N candidates when NPAST is small, and the slots come out best first.
+    for i in range(NPAST):
+        top = tl.max(cand, axis=1)
+        cand = tl.where(cand == top[:, None], none, cand)
+        blk = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
+        blk = tl.where((top >> 32).to(tl.int32) > -2147483647, blk, -1)
+        tl.store(optr + 1 + i, blk, mask=rmask)
+
+
 def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Float32 mean key of every block. k ``[T, Hkv, D]`` -> ``[NB, Hkv, D]``."""
     nb, hkv, d = layout.num_blocks, k.shape[1], k.shape[2]
@@ -177,19 +264,35 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
         )
     km = block_means(k, layout)
     out = _empty(t_total, hq, slots, dtype=torch.int32, device=q.device)
+    exact = q.dtype == torch.float32 or _is_interp()
+    split = q.dtype == torch.bfloat16 and not _is_interp()
+    kind = GATE_KIND or _env_str("MOBA_GATE_KIND") or ("grouped" if npast <= GROUPED_GATE_MAX else "sort")
+    common = dict(G=hq // k.shape[1], NPAST=npast, D=d, PREC="ieee" if exact else "tf32x3", SPLIT=split)
+    cfg = _env_config("MOBA_GATE_CFG")
+    if kind == "grouped":
+        ng = max(2, triton.next_power_of_2(npast))
+        block_n, num_warps = 16, 4
+        block_m = 16 if _is_interp() else (64 if ng <= 8 else 32)
+        if cfg:
+            block_m, block_n, num_warps = cfg[0], cfg[1], cfg[2]
+        # The bf16 halves of the float32 means are made once here, not in every program's loop.
+        km_hi = km.to(q.dtype) if split else km
+        km_lo = (km - km_hi.float()).to(q.dtype) if split else km
+        _gate_grouped_kernel[(triton.cdiv(t_total, block_m), hq)](
+            q, km, km_hi, km_lo, layout.token_block, layout.token_first_block, out, t_total,
+            q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1),
+            NG=ng, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common,
+        )
+        return out
     block_n = max(16, triton.next_power_of_2(npast))
     block_m = 16 if _is_interp() else (64 if block_n <= 32 else 32)
     num_warps = 4
-    cfg = _env_config("MOBA_GATE_CFG")
     if cfg:
         block_m, block_n, num_warps = cfg[0], max(block_n, cfg[1]), cfg[2]
-    exact = q.dtype == torch.float32 or _is_interp()
     _gate_kernel[(triton.cdiv(t_total, block_m), hq)](
         q, km, layout.token_block, layout.token_first_block, out, t_total,
         q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1),
-        G=hq // k.shape[1], NPAST=npast, D=d, BLOCK_M=block_m, BLOCK_N=block_n,
-        PREC="ieee" if exact else "tf32x3", SPLIT=(q.dtype == torch.bfloat16 and not _is_interp()),
-        num_warps=num_warps,
+        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common,
     )
     return out
 
@@ -277,10 +380,14 @@ def _tile_queries(PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, ti
 
 
 @triton.jit
-def _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, lo, hi, kend, qk_scale,
+def _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, lo, hi, kend, qk_scale,
                stride_kt, stride_kh, stride_vt, stride_vh,
-               D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
-    """Online-softmax attention of gathered queries ``q [BLOCK_M, D]`` over keys ``lo .. hi``."""
+               D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
+               DESC: tl.constexpr):
+    """Online-softmax attention of gathered queries ``q [BLOCK_M, D]`` over keys ``lo .. hi``.
+
+    ``DESC``: unmasked tiles come through the TMA descriptors ``KD``/``VD`` (k, v viewed ``[T, Hkv*D]``).
+    """
     d = tl.arange(0, D)
     for n0 in range(lo, hi, BLOCK_N):
         kn = n0 + tl.arange(0, BLOCK_N)
@@ -292,6 +399,8 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, lo, hi, kend, qk_scale,
             kt = tl.load(kptr, mask=kmask[None, :], other=0.0)
             s = tl.dot(q, kt, input_precision=PREC) * qk_scale
             s = tl.where(kmask[None, :] & (kn[None, :] <= t[:, None]), s, float("-inf"))
+        elif DESC:
+            s = tl.dot(q, tl.trans(KD.load([n0, hk * D])), input_precision=PREC) * qk_scale
         else:
             s = tl.dot(q, tl.load(kptr), input_precision=PREC) * qk_scale
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -300,6 +409,8 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, lo, hi, kend, qk_scale,
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
             vt = tl.load(vptr, mask=kmask[:, None], other=0.0)
+        elif DESC:
+            vt = VD.load([n0, hk * D])
         else:
             vt = tl.load(vptr)
         acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
@@ -309,12 +420,13 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, lo, hi, kend, qk_scale,
 
 @triton.jit(do_not_specialize=["tile_base", "NB"])
 def _fwd_kernel(
-    Q, K, V, ACC, M, L,
+    Q, K, V, KD, VD, ACC, M, L,
     PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
     tile_base, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_at, stride_ah, stride_mt,
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
     FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    DESC: tl.constexpr,
 ):
     h, hk, ks, kend, free, t, rvalid = _tile_queries(
         PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, tile_base + tl.program_id(0), NB,
@@ -326,10 +438,10 @@ def _fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, ks, free, kend, qk_scale,
-                               stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, hk, free, kend, kend, qk_scale,
-                               stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, ks, free, kend, qk_scale,
+                               stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False, DESC)
+    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, free, kend, kend, qk_scale,
+                               stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True, False)
     aptr = ACC + t64[:, None] * stride_at + h * stride_ah + d[None, :]
     mptr = t64 * stride_mt + h
     if FIRST:
@@ -542,6 +654,12 @@ def _env_config(name: str) -> list[int] | None:
     return [int(x) for x in val.split(",")] if val else None
 
 
+def _env_str(name: str) -> str | None:
+    import os
+
+    return os.environ.get(name) or None
+
+
 def _fwd_config(d: int, dtype: torch.dtype, chunk: int) -> dict:
     cfg = _env_config("MOBA_FWD_CFG")
     if cfg:
@@ -573,6 +691,34 @@ def _prec(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+# TMA (Hopper's bulk tensor copy) for the forward's unmasked K/V tiles. None: decided by the device
+# (capability 9.x); tests and probes force it. MOBA_FWD_DESC=0/1 overrides.
+FWD_DESC: bool | None = None
+
+
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+    """Host TMA descriptors over k, v ``[T, Hkv, D]`` viewed ``[T, Hkv*D]``, or ``(None, None)`` where
+    they do not apply (not Hopper, strides that are not a plain row-major ``[T, Hkv*D]``, misalignment)."""
+    env = _env_str("MOBA_FWD_DESC")
+    want = FWD_DESC if FWD_DESC is not None else (env == "1" if env is not None else _hopper(k.device))
+    if not want:
+        return None, None
+    t, hkv, d = k.shape
+    esz = k.element_size()
+    for x in (k, v):
+        if x.stride(2) != 1 or x.stride(1) != d or x.data_ptr() % 16 or (x.stride(0) * esz) % 16 or t == 0:
+            return None, None
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return tuple(
+        TensorDescriptor(x, shape=[t, hkv * d], strides=[x.stride(0), 1], block_shape=[block_n, d]) for x in (k, v)
+    )
+
+
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
+
+
 def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
     t_total, hq, d = q.shape
     g = hq // k.shape[1]
@@ -580,18 +726,21 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
     acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
     m = _empty(t_total, hq, dtype=torch.float32, device=q.device)
     l_ = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    kd, vd = _kv_descriptors(k, v, cfg["BLOCK_N"])
+    use_desc = kd is not None
+    kd, vd = (kd, vd) if use_desc else (k, v)
     for s, (first, count) in enumerate(sched.slot_tiles):
         if count == 0:
             continue
         _fwd_kernel[(count,)](
-            q, k, v, acc, m, l_,
+            q, k, v, kd, vd, acc, m, l_,
             sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off,
             layout.block_start, layout.block_end,
             first, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             acc.stride(0), acc.stride(1), m.stride(0),
             H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0), EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=use_desc,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     out = _empty(*q.shape, dtype=q.dtype, device=q.device)
