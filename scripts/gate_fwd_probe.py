@@ -69,8 +69,6 @@ def gate_cases(name, seq, hq, hkv, chunk, topk, cfgs):
             emit({"what": "gate", "case": name, "kind": "grouped", "cfg": cfg, "ms": ms, "rows_same_as_sort": same})
         except Exception as e:  # a probe: keep going
             emit({"what": "gate", "case": name, "kind": "grouped", "cfg": cfg, "error": repr(e)[:500]})
-    del q, k, v
-    torch.cuda.empty_cache()
 
 
 def fwd_cases(name, seq, hq, hkv, chunk, topk, cfgs, bwd=False):
@@ -84,11 +82,14 @@ def fwd_cases(name, seq, hq, hkv, chunk, topk, cfgs, bwd=False):
             try:
                 bm = int(cfg.split(",")[0]) if cfg else tm._fwd_config(128, q.dtype, chunk)["BLOCK_M"]
                 sched = tm.Schedule(sel, layout.num_blocks, bm)
-                out, _ = with_env(env, lambda: tm._forward(q, k, v, layout, sched, scale))
+                def run(sched=sched):
+                    return tm._forward(q, k, v, layout, sched, scale)
+
+                out, _ = with_env(env, run)
                 if ref is None:
                     ref = out
                 err = ((out.float() - ref.float()).abs().max()).item()
-                ms = with_env(env, lambda: bench(lambda: tm._forward(q, k, v, layout, sched, scale)))
+                ms = with_env(env, lambda run=run: bench(run))
                 emit({"what": "attn_fwd", "case": name, "cfg": cfg, "desc": desc, "ms": ms, "max_diff_vs_first": err})
             except Exception as e:
                 emit({"what": "attn_fwd", "case": name, "cfg": cfg, "desc": desc, "error": repr(e)[:500]})
@@ -104,17 +105,19 @@ def fwd_cases(name, seq, hq, hkv, chunk, topk, cfgs, bwd=False):
 
         rec["fwdbwd_ms"] = bench(fb, rep=50)
     emit(rec)
-    del q, k, v
-    torch.cuda.empty_cache()
 
 
 def main():
     t0 = time.time()
+    torch.cuda.empty_cache()
     gate_cfgs = ["64,16,4", "128,16,8", "64,16,8", "32,16,4", "64,32,4", "128,32,8"]
     gate_cases("flashmoba-512k", 524288, 16, 16, 128, 8, gate_cfgs)
+    torch.cuda.empty_cache()
     gate_cases("paper-1m", 1048576, 1, 1, 4096, 12, ["64,16,4", "32,16,4"])
     fwd_cfgs = ["", "128,128,8,2", "128,64,4,3", "64,64,4,3"]
+    torch.cuda.empty_cache()
     fwd_cases("paper-1m", 1048576, 1, 1, 4096, 12, fwd_cfgs, bwd=True)
+    torch.cuda.empty_cache()
     fwd_cases("flashmoba-512k", 524288, 16, 16, 128, 8, ["", "128,64,8,3"], bwd=True)
     os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, "gate_fwd_probe.json"), "w") as f:
