@@ -2,13 +2,14 @@
 against the sort gate, and the forward with and without TMA descriptors, at the paper and flashmoba
 presets. Writes $OUT/gate_fwd_probe.json and prints one JSON line per measurement.
 
-python scripts/gate_fwd_probe.py
+python scripts/gate_fwd_probe.py [--gates]   (--gates: only the gate, at five shapes)
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -110,17 +111,30 @@ def fwd_cases(name, seq, hq, hkv, chunk, topk, cfgs, bwd=False):
 def main():
     t0 = time.time()
     torch.cuda.empty_cache()
-    gate_cfgs = ["64,16,4", "128,16,8", "64,16,8", "32,16,4", "64,32,4", "128,32,8"]
-    gate_cases("flashmoba-512k", 524288, 16, 16, 128, 8, gate_cfgs)
-    torch.cuda.empty_cache()
-    gate_cases("paper-1m", 1048576, 1, 1, 4096, 12, ["64,16,4", "32,16,4"])
-    fwd_cfgs = ["", "128,128,8,2", "128,64,4,3", "64,64,4,3"]
-    torch.cuda.empty_cache()
-    fwd_cases("paper-1m", 1048576, 1, 1, 4096, 12, fwd_cfgs, bwd=True)
-    torch.cuda.empty_cache()
-    fwd_cases("flashmoba-512k", 524288, 16, 16, 128, 8, ["", "128,64,8,3"], bwd=True)
+    if "--gates" in sys.argv:
+        # (name, seq, heads, kv heads, chunk, topk, grouped configs)
+        for c in [
+            ("flashmoba-512k", 524288, 16, 16, 128, 8, ["64,16,4", "128,16,8", "64,32,4"]),
+            ("c512-k8-1m", 1048576, 1, 1, 512, 8, ["64,16,4"]),
+            ("c4096-k8-1m", 1048576, 1, 1, 4096, 8, ["64,16,4"]),
+            ("paper-1m", 1048576, 1, 1, 4096, 12, ["32,16,4"]),
+            ("c128-k16-128k-h8", 131072, 8, 8, 128, 16, ["32,16,4"]),
+        ]:
+            gate_cases(*c)
+            torch.cuda.empty_cache()
+    else:
+        gate_cfgs = ["64,16,4", "128,16,8", "64,16,8", "32,16,4", "64,32,4", "128,32,8"]
+        gate_cases("flashmoba-512k", 524288, 16, 16, 128, 8, gate_cfgs)
+        torch.cuda.empty_cache()
+        gate_cases("paper-1m", 1048576, 1, 1, 4096, 12, ["64,16,4", "32,16,4"])
+        fwd_cfgs = ["", "128,128,8,2", "128,64,4,3", "64,64,4,3"]
+        torch.cuda.empty_cache()
+        fwd_cases("paper-1m", 1048576, 1, 1, 4096, 12, fwd_cfgs, bwd=True)
+        torch.cuda.empty_cache()
+        fwd_cases("flashmoba-512k", 524288, 16, 16, 128, 8, ["", "128,64,8,3"], bwd=True)
     os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "gate_fwd_probe.json"), "w") as f:
+    name = "gate_probe.json" if "--gates" in sys.argv else "gate_fwd_probe.json"
+    with open(os.path.join(OUT, name), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
                    "git_commit": os.environ.get("MOBA_GIT_COMMIT"), "wall_s": round(time.time() - t0, 1),
                    "records": RECS}, f, indent=1)

@@ -174,10 +174,10 @@ def _gate_grouped_kernel(
         q = q.to(tl.float32)
     lo = tl.min(tl.where(rmask, fb, 2147483647), 0)
     hi = tl.max(tl.where(rmask, tb, 0), 0)
-    # Invalid blocks get the empty high word with low word 0; the kept groups start as distinct empty
-    # keys 1..NG above that, so a group with no valid block never displaces anything and the min over
+    # A group with no valid block gets the empty high word with low word 0; the kept groups start as
+    # distinct empty keys 1..NG above that, so such a group never displaces anything and the min over
     # the kept keys is unique (one slot replaced per row).
-    neg = tl.full([BLOCK_M, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
+    nrow = tl.full([BLOCK_M], -2147483647, tl.int32).to(tl.int64) << 32
     gi = tl.arange(0, NG)
     gkey = (tl.full([BLOCK_M, NG], -2147483647, tl.int32).to(tl.int64) << 32) | (gi + 1)[None, :].to(tl.int64)
     gbase = tl.zeros([BLOCK_M, NG], dtype=tl.int32)
@@ -195,10 +195,14 @@ def _gate_grouped_kernel(
             km = tl.load(KM + moff, mask=mmask, other=0.0)
             s = tl.dot(q, tl.trans(km), input_precision=PREC)
         valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
-        bits = s.to(tl.int32, bitcast=True)
-        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = (key32.to(tl.int64) << 32) | (2147483647 - jj)[None, :].to(tl.int64)
-        gmax = tl.max(tl.where(valid, key, neg), axis=1)
+        # The group's best block from float32 max/argmax (first index on ties: the earlier block), packed
+        # into a key per row only; a row's valid blocks are the range [fb, tb).
+        sv = tl.where(valid, s, float("-inf"))
+        gm, ga = tl.max(sv, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        gbits = gm.to(tl.int32, bitcast=True)
+        gk32 = tl.where(gbits < 0, gbits ^ 0x7FFFFFFF, gbits)
+        gmax = (gk32.to(tl.int64) << 32) | (2147483647 - (j0 + ga)).to(tl.int64)
+        gmax = tl.where((tb > j0) & (fb < j0 + BLOCK_N), gmax, nrow)
         kmin = tl.min(gkey, axis=1)
         upd = (gkey == kmin[:, None]) & (gmax > kmin)[:, None]
         gkey = tl.where(upd, gmax[:, None], gkey)
@@ -212,7 +216,8 @@ def _gate_grouped_kernel(
     k32 = tl.where(bits3 < 0, bits3 ^ 0x7FFFFFFF, bits3)
     key3 = (k32.to(tl.int64) << 32) | (2147483647 - blk3).to(tl.int64)
     key3 = tl.where(ok3, key3, tl.full([BLOCK_M, NG, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32)
-    cand = tl.reshape(key3, [BLOCK_M, NG * BLOCK_N], can_reorder=True)
+    # (can_reorder=True would let the compiler move elements between rows.)
+    cand = tl.reshape(key3, [BLOCK_M, NG * BLOCK_N])
     none = tl.full([BLOCK_M, NG * BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
     optr = OUT + rows.to(tl.int64) * stride_ot + h * stride_oh
     tl.store(optr, tb, mask=rmask)
@@ -692,15 +697,25 @@ def _prec(dtype: torch.dtype) -> str:
 
 
 # TMA (Hopper's bulk tensor copy) for the forward's unmasked K/V tiles. None: decided by the device
-# (capability 9.x); tests and probes force it. MOBA_FWD_DESC=0/1 overrides.
+# (capability 9.x) and the tile shape; tests and probes force it. MOBA_FWD_DESC=0/1 overrides.
 FWD_DESC: bool | None = None
 
 
-def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, block_n: int):
+def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict):
     """Host TMA descriptors over k, v ``[T, Hkv, D]`` viewed ``[T, Hkv*D]``, or ``(None, None)`` where
-    they do not apply (not Hopper, strides that are not a plain row-major ``[T, Hkv*D]``, misalignment)."""
+    they do not apply (not Hopper, strides that are not a plain row-major ``[T, Hkv*D]``, misalignment).
+
+    By default only for the 128-row, 8-warp tiles (large chunks): H200, paper preset at 1M, attention
+    61.3 -> 59.0 ms; the 64-row, 4-warp tiles of small chunks were slower with it (57 -> 85 ms).
+    """
     env = _env_str("MOBA_FWD_DESC")
-    want = FWD_DESC if FWD_DESC is not None else (env == "1" if env is not None else _hopper(k.device))
+    if FWD_DESC is not None:
+        want = FWD_DESC
+    elif env is not None:
+        want = env == "1"
+    else:
+        want = _hopper(k.device) and cfg["BLOCK_M"] >= 128 and cfg["num_warps"] >= 8
+    block_n = cfg["BLOCK_N"]
     if not want:
         return None, None
     t, hkv, d = k.shape
@@ -726,7 +741,7 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
     acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
     m = _empty(t_total, hq, dtype=torch.float32, device=q.device)
     l_ = _empty(t_total, hq, dtype=torch.float32, device=q.device)
-    kd, vd = _kv_descriptors(k, v, cfg["BLOCK_N"])
+    kd, vd = _kv_descriptors(k, v, cfg)
     use_desc = kd is not None
     kd, vd = (kd, vd) if use_desc else (k, v)
     for s, (first, count) in enumerate(sched.slot_tiles):
