@@ -22,10 +22,15 @@ from .layout import BlockLayout, num_slots
 def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean key of each block in float32. k ``[T, Hkv, D]`` -> ``[NB, Hkv, D]``."""
     nb = layout.num_blocks
-    out = torch.zeros(nb, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
-    out.index_add_(0, layout.token_block.long(), k.float())
+    # Each block's keys laid out in a row of a zero-padded [NB, chunk] grid, then one sum per row: the
+    # same summation for every block, so blocks with identical keys get bit-identical means (the tie
+    # rule depends on it). index_add_ would sum with atomics on CUDA, in no fixed order.
+    tb = layout.token_block.long()
+    pos = torch.arange(k.shape[0], device=k.device) - layout.block_start.long()[tb]
+    grid = torch.zeros(nb, layout.chunk_size, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
+    grid[tb, pos] = k.float()
     counts = (layout.block_end - layout.block_start).float()
-    return out / counts[:, None, None]
+    return grid.sum(1) / counts[:, None, None]
 
 
 def gate_scores(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, seq: int) -> torch.Tensor:

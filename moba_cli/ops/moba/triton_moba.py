@@ -31,10 +31,14 @@ from .layout import BlockLayout, num_slots
 
 LOG2E = 1.4426950408889634
 MAX_GATE_CANDIDATES = 128
-# Gates: "grouped" (group maxima, one sort at the end) up to this many past blocks per query, "sort"
-# (a sorted candidate list merged every tile) above it, where the grouped kernel's kept scores
-# (NG x BLOCK_N per row) would no longer fit in registers. GATE_KIND forces one (tests, probes).
+# Gates: "grouped" (group maxima; the kept groups' scores in registers) or "sort" (a sorted candidate
+# list merged every tile). Grouped is faster with many blocks and few past blocks to keep; measured on the
+# H200 (results/kernel-dev/v5-gate-probe.json): 4096 blocks, 7 kept: 94 vs 150 ms; 2048 blocks, 7 kept:
+# 7.2 vs 9.7 ms; but 256 blocks, 7 kept: 3.2 vs 1.4 ms, and 15 kept at 1024 blocks: 10.8 vs 5.0 ms.
+# GATE_KIND (or MOBA_GATE_KIND) forces one (tests, probes); the grouped kernel takes up to 16.
 GROUPED_GATE_MAX = 16
+GROUPED_GATE_DEFAULT_MAX = 8
+GROUPED_GATE_MIN_BLOCKS = 1024
 GATE_KIND: str | None = None
 
 
@@ -271,7 +275,12 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     out = _empty(t_total, hq, slots, dtype=torch.int32, device=q.device)
     exact = q.dtype == torch.float32 or _is_interp()
     split = q.dtype == torch.bfloat16 and not _is_interp()
-    kind = GATE_KIND or _env_str("MOBA_GATE_KIND") or ("grouped" if npast <= GROUPED_GATE_MAX else "sort")
+    kind = GATE_KIND or _env_str("MOBA_GATE_KIND")
+    if kind is None:
+        many = layout.max_blocks >= GROUPED_GATE_MIN_BLOCKS
+        kind = "grouped" if npast <= GROUPED_GATE_DEFAULT_MAX and many else "sort"
+    if kind == "grouped" and npast > GROUPED_GATE_MAX:
+        kind = "sort"
     common = dict(G=hq // k.shape[1], NPAST=npast, D=d, PREC="ieee" if exact else "tf32x3", SPLIT=split)
     cfg = _env_config("MOBA_GATE_CFG")
     if kind == "grouped":
