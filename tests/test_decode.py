@@ -332,3 +332,24 @@ def test_bad_inputs_raise_moba_error():
         update_block_means(means, k, 0, 9, 4)  # past the cache
     with pytest.raises(MobaError):
         update_block_means(means.double(), k, 0, 4, 4)
+
+
+def test_unchecked_lengths_never_sync_with_the_host(device, monkeypatch):
+    # check_lengths=False (the transformers integration's decode step) must give the same output without
+    # reading any device value back to the host; the default still checks the range.
+    q_full, k, v, seqlens = make_case([7, 5], 8, 4, 2, 32, device=device, seed=3)
+    q = last_query(q_full, seqlens)
+    means = cache_block_means(k, seqlens, 4)
+    checked = moba_decode(q, k, v, seqlens, means, chunk_size=4, topk=2, backend="triton")
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("host sync in an unchecked decode step")
+
+    with monkeypatch.context() as m:
+        for name in ("tolist", "item", "cpu", "__bool__", "__int__"):
+            m.setattr(torch.Tensor, name, no_sync)
+        unchecked = moba_decode(q, k, v, seqlens, means, chunk_size=4, topk=2, backend="triton", check_lengths=False)
+    torch.testing.assert_close(unchecked, checked, atol=0, rtol=0)
+    with pytest.raises(MobaError, match="cache_seqlens"):
+        bad = torch.tensor([9, 5], dtype=torch.int32, device=device)
+        moba_decode(q, k, v, bad, means, chunk_size=4, topk=2, backend="triton")

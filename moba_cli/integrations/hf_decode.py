@@ -151,7 +151,9 @@ def decode_attention(
         else:
             means = old.means
         new_state.runs[(r0, r1, s)] = _RunState(means=means, seqlen=n_keys)
-        kw = {"chunk_size": chunk, "topk": settings.topk, "softmax_scale": scaling, "backend": settings.backend}
+        # The lengths are built here from the cache's own size: no range check (it would sync every step).
+        kw = {"chunk_size": chunk, "topk": settings.topk, "softmax_scale": scaling, "backend": settings.backend,
+              "check_lengths": False}
         if q_len == 1:
             o = moba_decode(query[r0:r1, :, 0].contiguous(), kr, vr, seqlens, means, **kw)
             out[r0:r1, 0] = o.to(out.dtype)

@@ -49,9 +49,10 @@ def _check_cache(name: str, t: object) -> torch.Tensor:
 
 
 def _check_lengths(
-    name: str, lens: object, bsz: int, device: torch.device, lo: int, hi: int
+    name: str, lens: object, bsz: int, device: torch.device, lo: int, hi: int, values: bool = True
 ) -> torch.Tensor:
-    """``lens`` must be int32 ``[B]`` on ``device`` with values in ``lo..hi`` (checked unless capturing)."""
+    """``lens`` must be int32 ``[B]`` on ``device`` with values in ``lo..hi`` (values checked unless capturing
+    or ``values`` is False)."""
     if not isinstance(lens, torch.Tensor) or lens.dim() != 1 or lens.shape[0] != bsz:
         shape = tuple(lens.shape) if isinstance(lens, torch.Tensor) else type(lens).__name__
         raise MobaError(f"{name} must be a 1-D tensor [B={bsz}], got {shape}")
@@ -59,7 +60,7 @@ def _check_lengths(
         raise MobaError(f"{name} must be int32, got {lens.dtype}")
     if lens.device != device:
         raise MobaError(f"{name} must be on {device}, got {lens.device}")
-    if lens.numel() > 0 and not _capturing(lens):
+    if values and lens.numel() > 0 and not _capturing(lens):
         mn, mx = torch.stack([lens.min(), lens.max()]).tolist()
         if mn < lo or mx > hi:
             raise MobaError(f"{name} values must lie in {lo}..{hi}, got min {mn} and max {mx}")
@@ -231,6 +232,7 @@ def moba_decode(
     topk: int,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    check_lengths: bool = True,
 ) -> torch.Tensor:
     """MoBA attention of one new query token per sequence against its KV cache.
 
@@ -251,7 +253,10 @@ def moba_decode(
     highest ``q . mean`` (float32; ties to the earlier block); the blocks are merged by log-sum-exp.
     Equals the last row of prefill MoBA. Returns ``[B, Hq, D]`` in q's dtype.
 
-    The range check of ``cache_seqlens`` syncs with the host; it is skipped during CUDA graph capture.
+    The range check of ``cache_seqlens`` syncs with the host (it is skipped during CUDA graph capture).
+    ``check_lengths=False`` skips it for callers whose lengths are right by construction (the transformers
+    integration derives them from its own cache): a decode step then never waits for the GPU. Lengths
+    outside ``1..L`` would then read outside the cache.
     """
     if not isinstance(q, torch.Tensor):
         raise MobaError(f"q must be a torch.Tensor, got {type(q).__name__}")
@@ -285,7 +290,7 @@ def moba_decode(
     if softmax_scale is not None and not (softmax_scale > 0):
         raise MobaError(f"softmax_scale must be positive, got {softmax_scale}")
     backend = resolve_backend(backend, q)
-    _check_lengths("cache_seqlens", cache_seqlens, bsz, q.device, 1, cache_len)
+    _check_lengths("cache_seqlens", cache_seqlens, bsz, q.device, 1, cache_len, values=check_lengths)
     _check_means(block_means, bsz, hkv, d, (cache_len - 1) // chunk_size, q.device)
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     if bsz == 0:
