@@ -9,8 +9,10 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 
-# Prefill: 3 (dtype, D, chunk) settings x 7 kernels, plus the block-mean kernel.
-PREFILL = 3 * 7 + 1
+# Prefill: 2 (dtype, D) settings x 7 kernels (sort gate, grouped gate at 8 and 16 kept groups, dQ and dK/dV
+# with EVEN on and off), the block-mean kernel, and the distinct launches of compile_sm90.forward_launches()
+# (4 forward settings x TMA on/off x first/later slot, plus 2 normalisations).
+PREFILL = 2 * 7 + 1 + 4 * 2 * 2 + 2
 # Decode: the distinct launches of compile_sm90.decode_launches() (identical launches compile once).
 DECODE = 37
 DECODE_KERNELS = ("_gate_tile_kernel", "_gate_merge_kernel", "_attn_kernel", "_combine_kernel")
@@ -26,5 +28,6 @@ def test_kernels_compile_for_sm90(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if " ok," in line]
     assert len(lines) == PREFILL + DECODE, proc.stdout
-    for name in DECODE_KERNELS:
+    for name in (*DECODE_KERNELS, "_gate_grouped_kernel", "_normalize_kernel"):
         assert any(line.startswith(name + " ") for line in lines), f"{name} was never compiled"
+    assert any(line.startswith("_fwd_kernel ") and "'DESC': True" in line for line in lines), "no TMA forward"
