@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moba_cli import full_attention, moba_attention
+from moba_cli.errors import MobaError
 from moba_cli.ops.moba import naive, triton_moba
 from moba_cli.ops.moba.layout import make_layout
 
@@ -141,6 +142,19 @@ def test_gate_best_blocks_in_one_group(gate_kind, device):
     assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
     late = sel[48:, :, 1:].sort(-1).values  # queries from block 48 on choose exactly blocks 33..39
     assert torch.equal(late, torch.arange(33, 40, dtype=late.dtype, device=late.device).expand_as(late))
+
+
+def test_gate_kind_follows_the_measured_rule(monkeypatch):
+    monkeypatch.delenv("MOBA_GATE_KIND", raising=False)
+    assert triton_moba.gate_kind(7, 4096) == "grouped"  # flashmoba: 4096 blocks, 7 kept
+    assert triton_moba.gate_kind(7, 256) == "sort"  # few tiles per row: the final selection dominates
+    assert triton_moba.gate_kind(11, 4096) == "sort"  # 16 kept groups: too many kept scores
+    monkeypatch.setenv("MOBA_GATE_KIND", "grouped")
+    assert triton_moba.gate_kind(11, 256) == "grouped"
+    assert triton_moba.gate_kind(40, 4096) == "sort"  # beyond what the grouped kernel keeps
+    monkeypatch.setenv("MOBA_GATE_KIND", "fast")
+    with pytest.raises(MobaError, match="MOBA_GATE_KIND"):
+        triton_moba.gate_kind(7, 4096)
 
 
 def test_gate_tie_rule_prefers_earlier_block(gate_kind, device):

@@ -257,6 +257,18 @@ def _all_past_blocks(layout: BlockLayout, hq: int, slots: int) -> torch.Tensor:
     return sel[:, None, :].expand(-1, hq, -1).contiguous()
 
 
+def gate_kind(npast: int, max_blocks: int) -> str:
+    """``"grouped"`` or ``"sort"`` for ``npast`` past blocks to keep among up to ``max_blocks`` blocks per
+    sequence (forced by ``GATE_KIND`` / ``MOBA_GATE_KIND``, where the grouped kernel can take ``npast``)."""
+    kind = GATE_KIND or _env_str("MOBA_GATE_KIND")
+    if kind not in (None, "grouped", "sort"):
+        raise MobaError(f"MOBA_GATE_KIND must be 'grouped' or 'sort', got {kind!r}")
+    if kind is None:
+        many = max_blocks >= GROUPED_GATE_MIN_BLOCKS
+        kind = "grouped" if npast <= GROUPED_GATE_DEFAULT_MAX and many else "sort"
+    return "sort" if npast > GROUPED_GATE_MAX else kind
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int) -> torch.Tensor:
     """The gate on the GPU: q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> ``block_idx [T, Hq, slots]`` int32."""
     t_total, hq, d = q.shape
@@ -275,12 +287,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     out = _empty(t_total, hq, slots, dtype=torch.int32, device=q.device)
     exact = q.dtype == torch.float32 or _is_interp()
     split = q.dtype == torch.bfloat16 and not _is_interp()
-    kind = GATE_KIND or _env_str("MOBA_GATE_KIND")
-    if kind is None:
-        many = layout.max_blocks >= GROUPED_GATE_MIN_BLOCKS
-        kind = "grouped" if npast <= GROUPED_GATE_DEFAULT_MAX and many else "sort"
-    if kind == "grouped" and npast > GROUPED_GATE_MAX:
-        kind = "sort"
+    kind = gate_kind(npast, layout.max_blocks)
     common = dict(G=hq // k.shape[1], NPAST=npast, D=d, PREC="ieee" if exact else "tf32x3", SPLIT=split)
     cfg = _env_config("MOBA_GATE_CFG")
     if kind == "grouped":
