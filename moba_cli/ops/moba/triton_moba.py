@@ -87,19 +87,14 @@ def _block_mean_kernel(
     tl.store(KM + j.to(tl.int64) * stride_mn + hk * stride_mh + d, mean)
 
 
-# Run-time sizes and offsets are not specialised on (divisibility by 16, == 1): one compiled
-# variant serves every shape (applies to each kernel with do_not_specialize) instead of up to three.
-@triton.jit(do_not_specialize=["T"])
-def _gate_kernel(
-    Q, KM, TB, FB, OUT, T,
-    stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
-    G: tl.constexpr, NPAST: tl.constexpr, D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
-):
-    pid_m = tl.program_id(0)
+@triton.jit
+def _gate_rows(Q, TB, FB, T, stride_qt, stride_qh,
+               G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
+    """A gate program's rows: head and KV head, row ids and mask, each row's own block ``tb`` and its
+    sequence's first block ``fb``, the queries ``[BLOCK_M, D]`` (float32 unless ``SPLIT``), and the block
+    range ``[lo, hi)`` the program scans."""
     h = tl.program_id(1)
-    hk = h // G
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
     tb = tl.load(TB + rows, mask=rmask, other=0)
     fb = tl.load(FB + rows, mask=rmask, other=0)
@@ -111,6 +106,19 @@ def _gate_kernel(
         q = q.to(tl.float32)
     lo = tl.min(tl.where(rmask, fb, 2147483647), 0)
     hi = tl.max(tl.where(rmask, tb, 0), 0)
+    return h, h // G, rows, rmask, tb, fb, d, q, lo, hi
+
+
+# Run-time sizes and offsets are not specialised on (divisibility by 16, == 1): one compiled
+# variant serves every shape (applies to each kernel with do_not_specialize) instead of up to three.
+@triton.jit(do_not_specialize=["T"])
+def _gate_kernel(
+    Q, KM, TB, FB, OUT, T,
+    stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
+    G: tl.constexpr, NPAST: tl.constexpr, D: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
+):
+    h, hk, rows, rmask, tb, fb, d, q, lo, hi = _gate_rows(Q, TB, FB, T, stride_qt, stride_qh, G, D, BLOCK_M, SPLIT)
     # Candidates are int64 keys: the score's order-preserving bits above, (2^31-1-block) below, so one
     # integer sort ranks by score and, among equal scores, puts the earlier block first (the tie rule).
     # Empty entries get the high word -2^31+1, below the key of any real (non-NaN) float, -inf included.
@@ -163,21 +171,7 @@ def _gate_grouped_kernel(
     and a replace of the worst one, with the replaced group's scores kept in registers. The best
     ``NPAST`` of the ``NG * BLOCK_N`` kept scores are the answer. Keys as in ``_gate_kernel``.
     """
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    hk = h // G
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rmask = rows < T
-    tb = tl.load(TB + rows, mask=rmask, other=0)
-    fb = tl.load(FB + rows, mask=rmask, other=0)
-    d = tl.arange(0, D)
-    q = tl.load(
-        Q + rows.to(tl.int64)[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rmask[:, None], other=0.0
-    )
-    if not SPLIT:
-        q = q.to(tl.float32)
-    lo = tl.min(tl.where(rmask, fb, 2147483647), 0)
-    hi = tl.max(tl.where(rmask, tb, 0), 0)
+    h, hk, rows, rmask, tb, fb, d, q, lo, hi = _gate_rows(Q, TB, FB, T, stride_qt, stride_qh, G, D, BLOCK_M, SPLIT)
     # A group with no valid block gets the empty high word with low word 0; the kept groups start as
     # distinct empty keys 1..NG above that, so such a group never displaces anything and the min over
     # the kept keys is unique (one slot replaced per row).
