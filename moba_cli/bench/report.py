@@ -174,12 +174,25 @@ def write_plots(records: list[dict], stem: Path) -> tuple[list[Path], str | None
             ax.set_visible(False)
         return fig, list(axes.flat)
 
-    def seq_axis(ax, seqs):
+    def finish_panel(ax, key, rows, ylabel):
+        seqs = sorted({r["seq"] for r in rows})
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqs)
         ax.set_xticklabels([format_size(s) for s in seqs], rotation=0)
         ax.minorticks_off()
         ax.grid(True, which="major", alpha=0.3)
+        ax.set_title(_group_label(key), fontsize=10)
+        ax.set_xlabel("sequence length (decode: KV-cache length)" if key[0] == "decode" else "sequence length")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+
+    def save(fig, title, suffix):
+        fig.suptitle(title)
+        fig.tight_layout()
+        path = stem.with_name(f"{stem.name}-{suffix}.png")
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        files.append(path)
 
     # Time against sequence length.
     fig, axes = panel_grid(len(groups))
@@ -201,17 +214,8 @@ def write_plots(records: list[dict], stem: Path) -> tuple[list[Path], str | None
         ax.yaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
-        seq_axis(ax, sorted({r["seq"] for r in rows}))
-        ax.set_title(_group_label(key), fontsize=10)
-        ax.set_xlabel("sequence length (decode: KV-cache length)" if key[0] == "decode" else "sequence length")
-        ax.set_ylabel("time per call (ms)")
-        ax.legend(fontsize=7)
-    fig.suptitle("moba bench: time per call (hollow = estimated, S^2 law)")
-    fig.tight_layout()
-    path = stem.with_name(stem.name + "-time.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    files.append(path)
+        finish_panel(ax, key, rows, "time per call (ms)")
+    save(fig, "moba bench: time per call (hollow = estimated, S^2 law)", "time")
 
     # Speedup against sdpa-cudnn.
     sp = [r for r in timed if r["speedup_vs_sdpa_cudnn"] is not None and r["provider"] != "sdpa-cudnn"]
@@ -234,17 +238,8 @@ def write_plots(records: list[dict], stem: Path) -> tuple[list[Path], str | None
             ax.yaxis.set_major_locator(LogLocator(base=2))
             ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}x"))
             ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: ""))
-            seq_axis(ax, sorted({r["seq"] for r in rows}))
-            ax.set_title(_group_label(key), fontsize=10)
-            ax.set_xlabel("sequence length")
-            ax.set_ylabel("speedup vs sdpa-cudnn (x)")
-            ax.legend(fontsize=7)
-        fig.suptitle("moba bench: speedup against dense sdpa-cudnn (hollow = baseline estimated)")
-        fig.tight_layout()
-        path = stem.with_name(stem.name + "-speedup.png")
-        fig.savefig(path, dpi=120)
-        plt.close(fig)
-        files.append(path)
+            finish_panel(ax, key, rows, "speedup vs sdpa-cudnn (x)")
+        save(fig, "moba bench: speedup against dense sdpa-cudnn (hollow = baseline estimated)", "speedup")
     return files, None
 
 

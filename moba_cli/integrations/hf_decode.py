@@ -18,6 +18,7 @@ cache that starts there, so blocks restart at each sequence's first real token, 
 
 from __future__ import annotations
 
+import contextlib
 import weakref
 from dataclasses import dataclass, field
 from typing import Any
@@ -181,16 +182,16 @@ def _dense(
     mask = None
     if q_len > 1:
         mask = torch.arange(lr, device=q.device)[None, :] <= torch.arange(lr - q_len, lr, device=q.device)[:, None]
-    sdpa = torch.nn.functional.scaled_dot_product_attention
-    gqa = q.shape[1] != k.shape[1]
+    backends = contextlib.nullcontext()
     if q.is_cuda:
         # Not cuDNN: it plans again for every new cache length, ~12 ms of CPU per call on the H200
         # (scripts/gpu_hf_decode_profile.py), which made the full layers most of a decode step.
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
         order = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-        with sdpa_kernel(order, set_priority=True):
-            o = sdpa(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
-    else:
-        o = sdpa(q, k, v, attn_mask=mask, scale=scaling, enable_gqa=gqa)
+        backends = sdpa_kernel(order, set_priority=True)
+    with backends:
+        o = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, scale=scaling, enable_gqa=q.shape[1] != k.shape[1]
+        )
     return o.transpose(1, 2).to(dtype)

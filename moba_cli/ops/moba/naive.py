@@ -21,16 +21,16 @@ from .layout import BlockLayout, num_slots
 
 def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     """Mean key of each block in float32. k ``[T, Hkv, D]`` -> ``[NB, Hkv, D]``."""
-    nb = layout.num_blocks
-    # Each block's keys laid out in a row of a zero-padded [NB, chunk] grid, then one sum per row: the
-    # same summation for every block, so blocks with identical keys get bit-identical means (the tie
-    # rule depends on it). index_add_ would sum with atomics on CUDA, in no fixed order.
-    tb = layout.token_block.long()
-    pos = torch.arange(k.shape[0], device=k.device) - layout.block_start.long()[tb]
-    grid = torch.zeros(nb, layout.chunk_size, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
-    grid[tb, pos] = k.float()
-    counts = (layout.block_end - layout.block_start).float()
-    return grid.sum(1) / counts[:, None, None]
+    out = torch.empty(layout.num_blocks, k.shape[1], k.shape[2], dtype=torch.float32, device=k.device)
+    lens = layout.block_end - layout.block_start
+    # Blocks of one length are gathered [n, length, Hkv, D] and summed along the length: the same summation
+    # for each, so blocks with identical keys get bit-identical means (the tie rule depends on it), and
+    # every key is read once. index_add_ would sum with atomics on CUDA, in no fixed order.
+    for n in torch.unique(lens).tolist():
+        blocks = torch.nonzero(lens == n).flatten()
+        idx = layout.block_start[blocks].long()[:, None] + torch.arange(n, device=k.device)[None, :]
+        out[blocks] = k[idx].float().sum(1) / n
+    return out
 
 
 def gate_scores(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, seq: int) -> torch.Tensor:

@@ -20,6 +20,7 @@ Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -48,8 +49,6 @@ POISON_OUTPUTS = False
 
 
 def _is_interp() -> bool:
-    import os
-
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -663,15 +662,11 @@ def _bwd_dkdv_kernel(
 
 def _env_config(name: str) -> list[int] | None:
     """Kernel-tuning override, e.g. ``MOBA_FWD_CFG=128,64,8,3`` (used by scripts/perf_probe.py)."""
-    import os
-
     val = os.environ.get(name)
     return [int(x) for x in val.split(",")] if val else None
 
 
 def _env_str(name: str) -> str | None:
-    import os
-
     return os.environ.get(name) or None
 
 
