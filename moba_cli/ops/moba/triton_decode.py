@@ -29,21 +29,11 @@ import triton
 import triton.language as tl
 
 from .decode import decode_slots
+from .triton_keys import pack_keys
 
 # Below every packed gate key: the high half of a real key is at least -2^31 and its low half is a
 # reversed block id (never 0 for a real block), so no real key equals it.
 NEG_KEY = -(2**63)
-
-
-@triton.jit
-def _pack_keys(s, blk):
-    """Sortable int64 keys from float32 scores ``s`` and int32 block ids ``blk`` (same shape)."""
-    # -0.0 and +0.0 are equal scores; give them the same bits so the tie rule decides between them.
-    s = tl.where(s == 0.0, 0.0, s)
-    bits = s.to(tl.int32, bitcast=True)
-    # Flip the magnitude bits of negative floats so that signed int order equals float order.
-    mono = bits ^ ((bits >> 31) & 0x7FFFFFFF)
-    return (mono.to(tl.int64) << 32) | (0x7FFFFFFF - blk).to(tl.int64)
 
 
 @triton.jit
@@ -81,7 +71,7 @@ def _gate_tile_kernel(
         means = tl.load(m_ptr, mask=valid[:, None], other=0.0)
         # Exact float32 products (no TF32): the gate must match the float32 reference's choice.
         s = tl.dot(q, tl.trans(means), input_precision="ieee")  # [GD, TILE]
-        key = tl.where(valid[None, :], _pack_keys(s, blk[None, :]), NEG)
+        key = tl.where(valid[None, :], pack_keys(s, blk[None, :]), NEG)
         # Keys are unique, so extracting the max NPAST times gives each head's best, best first.
         best = tl.full([GD, K_PAD], NEG, tl.int64)
         for i in range(NPAST):

@@ -29,6 +29,7 @@ import triton.language as tl
 from moba_cli.errors import MobaError
 
 from .layout import BlockLayout, num_slots
+from .triton_keys import pack_keys
 
 LOG2E = 1.4426950408889634
 MAX_GATE_CANDIDATES = 128
@@ -118,9 +119,9 @@ def _gate_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     h, hk, rows, rmask, tb, fb, d, q, lo, hi = _gate_rows(Q, TB, FB, T, stride_qt, stride_qh, G, D, BLOCK_M, SPLIT)
-    # Candidates are int64 keys: the score's order-preserving bits above, (2^31-1-block) below, so one
-    # integer sort ranks by score and, among equal scores, puts the earlier block first (the tie rule).
-    # Empty entries get the high word -2^31+1, below the key of any real (non-NaN) float, -inf included.
+    # Candidates are int64 keys (triton_keys.pack_keys), so one integer sort ranks by score and, among
+    # equal scores, puts the earlier block first (the tie rule). Empty entries get the high word -2^31+1,
+    # below the key of any real (non-NaN) float, -inf included.
     neg = tl.full([BLOCK_M, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
     best = neg
     for j0 in range(lo, hi, BLOCK_N):
@@ -138,10 +139,7 @@ def _gate_kernel(
         else:
             s = tl.dot(q, tl.trans(km), input_precision=PREC)
         valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
-        bits = s.to(tl.int32, bitcast=True)
-        key32 = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
-        key = (key32.to(tl.int64) << 32) | (2147483647 - jj)[None, :].to(tl.int64)
-        key = tl.where(valid, key, neg)
+        key = tl.where(valid, pack_keys(s, jj[None, :]), neg)
         key = tl.sort(key, dim=1)
         # Half-cleaner of a bitonic merge: with best descending and key ascending, the elementwise max
         # is exactly the BLOCK_N largest of the union; one more sort restores the order.
@@ -196,10 +194,7 @@ def _gate_grouped_kernel(
         # into a key per row only; a row's valid blocks are the range [fb, tb).
         sv = tl.where(valid, s, float("-inf"))
         gm, ga = tl.max(sv, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        gbits = gm.to(tl.int32, bitcast=True)
-        gk32 = tl.where(gbits < 0, gbits ^ 0x7FFFFFFF, gbits)
-        gmax = (gk32.to(tl.int64) << 32) | (2147483647 - (j0 + ga)).to(tl.int64)
-        gmax = tl.where((tb > j0) & (fb < j0 + BLOCK_N), gmax, nrow)
+        gmax = tl.where((tb > j0) & (fb < j0 + BLOCK_N), pack_keys(gm, j0 + ga), nrow)
         kmin = tl.min(gkey, axis=1)
         upd = (gkey == kmin[:, None]) & (gmax > kmin)[:, None]
         gkey = tl.where(upd, gmax[:, None], gkey)
@@ -209,20 +204,16 @@ def _gate_grouped_kernel(
     blk3 = gbase[:, :, None] + lane[None, None, :]
     kept = ((gkey >> 32).to(tl.int32) > -2147483647)[:, :, None]
     ok3 = kept & (blk3 >= fb[:, None, None]) & (blk3 < tb[:, None, None])
-    bits3 = gsc.to(tl.int32, bitcast=True)
-    k32 = tl.where(bits3 < 0, bits3 ^ 0x7FFFFFFF, bits3)
-    key3 = (k32.to(tl.int64) << 32) | (2147483647 - blk3).to(tl.int64)
-    key3 = tl.where(ok3, key3, tl.full([BLOCK_M, NG, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32)
+    key3 = tl.where(ok3, pack_keys(gsc, blk3), nrow[:, None, None])
     # (can_reorder=True would let the compiler move elements between rows.)
     cand = tl.reshape(key3, [BLOCK_M, NG * BLOCK_N])
-    none = tl.full([BLOCK_M, NG * BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
     optr = OUT + rows.to(tl.int64) * stride_ot + h * stride_oh
     tl.store(optr, tb, mask=rmask)
     # NPAST rounds of "take the max, remove it" (keys are unique apart from the empty one): cheaper than
     # sorting all NG * BLOCK_N candidates when NPAST is small, and the slots come out best first.
     for i in range(NPAST):
         top = tl.max(cand, axis=1)
-        cand = tl.where(cand == top[:, None], none, cand)
+        cand = tl.where(cand == top[:, None], nrow[:, None], cand)
         blk = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
         blk = tl.where((top >> 32).to(tl.int32) > -2147483647, blk, -1)
         tl.store(optr + 1 + i, blk, mask=rmask)
