@@ -34,8 +34,15 @@ P32, I32 = "*fp32", "*i32"
 
 
 def compile_kernel(fn, types: dict[str, str], consts: dict, **options) -> None:
+    """Compile ``fn`` with pointers and integer arguments specialised as divisible by 16, as a launch with
+    aligned tensors specialises them (except ``do_not_specialize`` arguments): that decides vectorised and
+    asynchronous (pipelined) loads, so the registers and shared memory match the GPU's."""
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts), target=TARGET, options=options)
+    skip = {fn.arg_names[n] if isinstance(n, int) else n for n in fn.do_not_specialize or ()}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+             if n not in consts and n not in skip and (signature[n].startswith("*") or signature[n] == "i32")}
+    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs), target=TARGET,
+                            options=options)
     report(f"{fn.__name__} {consts}", kernel)
 
 
@@ -150,16 +157,17 @@ def main() -> None:
     for dtype, d in ((torch.bfloat16, 128), (torch.float16, 64)):
         t = "*bf16" if dtype == torch.bfloat16 else "*fp16"
         common = {"PAIR_T": I32, "GROUP_OFF": I32, "GROUP_CNT": I32, "BS": I32, "BE": I32, "qk_scale": "fp32"}
+        gate_types = {"Q": t, "KM": P32, "KMH": t, "KML": t, "TB": I32, "FB": I32, "OUT": I32, "SCR": P32}
         compile_kernel(
-            tm._gate_kernel, {"Q": t, "KM": P32, "TB": I32, "FB": I32, "OUT": I32},
+            tm._gate_kernel, gate_types,
             {"G": 4, "NPAST": 11, "D": d, "BLOCK_M": 64, "BLOCK_N": 16, "PREC": "tf32x3",
              "SPLIT": dtype == torch.bfloat16}, num_warps=4,
         )
         for ng, bm in ((8, 64), (16, 32)):
             compile_kernel(
-                tm._gate_grouped_kernel, {"Q": t, "KM": P32, "KMH": t, "KML": t, "TB": I32, "FB": I32, "OUT": I32},
-                {"G": 4, "NPAST": ng - 1, "NG": ng, "D": d, "BLOCK_M": bm, "BLOCK_N": 16, "PREC": "tf32x3",
-                 "SPLIT": dtype == torch.bfloat16}, num_warps=4,
+                tm._gate_grouped_kernel, gate_types,
+                {"H": 8, "G": 4, "NPAST": ng - 1, "NG": ng, "D": d, "BLOCK_M": bm, "BLOCK_N": 16, "PREC": "tf32x3",
+                 "SPLIT": dtype == torch.bfloat16}, num_warps=4, num_stages=3,
             )
         b = tm._bwd_config(d, dtype)
         for even in (True, False):
@@ -170,13 +178,14 @@ def main() -> None:
                 {"H": 8, "G": 4, "D": d, "FIRST": even, "EVEN": even, "BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"],
                  "PREC": "tf32"}, num_warps=b["num_warps"], num_stages=b["num_stages"],
             )
-            compile_kernel(
-                tm._bwd_dkdv_kernel,
-                {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DK": t, "DV": t, "sm_scale": "fp32",
-                 **common},
-                {"H": 8, "G": 4, "D": d, "EVEN": even, "BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"],
-                 "PREC": "tf32"}, num_warps=b["num_warps"], num_stages=b["num_stages"],
-            )
+            for fused in (True, False):
+                compile_kernel(
+                    tm._bwd_dkdv_kernel,
+                    {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DK": t, "DV": t, "DQ": P32,
+                     "sm_scale": "fp32", **common},
+                    {"H": 8, "G": 4, "D": d, "EVEN": even, "BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"],
+                     "PREC": "tf32", "FUSED_DQ": fused}, num_warps=b["num_warps"], num_stages=b["num_stages"],
+                )
     compile_kernel(tm._block_mean_kernel, {"K": "*bf16", "BS": I32, "BE": I32, "KM": P32}, {"D": 128, "BLOCK_T": 64})
     backend, done = make_backend(TARGET), set()
     for fn, args, kwargs in forward_launches():

@@ -77,6 +77,22 @@ def test_forward_through_tma_descriptors(lens, hq, hkv, chunk, topk, device, mon
     check_against_reference(lens, hq, hkv, 32, chunk, topk, device)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize(("lens", "hq", "hkv", "chunk", "topk"), [([77], 4, 2, 16, 3), ([13, 50, 38], 2, 1, 16, 2)])
+def test_backward_paths(lens, hq, hkv, chunk, topk, fused, device, monkeypatch):
+    # dQ from atomics in the dK/dV kernel (fused) and from its own slot-wise pass: both against the reference.
+    monkeypatch.setattr(triton_moba, "BWD_FUSED", fused)
+    check_against_reference(lens, hq, hkv, 32, chunk, topk, device)
+
+
+def test_bwd_fused_knob(monkeypatch):
+    monkeypatch.setenv("MOBA_BWD_FUSED", "0")
+    assert triton_moba.bwd_fused() is False
+    monkeypatch.setenv("MOBA_BWD_FUSED", "yes")
+    with pytest.raises(MobaError, match="MOBA_BWD_FUSED"):
+        triton_moba.bwd_fused()
+
+
 def test_head_dim_64(device):
     check_against_reference([41], 2, 1, 64, 16, 2, device)
 

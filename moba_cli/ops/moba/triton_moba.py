@@ -88,13 +88,12 @@ def _block_mean_kernel(
 
 
 @triton.jit
-def _gate_rows(Q, TB, FB, T, stride_qt, stride_qh,
+def _gate_rows(Q, TB, FB, T, rt, h, stride_qt, stride_qh,
                G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, SPLIT: tl.constexpr):
-    """A gate program's rows: head and KV head, row ids and mask, each row's own block ``tb`` and its
-    sequence's first block ``fb``, the queries ``[BLOCK_M, D]`` (float32 unless ``SPLIT``), and the block
-    range ``[lo, hi)`` the program scans."""
-    h = tl.program_id(1)
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """Rows ``rt * BLOCK_M ..`` of head ``h`` for a gate: KV head, row ids and mask, each row's own block
+    ``tb`` and its sequence's first block ``fb``, the queries ``[BLOCK_M, D]`` (float32 unless ``SPLIT``),
+    and the block range ``[lo, hi)`` to scan."""
+    rows = rt * BLOCK_M + tl.arange(0, BLOCK_M)
     rmask = rows < T
     tb = tl.load(TB + rows, mask=rmask, other=0)
     fb = tl.load(FB + rows, mask=rmask, other=0)
@@ -106,19 +105,39 @@ def _gate_rows(Q, TB, FB, T, stride_qt, stride_qh,
         q = q.to(tl.float32)
     lo = tl.min(tl.where(rmask, fb, 2147483647), 0)
     hi = tl.max(tl.where(rmask, tb, 0), 0)
-    return h, h // G, rows, rmask, tb, fb, d, q, lo, hi
+    return h // G, rows, rmask, tb, fb, d, q, lo, hi
+
+
+@triton.jit
+def _gate_scores(q, KM, KMH, KML, jj, hk, d, hi, stride_mn, stride_mh, PREC: tl.constexpr, SPLIT: tl.constexpr):
+    """Scores ``[BLOCK_M, BLOCK_N]`` of the rows' queries against the mean keys of blocks ``jj`` (< hi)."""
+    moff = jj.to(tl.int64)[:, None] * stride_mn + hk * stride_mh + d[None, :]
+    mmask = (jj < hi)[:, None]
+    if SPLIT:
+        # bf16 q times the float32 mean as two bf16 products (mean = hi + lo, split once on the host): close
+        # to a float32 dot (about 16 mantissa bits of the mean) at bf16 tensor-core speed.
+        km_hi = tl.load(KMH + moff, mask=mmask, other=0.0)
+        km_lo = tl.load(KML + moff, mask=mmask, other=0.0)
+        s = tl.dot(q, tl.trans(km_hi)) + tl.dot(q, tl.trans(km_lo))
+    else:
+        km = tl.load(KM + moff, mask=mmask, other=0.0)
+        s = tl.dot(q, tl.trans(km), input_precision=PREC)
+    return s
 
 
 # Run-time sizes and offsets are not specialised on (divisibility by 16, == 1): one compiled
 # variant serves every shape (applies to each kernel with do_not_specialize) instead of up to three.
 @triton.jit(do_not_specialize=["T"])
 def _gate_kernel(
-    Q, KM, TB, FB, OUT, T,
+    Q, KM, KMH, KML, TB, FB, OUT, T,
     stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
     G: tl.constexpr, NPAST: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
-    h, hk, rows, rmask, tb, fb, d, q, lo, hi = _gate_rows(Q, TB, FB, T, stride_qt, stride_qh, G, D, BLOCK_M, SPLIT)
+    h = tl.program_id(1)
+    hk, rows, rmask, tb, fb, d, q, lo, hi = _gate_rows(
+        Q, TB, FB, T, tl.program_id(0), h, stride_qt, stride_qh, G, D, BLOCK_M, SPLIT
+    )
     # Candidates are int64 keys (triton_keys.pack_keys), so one integer sort ranks by score and, among
     # equal scores, puts the earlier block first (the tie rule). Empty entries get the high word -2^31+1,
     # below the key of any real (non-NaN) float, -inf included.
@@ -126,24 +145,20 @@ def _gate_kernel(
     best = neg
     for j0 in range(lo, hi, BLOCK_N):
         jj = j0 + tl.arange(0, BLOCK_N)
-        km = tl.load(
-            KM + jj.to(tl.int64)[:, None] * stride_mn + hk * stride_mh + d[None, :],
-            mask=(jj < hi)[:, None], other=0.0,
-        )
-        if SPLIT:
-            # bf16 q times a float32 mean, as two bf16 products (mean = hi + lo): close to a float32 dot
-            # (about 16 mantissa bits of the mean) at bf16 tensor-core speed.
-            km_hi = km.to(q.dtype)
-            km_lo = (km - km_hi.to(tl.float32)).to(q.dtype)
-            s = tl.dot(q, tl.trans(km_hi)) + tl.dot(q, tl.trans(km_lo))
-        else:
-            s = tl.dot(q, tl.trans(km), input_precision=PREC)
+        s = _gate_scores(q, KM, KMH, KML, jj, hk, d, hi, stride_mn, stride_mh, PREC, SPLIT)
         valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
         key = tl.where(valid, pack_keys(s, jj[None, :]), neg)
         key = tl.sort(key, dim=1)
         # Half-cleaner of a bitonic merge: with best descending and key ascending, the elementwise max
         # is exactly the BLOCK_N largest of the union; one more sort restores the order.
         best = tl.sort(tl.maximum(best, key), dim=1, descending=True)
+    _gate_store(best, OUT, rows, rmask, tb, h, stride_ot, stride_oh, NPAST, BLOCK_N)
+
+
+@triton.jit
+def _gate_store(best, OUT, rows, rmask, tb, h, stride_ot, stride_oh, NPAST: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Write a row's own block, then the blocks of its first ``NPAST`` keys in ``best`` (sorted, best
+    first; -1 for empty keys)."""
     cols = tl.arange(0, BLOCK_N)
     high = (best >> 32).to(tl.int32)
     blk = 2147483647 - (best & 0xFFFFFFFF).to(tl.int32)
@@ -153,70 +168,75 @@ def _gate_kernel(
     tl.store(optr, tb[:, None], mask=rmask[:, None])
 
 
-@triton.jit(do_not_specialize=["T"])
+@triton.jit(do_not_specialize=["T", "NTILES"])
 def _gate_grouped_kernel(
-    Q, KM, KMH, KML, TB, FB, OUT, T,
+    Q, KM, KMH, KML, TB, FB, OUT, SCR, T, NTILES,
     stride_qt, stride_qh, stride_mn, stride_mh, stride_ot, stride_oh,
-    G: tl.constexpr, NPAST: tl.constexpr, NG: tl.constexpr, D: tl.constexpr,
+    H: tl.constexpr, G: tl.constexpr, NPAST: tl.constexpr, NG: tl.constexpr, D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, SPLIT: tl.constexpr,
 ):
     """Top-``NPAST`` past blocks per (query, head) without a sort per tile.
 
     Each tile of ``BLOCK_N`` blocks is a group. The best ``NPAST`` blocks lie in the ``NPAST`` groups with
-    the best group maxima (a block outside them would be beaten by ``NPAST`` group maxima), so the loop
-    only keeps the ``NG >= NPAST`` best groups per row: one max per tile, one min over the kept groups,
-    and a replace of the worst one, with the replaced group's scores kept in registers. The best
-    ``NPAST`` of the ``NG * BLOCK_N`` kept scores are the answer. Keys as in ``_gate_kernel``.
+    the best group maxima (a block outside them would be beaten by ``NPAST`` group maxima), so the scan
+    only tracks the ``NG >= NPAST`` best groups per row: one max per tile, one min over the kept groups,
+    and a replace of the worst one. A replacing group's scores go to this program's scratch rows in
+    ``SCR`` (``[BLOCK_M, NG, BLOCK_N]`` float32, in L2), so nothing score-sized is carried through the
+    loop. At the end the kept groups are merged with two small sorts each. Keys as in ``_gate_kernel``.
+
+    Persistent: program ``p`` takes the (row tile, head) tiles ``p, p + nprog, ...`` so its scratch is
+    reused, and the strided pick spreads short (early) and long (late) rows evenly.
     """
-    h, hk, rows, rmask, tb, fb, d, q, lo, hi = _gate_rows(Q, TB, FB, T, stride_qt, stride_qh, G, D, BLOCK_M, SPLIT)
-    # A group with no valid block gets the empty high word with low word 0; the kept groups start as
-    # distinct empty keys 1..NG above that, so such a group never displaces anything and the min over
-    # the kept keys is unique (one slot replaced per row).
-    nrow = tl.full([BLOCK_M], -2147483647, tl.int32).to(tl.int64) << 32
+    pid = tl.program_id(0)
+    scr = SCR + pid.to(tl.int64) * (BLOCK_M * NG * BLOCK_N)
+    rl = tl.arange(0, BLOCK_M)
     gi = tl.arange(0, NG)
-    gkey = (tl.full([BLOCK_M, NG], -2147483647, tl.int32).to(tl.int64) << 32) | (gi + 1)[None, :].to(tl.int64)
-    gbase = tl.zeros([BLOCK_M, NG], dtype=tl.int32)
-    gsc = tl.zeros([BLOCK_M, NG, BLOCK_N], dtype=tl.float32)
-    for j0 in range(lo, hi, BLOCK_N):
-        jj = j0 + tl.arange(0, BLOCK_N)
-        moff = jj.to(tl.int64)[:, None] * stride_mn + hk * stride_mh + d[None, :]
-        mmask = (jj < hi)[:, None]
-        if SPLIT:
-            # bf16 q times the float32 mean as two bf16 products (mean = hi + lo, split once on the host)
-            km_hi = tl.load(KMH + moff, mask=mmask, other=0.0)
-            km_lo = tl.load(KML + moff, mask=mmask, other=0.0)
-            s = tl.dot(q, tl.trans(km_hi)) + tl.dot(q, tl.trans(km_lo))
-        else:
-            km = tl.load(KM + moff, mask=mmask, other=0.0)
-            s = tl.dot(q, tl.trans(km), input_precision=PREC)
-        valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
-        # The group's best block from float32 max/argmax (first index on ties: the earlier block), packed
-        # into a key per row only; a row's valid blocks are the range [fb, tb).
-        sv = tl.where(valid, s, float("-inf"))
-        gm, ga = tl.max(sv, axis=1, return_indices=True, return_indices_tie_break_left=True)
-        gmax = tl.where((tb > j0) & (fb < j0 + BLOCK_N), pack_keys(gm, j0 + ga), nrow)
-        kmin = tl.min(gkey, axis=1)
-        upd = (gkey == kmin[:, None]) & (gmax > kmin)[:, None]
-        gkey = tl.where(upd, gmax[:, None], gkey)
-        gbase = tl.where(upd, j0, gbase)
-        gsc = tl.where(upd[:, :, None], s[:, None, :], gsc)
     lane = tl.arange(0, BLOCK_N)
-    blk3 = gbase[:, :, None] + lane[None, None, :]
-    kept = ((gkey >> 32).to(tl.int32) > -2147483647)[:, :, None]
-    ok3 = kept & (blk3 >= fb[:, None, None]) & (blk3 < tb[:, None, None])
-    key3 = tl.where(ok3, pack_keys(gsc, blk3), nrow[:, None, None])
-    # (can_reorder=True would let the compiler move elements between rows.)
-    cand = tl.reshape(key3, [BLOCK_M, NG * BLOCK_N])
-    optr = OUT + rows.to(tl.int64) * stride_ot + h * stride_oh
-    tl.store(optr, tb, mask=rmask)
-    # NPAST rounds of "take the max, remove it" (keys are unique apart from the empty one): cheaper than
-    # sorting all NG * BLOCK_N candidates when NPAST is small, and the slots come out best first.
-    for i in range(NPAST):
-        top = tl.max(cand, axis=1)
-        cand = tl.where(cand == top[:, None], nrow[:, None], cand)
-        blk = 2147483647 - (top & 0xFFFFFFFF).to(tl.int32)
-        blk = tl.where((top >> 32).to(tl.int32) > -2147483647, blk, -1)
-        tl.store(optr + 1 + i, blk, mask=rmask)
+    nrow = tl.full([BLOCK_M], -2147483647, tl.int32).to(tl.int64) << 32
+    neg = tl.full([BLOCK_M, BLOCK_N], -2147483647, tl.int32).to(tl.int64) << 32
+    for tile in range(pid, NTILES, tl.num_programs(0)):
+        h = tile % H
+        hk, rows, rmask, tb, fb, d, q, lo, hi = _gate_rows(
+            Q, TB, FB, T, tile // H, h, stride_qt, stride_qh, G, D, BLOCK_M, SPLIT
+        )
+        # A group with no valid block gets the empty high word with low word 0; the kept groups start as
+        # distinct empty keys 1..NG above that, so such a group never displaces anything and the min over
+        # the kept keys is unique (one slot replaced per row).
+        gkey = (tl.full([BLOCK_M, NG], -2147483647, tl.int32).to(tl.int64) << 32) | (gi + 1)[None, :].to(tl.int64)
+        gbase = tl.zeros([BLOCK_M, NG], dtype=tl.int32)
+        for j0 in range(lo, hi, BLOCK_N):
+            jj = j0 + lane
+            s = _gate_scores(q, KM, KMH, KML, jj, hk, d, hi, stride_mn, stride_mh, PREC, SPLIT)
+            valid = (jj[None, :] >= fb[:, None]) & (jj[None, :] < tb[:, None])
+            # The group's best block from float32 max/argmax (first index on ties: the earlier block),
+            # packed into a key per row only; a row's valid blocks are the range [fb, tb).
+            sv = tl.where(valid, s, float("-inf"))
+            gm, ga = tl.max(sv, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            gmax = tl.where((tb > j0) & (fb < j0 + BLOCK_N), pack_keys(gm, j0 + ga), nrow)
+            kmin, kslot = tl.min(gkey, axis=1, return_indices=True)
+            better = gmax > kmin
+            upd = (gi[None, :] == kslot[:, None]) & better[:, None]
+            gkey = tl.where(upd, gmax[:, None], gkey)
+            gbase = tl.where(upd, j0, gbase)
+            # Each score element is stored by the same thread every time (fixed layout), so stores to a
+            # slot land in program order.
+            tl.store(scr + (rl[:, None] * NG + kslot[:, None]) * BLOCK_N + lane[None, :], s, mask=better[:, None])
+        # Make every thread's scratch stores visible to the whole program (bar.sync orders global memory
+        # within a block).
+        tl.debug_barrier()
+        best = neg
+        for g in tl.static_range(NG):
+            sel = gi[None, :] == g
+            base = tl.sum(tl.where(sel, gbase, 0), 1)
+            kept = tl.max(tl.where(sel, (gkey >> 32).to(tl.int32), -2147483647), 1) > -2147483647
+            blk = base[:, None] + lane[None, :]
+            ok = kept[:, None] & (blk >= fb[:, None]) & (blk < tb[:, None])
+            sc = tl.load(scr + (rl[:, None] * NG + g) * BLOCK_N + lane[None, :], mask=ok, other=0.0)
+            key = tl.sort(tl.where(ok, pack_keys(sc, blk), neg), dim=1)
+            best = tl.sort(tl.maximum(best, key), dim=1, descending=True)
+        _gate_store(best, OUT, rows, rmask, tb, h, stride_ot, stride_oh, NPAST, BLOCK_N)
+        # The next tile's scratch stores must not overtake this tile's reads.
+        tl.debug_barrier()
 
 
 def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
@@ -274,20 +294,26 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     kind = gate_kind(npast, layout.max_blocks)
     common = dict(G=hq // k.shape[1], NPAST=npast, D=d, PREC="ieee" if exact else "tf32x3", SPLIT=split)
     cfg = _env_config("MOBA_GATE_CFG")
+    # The bf16 halves of the float32 means are made once here, not in every program's loop.
+    km_hi = km.to(q.dtype) if split else km
+    km_lo = (km - km_hi.float()).to(q.dtype) if split else km
+    args = (q, km, km_hi, km_lo, layout.token_block, layout.token_first_block, out)
+    strides = (q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1))
     if kind == "grouped":
         ng = max(2, triton.next_power_of_2(npast))
-        block_n, num_warps = 16, 4
-        block_m = 16 if _is_interp() else (64 if ng <= 8 else 32)
+        block_m, block_n, num_warps, num_stages = (16 if _is_interp() else (64 if ng <= 8 else 32)), 16, 4, 3
+        per_sm = None
         if cfg:
-            block_m, block_n, num_warps = cfg[0], cfg[1], cfg[2]
-        # The bf16 halves of the float32 means are made once here, not in every program's loop.
-        km_hi = km.to(q.dtype) if split else km
-        km_lo = (km - km_hi.float()).to(q.dtype) if split else km
-        _gate_grouped_kernel[(triton.cdiv(t_total, block_m), hq)](
-            q, km, km_hi, km_lo, layout.token_block, layout.token_first_block, out, t_total,
-            q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1),
-            NG=ng, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common,
-        )
+            block_m, block_n, num_warps = cfg[0], max(cfg[1], npast), cfg[2]
+            num_stages = cfg[3] if len(cfg) > 3 else num_stages
+            per_sm = cfg[4] if len(cfg) > 4 else None
+        ntiles = triton.cdiv(t_total, block_m) * hq
+        kw = dict(H=hq, NG=ng, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, num_stages=num_stages, **common)
+        # (km stands in for the scratch pointer while the kernel is compiled to size the launch)
+        progs = _persistent_programs(_gate_grouped_kernel, q.device, ntiles, per_sm, (
+            *args, km, t_total, ntiles, *strides), kw)
+        scratch = torch.empty(progs * block_m * ng * block_n, dtype=torch.float32, device=q.device)
+        _gate_grouped_kernel[(progs,)](*args, scratch, t_total, ntiles, *strides, **kw)
         return out
     block_n = max(16, triton.next_power_of_2(npast))
     block_m = 16 if _is_interp() else (64 if block_n <= 32 else 32)
@@ -295,11 +321,33 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     if cfg:
         block_m, block_n, num_warps = cfg[0], max(block_n, cfg[1]), cfg[2]
     _gate_kernel[(triton.cdiv(t_total, block_m), hq)](
-        q, km, layout.token_block, layout.token_first_block, out, t_total,
-        q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1),
-        BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common,
+        *args, t_total, *strides, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps, **common,
     )
     return out
+
+
+_RESIDENT: dict = {}
+
+
+def _persistent_programs(kernel, device: torch.device, ntiles: int, per_sm: int | None, args: tuple,
+                         kw: dict) -> int:
+    """Programs for a persistent launch: as many as the GPU holds at once (from the compiled kernel's
+    registers and shared memory), at most ``ntiles``. More would run as a second, partly empty wave."""
+    if _is_interp():
+        return max(1, min(ntiles, 3))  # a few, so the tests exercise the strided tile loop
+    if per_sm is None:
+        key = (device.index, kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kw.items())))
+        per_sm = _RESIDENT.get(key)
+        if per_sm is None:
+            compiled = kernel.warmup(*args, grid=(1,), **kw)
+            compiled._init_handles()
+            props = triton.runtime.driver.active.utils.get_device_properties(device.index)
+            threads = 32 * kw["num_warps"]
+            by_regs = props["max_num_regs"] // max(1, ((compiled.n_regs + 7) // 8 * 8) * threads)
+            by_smem = props["max_shared_mem"] // max(1, compiled.metadata.shared)
+            per_sm = _RESIDENT[key] = max(1, min(by_regs, by_smem, 2048 // threads, 32))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(ntiles, sms * per_sm))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -565,10 +613,12 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_inner(dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, PAIR_T, base, m_start, cnt, h, qk_scale,
-                stride_qt, stride_qh, stride_dot, stride_doh,
-                H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr):
-    """Accumulate one key tile's dK/dV over the gathered queries ``PAIR_T[base + m_start .. base + cnt]``.
+def _dkdv_inner(dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, base, m_start, cnt, h, qk_scale, sm_scale,
+                stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
+                FUSED_DQ: tl.constexpr):
+    """Accumulate one key tile's dK/dV over the gathered queries ``PAIR_T[base + m_start .. base + cnt]``;
+    with ``FUSED_DQ`` also add this tile's share of their dQ into the float32 ``DQ`` (atomics).
 
     Without MASK, rows past ``cnt`` load as zeros (q, dO, lse, delta): their P is 1 but dP, delta, dO and
     q are 0, so they add exactly nothing.
@@ -589,20 +639,26 @@ def _dkdv_inner(dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, PAIR_T, base, m_st
             pt = tl.where(kmask[:, None] & rvalid[None, :] & (kn[:, None] <= t[None, :]), pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
         dpt = tl.dot(vb, tl.trans(do), input_precision=PREC)
-        dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PREC)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dst, q, input_precision=PREC)
+        if FUSED_DQ:
+            # One dS product more here instead of a separate dQ pass that recomputes QK^T and dO V^T
+            # (5 products per tile pair instead of 7); each query's dQ gets one add per key tile it saw.
+            dq = tl.dot(tl.trans(dst), kb, input_precision=PREC) * sm_scale
+            tl.atomic_add(DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :], dq, mask=rvalid[:, None],
+                          sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=["NB", "NSUB", "SLOTS"])
 def _bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV,
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     PAIR_T, GROUP_OFF, GROUP_CNT, BS, BE,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
-    stride_dkt, stride_dkh, stride_dvt, stride_dvh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     H: tl.constexpr, NB, NSUB, SLOTS, G: tl.constexpr, D: tl.constexpr,
-    EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
+    EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     pid = tl.program_id(0)
     hk = tl.program_id(1)
@@ -625,16 +681,18 @@ def _bwd_dkdv_kernel(
             # (causality), so start at the first query tile that can, and mask.
             g = h * NB + j
             dk, dv = _dkdv_inner(
-                dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, PAIR_T, tl.load(GROUP_OFF + g),
-                ((ks - ks_blk) // BLOCK_M) * BLOCK_M, tl.load(GROUP_CNT + g), h, qk_scale,
-                stride_qt, stride_qh, stride_dot, stride_doh, H, D, BLOCK_M, PREC, True,
+                dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, tl.load(GROUP_OFF + g),
+                ((ks - ks_blk) // BLOCK_M) * BLOCK_M, tl.load(GROUP_CNT + g), h, qk_scale, sm_scale,
+                stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, H, D, BLOCK_M, PREC, True,
+                FUSED_DQ,
             )
             for s in range(1, SLOTS):
                 g = (s * H + h) * NB + j
                 dk, dv = _dkdv_inner(
-                    dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, PAIR_T, tl.load(GROUP_OFF + g),
-                    0, tl.load(GROUP_CNT + g), h, qk_scale,
-                    stride_qt, stride_qh, stride_dot, stride_doh, H, D, BLOCK_M, PREC, not EVEN,
+                    dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, tl.load(GROUP_OFF + g),
+                    0, tl.load(GROUP_CNT + g), h, qk_scale, sm_scale,
+                    stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, H, D, BLOCK_M, PREC,
+                    not EVEN, FUSED_DQ,
                 )
         dk = dk * sm_scale
         tl.store(
@@ -685,6 +743,22 @@ def _bwd_config(d: int, dtype: torch.dtype) -> dict:
     if dtype == torch.float32:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+
+
+# Backward: dQ from atomic adds in the dK/dV kernel ("fused", 5 products per tile pair; the float32 sums
+# are not bit-reproducible run to run) or from its own slot-wise pass (7 products, deterministic).
+# None: the default below; MOBA_BWD_FUSED=0/1 overrides (tests set the flag).
+BWD_FUSED: bool | None = None
+BWD_FUSED_DEFAULT = True
+
+
+def bwd_fused() -> bool:
+    if BWD_FUSED is not None:
+        return BWD_FUSED
+    env = _env_str("MOBA_BWD_FUSED")
+    if env not in (None, "0", "1"):
+        raise MobaError(f"MOBA_BWD_FUSED must be 0 or 1, got {env!r}")
+    return BWD_FUSED_DEFAULT if env is None else env == "1"
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -777,10 +851,12 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
         out, dout, delta, t_total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         H=hq, D=d, BLOCK_M=bm,
     )
-    if sched.block_m != cfg["BLOCK_M"]:
+    fused = bwd_fused()
+    if not fused and sched.block_m != cfg["BLOCK_M"]:
         raise RuntimeError("schedule tile size does not match the backward tile size")
-    dq_acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
-    for s, (first, count) in enumerate(sched.slot_tiles):
+    # Fused: dQ gathers atomic adds from the dK/dV kernel, so it starts at zero.
+    dq_acc = (torch.zeros if fused else _empty)(t_total, hq, d, dtype=torch.float32, device=q.device)
+    for s, (first, count) in enumerate([] if fused else sched.slot_tiles):
         if count == 0:
             continue
         _bwd_dq_kernel[(count,)](
@@ -799,14 +875,15 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
     nsub = triton.cdiv(layout.chunk_size, cfg["BLOCK_N"])
     if layout.num_blocks:
         _bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
-            q, k, v, dout, lse, delta, dk, dv,
+            q, k, v, dout, lse, delta, dk, dv, dq_acc,
             sched.pair_t, sched.group_off, sched.group_cnt, layout.block_start, layout.block_end,
             scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+            dq_acc.stride(0), dq_acc.stride(1),
             H=hq, NB=layout.num_blocks, NSUB=nsub, SLOTS=sched.slots, G=g, D=d,
             EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), FUSED_DQ=fused,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return dq_acc.to(q.dtype), dk, dv
@@ -824,7 +901,8 @@ class MobaFunction(torch.autograd.Function):
         sched = Schedule(block_idx, layout.num_blocks, bm_f)
         out, lse = _forward(q, k, v, layout, sched, scale)
         if need_grad:
-            if bm_b != bm_f:
+            # The fused backward needs only the per-block query lists, which do not depend on the tile size.
+            if bm_b != bm_f and not bwd_fused():
                 sched = Schedule(block_idx, layout.num_blocks, bm_b)
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.sched, ctx.layout, ctx.scale = sched, layout, scale

@@ -1,0 +1,90 @@
+"""Kernel-development probe for issue 4, kernel v6 (not the user benchmark; that is `moba bench`): the
+grouped gate with its kept scores in scratch memory (persistent programs) against the sort gate, and the
+backward with dQ fused into the dK/dV kernel (atomics) against the separate dQ pass, at the paper and
+flashmoba presets. Writes $OUT/gate_bwd_probe.json and prints one JSON line per measurement.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import triton
+
+from moba_cli.ops.moba import triton_moba as tm
+from scripts.gate_fwd_probe import OUT, RECS, bench, emit, gate_cases, inputs, with_env
+
+
+def rel_rms(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def bwd_cases(name, seq, hq, hkv, chunk, topk, cfgs):
+    """Backward alone (fixed forward outputs), unfused default vs fused configs; then end to end."""
+    q, k, v, layout = inputs(seq, hq, hkv, chunk)
+    scale = 128**-0.5
+    sel = tm.select_blocks(q, k, layout, topk)
+    sched = tm.Schedule(sel, layout.num_blocks, tm._bwd_config(128, q.dtype)["BLOCK_M"])
+    out, lse = tm._forward(q, k, v, layout, tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)[
+        "BLOCK_M"]), scale)
+    do = torch.randn_like(q)
+    ref = None
+    for fused, cfg in [("0", "")] + [("1", c) for c in cfgs]:
+        env = {"MOBA_BWD_FUSED": fused, "MOBA_BWD_CFG": cfg or None}
+        try:
+            def run():
+                return tm._backward(q, k, v, out, do, lse, layout, sched, scale)
+
+            grads = with_env(env, run)
+            rec = {"what": "bwd", "case": name, "fused": fused, "cfg": cfg}
+            if ref is None:
+                ref = grads
+            else:
+                rec.update({f"rel_rms_{n}": rel_rms(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads, ref, strict=True)})
+            rec["ms"] = with_env(env, lambda: bench(run, rep=50))
+            emit(rec)
+        except Exception as e:  # a probe: keep going
+            emit({"what": "bwd", "case": name, "fused": fused, "cfg": cfg, "error": repr(e)[:500]})
+    del out, lse, sched, sel
+    qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
+    rec = {"what": "moba_e2e", "case": name, "fwd_ms": bench(lambda: tm.moba_attention_triton(q, k, v, layout, topk))}
+    for fused in ("0", "1"):
+        def fb():
+            tm.moba_attention_triton(qg, kg, vg, layout, topk).backward(do)
+
+        rec[f"fwdbwd_ms_fused{fused}"] = with_env({"MOBA_BWD_FUSED": fused}, lambda fb=fb: bench(fb, rep=30))
+    emit(rec)
+
+
+def main():
+    t0 = time.time()
+    gcfg = ["64,16,4,3", "64,16,4,2", "128,16,8,3", "64,32,4,3", "32,16,4,3", "64,16,4,3,2"]
+    for c in [
+        ("flashmoba-512k", 524288, 16, 16, 128, 8, gcfg),
+        ("c512-k8-1m", 1048576, 1, 1, 512, 8, ["64,16,4,3"]),
+        ("c4096-k8-1m", 1048576, 1, 1, 4096, 8, ["64,16,4,3"]),
+        ("paper-1m", 1048576, 1, 1, 4096, 12, ["64,16,4,3", "32,16,4,3"]),
+        ("c128-k16-128k-h8", 131072, 8, 8, 128, 16, ["32,16,4,3", "64,16,4,3"]),
+    ]:
+        gate_cases(*c)
+        torch.cuda.empty_cache()
+    bcfg = ["64,64,4,2", "64,64,4,1", "64,128,8,2", "64,128,8,1", "128,64,8,2"]
+    for c in [
+        ("paper-1m", 1048576, 1, 1, 4096, 12, bcfg),
+        ("flashmoba-512k", 524288, 16, 16, 128, 8, bcfg),
+        ("paper-128k-h8", 131072, 8, 8, 4096, 12, bcfg),
+    ]:
+        bwd_cases(*c)
+        torch.cuda.empty_cache()
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "gate_bwd_probe.json"), "w") as f:
+        json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
+                   "git_commit": os.environ.get("MOBA_GIT_COMMIT"), "wall_s": round(time.time() - t0, 1),
+                   "records": RECS}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
