@@ -22,15 +22,14 @@ def rel_rms(a, b):
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def bwd_cases(name, seq, hq, hkv, chunk, topk, cfgs):
-    """Backward alone (fixed forward outputs), unfused default vs fused configs; then end to end."""
-    q, k, v, layout = inputs(seq, hq, hkv, chunk)
+def bwd_alone(name, q, k, v, layout, topk, cfgs, do):
+    """Backward alone (fixed forward outputs): the unfused default, then fused configs."""
+    chunk = layout.chunk_size
     scale = 128**-0.5
     sel = tm.select_blocks(q, k, layout, topk)
     sched = tm.Schedule(sel, layout.num_blocks, tm._bwd_config(128, q.dtype)["BLOCK_M"])
     out, lse = tm._forward(q, k, v, layout, tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)[
         "BLOCK_M"]), scale)
-    do = torch.randn_like(q)
     ref = None
     for fused, cfg in [("0", "")] + [("1", c) for c in cfgs]:
         env = {"MOBA_BWD_FUSED": fused, "MOBA_BWD_CFG": cfg or None}
@@ -43,12 +42,20 @@ def bwd_cases(name, seq, hq, hkv, chunk, topk, cfgs):
             if ref is None:
                 ref = grads
             else:
-                rec.update({f"rel_rms_{n}": rel_rms(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads, ref, strict=True)})
+                for n, a, b in zip(("dq", "dk", "dv"), grads, ref, strict=True):
+                    rec[f"rel_rms_{n}"] = rel_rms(a, b)
             rec["ms"] = with_env(env, lambda: bench(run, rep=50))
             emit(rec)
         except Exception as e:  # a probe: keep going
             emit({"what": "bwd", "case": name, "fused": fused, "cfg": cfg, "error": repr(e)[:500]})
-    del out, lse, sched, sel
+
+
+def bwd_cases(name, seq, hq, hkv, chunk, topk, cfgs):
+    """The backward alone, then fwd and fwd+bwd end to end (defaults; dQ fused and not)."""
+    q, k, v, layout = inputs(seq, hq, hkv, chunk)
+    do = torch.randn_like(q)
+    bwd_alone(name, q, k, v, layout, topk, cfgs, do)
+    torch.cuda.empty_cache()
     qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
     rec = {"what": "moba_e2e", "case": name, "fwd_ms": bench(lambda: tm.moba_attention_triton(q, k, v, layout, topk))}
     for fused in ("0", "1"):
