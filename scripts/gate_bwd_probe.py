@@ -1,13 +1,15 @@
 """Kernel-development probe for issue 4, kernel v6 (not the user benchmark; that is `moba bench`): the
 grouped gate with its kept scores in scratch memory (persistent programs) against the sort gate, and the
 backward with dQ fused into the dK/dV kernel (atomics) against the separate dQ pass, at the paper and
-flashmoba presets. Writes $OUT/gate_bwd_probe.json and prints one JSON line per measurement.
+flashmoba presets. Writes $OUT/gate_bwd_probe.json (``--bwd-only``: the backward alone, fewer tile
+configs, $OUT/bwd_probe.json) and prints one JSON line per measurement.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import torch
@@ -44,7 +46,7 @@ def bwd_alone(name, q, k, v, layout, topk, cfgs, do):
             else:
                 for n, a, b in zip(("dq", "dk", "dv"), grads, ref, strict=True):
                     rec[f"rel_rms_{n}"] = rel_rms(a, b)
-            rec["ms"] = with_env(env, lambda: bench(run, rep=50))
+            rec["ms"] = with_env(env, lambda: bench(run, rep=20))
             emit(rec)
         except Exception as e:  # a probe: keep going
             emit({"what": "bwd", "case": name, "fused": fused, "cfg": cfg, "error": repr(e)[:500]})
@@ -62,12 +64,20 @@ def bwd_cases(name, seq, hq, hkv, chunk, topk, cfgs):
         def fb():
             tm.moba_attention_triton(qg, kg, vg, layout, topk).backward(do)
 
-        rec[f"fwdbwd_ms_fused{fused}"] = with_env({"MOBA_BWD_FUSED": fused}, lambda fb=fb: bench(fb, rep=30))
+        rec[f"fwdbwd_ms_fused{fused}"] = with_env({"MOBA_BWD_FUSED": fused}, lambda fb=fb: bench(fb, rep=15))
     emit(rec)
 
 
 def main():
     t0 = time.time()
+    if "--bwd-only" in sys.argv:  # second call: the gate was measured by the first
+        for c in [
+            ("paper-1m", 1048576, 1, 1, 4096, 12, ["64,64,4,2", "64,128,8,1", "64,128,8,2"]),
+            ("flashmoba-512k", 524288, 16, 16, 128, 8, ["64,64,4,2", "64,128,8,1"]),
+        ]:
+            bwd_cases(*c)
+            torch.cuda.empty_cache()
+        return finish(t0, "bwd_probe.json")
     gcfg = ["64,16,4,3", "64,16,4,2", "128,16,8,3", "64,32,4,3", "32,16,4,3", "64,16,4,3,2"]
     for c in [
         ("flashmoba-512k", 524288, 16, 16, 128, 8, gcfg),
@@ -86,8 +96,12 @@ def main():
     ]:
         bwd_cases(*c)
         torch.cuda.empty_cache()
+    finish(t0, "gate_bwd_probe.json")
+
+
+def finish(t0, name):
     os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, "gate_bwd_probe.json"), "w") as f:
+    with open(os.path.join(OUT, name), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
                    "git_commit": os.environ.get("MOBA_GIT_COMMIT"), "wall_s": round(time.time() - t0, 1),
                    "records": RECS}, f, indent=1)
