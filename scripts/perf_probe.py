@@ -66,7 +66,7 @@ def case(seq, hq, hkv, chunk, topk, bwd=True):
     rec["cudnn_fwd_ms"] = bench(sdpa_fn(q, k, v, SDPBackend.CUDNN_ATTENTION))
     rec["fwd_speedup"] = rec["cudnn_fwd_ms"] / rec["moba_fwd_ms"]
     if bwd:
-        bcfg = tm._bwd_config(128, q.dtype)
+        bcfg = tm._bwd_config(128, q.dtype, chunk, tm.bwd_fused())
         bsched = tm.Schedule(sel, layout.num_blocks, bcfg["BLOCK_M"])
         out, lse = tm._forward(q, k, v, layout, bsched, scale)
         do = torch.randn_like(out)

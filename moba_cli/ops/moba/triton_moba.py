@@ -734,7 +734,7 @@ def _fwd_config(d: int, dtype: torch.dtype, chunk: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
 
 
-def _bwd_config(d: int, dtype: torch.dtype) -> dict:
+def _bwd_config(d: int, dtype: torch.dtype, chunk: int, fused: bool) -> dict:
     cfg = _env_config("MOBA_BWD_CFG")
     if cfg:
         return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
@@ -742,6 +742,11 @@ def _bwd_config(d: int, dtype: torch.dtype) -> dict:
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
     if dtype == torch.float32:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    if fused:
+        # H200 (results/kernel-dev/v6-bwd-probe.json): 128-key tiles over 8 warps carry dK, dV and the dQ
+        # share; 64-key tiles on 4 warps spill and run at half the speed. One stage for small chunks,
+        # whose key tiles see few queries each (shared memory for two CTAs per SM).
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1 if chunk <= 512 else 2}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
@@ -842,7 +847,8 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
     t_total, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    cfg = _bwd_config(d, q.dtype)
+    fused = bwd_fused()
+    cfg = _bwd_config(d, q.dtype, layout.chunk_size, fused)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     delta = _empty(t_total, hq, dtype=torch.float32, device=q.device)
@@ -851,7 +857,6 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
         out, dout, delta, t_total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         H=hq, D=d, BLOCK_M=bm,
     )
-    fused = bwd_fused()
     if not fused and sched.block_m != cfg["BLOCK_M"]:
         raise RuntimeError("schedule tile size does not match the backward tile size")
     # Fused: dQ gathers atomic adds from the dK/dV kernel, so it starts at zero.
@@ -897,7 +902,7 @@ class MobaFunction(torch.autograd.Function):
         block_idx = select_blocks(q, k, layout, topk)
         need_grad = any(ctx.needs_input_grad[:3])
         bm_f = _fwd_config(q.shape[-1], q.dtype, layout.chunk_size)["BLOCK_M"]
-        bm_b = _bwd_config(q.shape[-1], q.dtype)["BLOCK_M"]
+        bm_b = _bwd_config(q.shape[-1], q.dtype, layout.chunk_size, bwd_fused())["BLOCK_M"]
         sched = Schedule(block_idx, layout.num_blocks, bm_f)
         out, lse = _forward(q, k, v, layout, sched, scale)
         if need_grad:
