@@ -9,11 +9,11 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 
-# Prefill: 2 (dtype, D) settings x 11 kernels (sort gate; grouped gate at 8 and 16 kept groups; dQ with EVEN
-# on and off; dK/dV with EVEN on and off, each with dQ fused at two tile settings or not), the block-mean
+# Prefill: 2 (dtype, D) settings x 9 kernels (sort gate; grouped gate at 8 and 16 kept groups; dQ with EVEN
+# on and off; dK/dV with EVEN on and off, each with dQ fused or not), the block-mean
 # kernel, and the distinct launches of compile_sm90.forward_launches() (4 forward settings x TMA on/off x
 # first/later slot, plus 2 normalisations).
-PREFILL = 2 * 11 + 1 + 4 * 2 * 2 + 2
+PREFILL = 2 * 9 + 1 + 4 * 2 * 2 + 2
 # Decode: the distinct launches of compile_sm90.decode_launches() (identical launches compile once).
 DECODE = 37
 DECODE_KERNELS = ("_gate_tile_kernel", "_gate_merge_kernel", "_attn_kernel", "_combine_kernel")

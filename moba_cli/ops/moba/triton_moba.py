@@ -743,10 +743,10 @@ def _bwd_config(d: int, dtype: torch.dtype, chunk: int, fused: bool) -> dict:
     if dtype == torch.float32:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if fused:
-        # H200 (results/kernel-dev/v6-bwd-probe.json): 128-key tiles over 8 warps carry dK, dV and the dQ
-        # share; 64-key tiles on 4 warps spill and run at half the speed. One stage for small chunks,
-        # whose key tiles see few queries each (shared memory for two CTAs per SM).
-        return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 1 if chunk <= 512 else 2}
+        # H200 (results/kernel-dev/v6-bwd-probe*.json): 128-key tiles over 8 warps carry dK, dV and the dQ
+        # share; 64-key tiles on 4 warps spill and run at half the speed. Two stages beat one at both
+        # presets (paper 1M 209 vs 237 ms; flashmoba 512K 62 vs 66 ms).
+        return {"BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
