@@ -2,7 +2,8 @@
 grouped gate with its kept scores in scratch memory (persistent programs) against the sort gate, and the
 backward with dQ fused into the dK/dV kernel (atomics) against the separate dQ pass, at the paper and
 flashmoba presets. Writes $OUT/gate_bwd_probe.json (``--bwd-only``: the backward alone, fewer tile
-configs, $OUT/bwd_probe.json) and prints one JSON line per measurement.
+configs, $OUT/bwd_probe.json; ``--bwd-sweep``: fused backward tile configs, $OUT/bwd_sweep.json) and
+prints one JSON line per measurement.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ def rel_rms(a, b):
     return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def bwd_alone(name, q, k, v, layout, topk, cfgs, do):
-    """Backward alone (fixed forward outputs): the unfused default, then fused configs."""
+def bwd_alone(name, q, k, v, layout, topk, cfgs, do, unfused=True):
+    """Backward alone (fixed forward outputs): the unfused default (first, the reference for the
+    differences), the fused default, then fused configs."""
     chunk = layout.chunk_size
     scale = 128**-0.5
     sel = tm.select_blocks(q, k, layout, topk)
@@ -33,8 +35,7 @@ def bwd_alone(name, q, k, v, layout, topk, cfgs, do):
     out, lse = tm._forward(q, k, v, layout, tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)[
         "BLOCK_M"]), scale)
     ref = None
-    # the unfused default first (the reference for the differences), then the fused default, then configs
-    for fused, cfg in [("0", ""), ("1", "")] + [("1", c) for c in cfgs]:
+    for fused, cfg in ([("0", "")] if unfused else []) + [("1", "")] + [("1", c) for c in cfgs]:
         env = {"MOBA_BWD_FUSED": fused, "MOBA_BWD_CFG": cfg or None}
         try:
             def run():
@@ -71,6 +72,14 @@ def bwd_cases(name, seq, hq, hkv, chunk, topk, cfgs):
 
 def main():
     t0 = time.time()
+    if "--bwd-sweep" in sys.argv:  # fused backward tile configs, backward alone
+        cfgs = ["64,64,8,2", "32,128,8,2", "64,128,8,3", "64,64,8,3"]
+        for c in [("paper-1m", 1048576, 1, 1, 4096, 12), ("paper-128k-h8", 131072, 8, 8, 4096, 12)]:
+            q, k, v, layout = inputs(*c[1:5])
+            bwd_alone(c[0], q, k, v, layout, c[5], cfgs, torch.randn_like(q), unfused=False)
+            del q, k, v
+            torch.cuda.empty_cache()
+        return finish(t0, "bwd_sweep.json")
     if "--bwd-only" in sys.argv:  # second call: the gate was measured by the first
         for c in [
             ("paper-1m", 1048576, 1, 1, 4096, 12, ["64,128,8,1"]),
