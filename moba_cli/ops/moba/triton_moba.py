@@ -3,18 +3,21 @@
 Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :mod:`.layout`):
 
 1. ``_block_mean_kernel``: float32 mean key of every block, ``[NB, Hkv, D]``.
-2. ``_gate_kernel``: each (query, head) scores its sequence's complete past blocks and keeps the best
-   ``topk - 1`` with a streaming top-k (a sorted candidate list merged tile by tile), so the
-   ``[T, NB]`` score matrix is never written. Output ``block_idx [T, Hq, slots]`` as in :mod:`.naive`.
+2. Gate: each (query, head) scores its sequence's complete past blocks and keeps the best ``topk - 1``
+   with a streaming top-k, so the ``[T, NB]`` score matrix is never written. ``_gate_kernel`` merges a
+   sorted candidate list tile by tile; ``_gate_grouped_kernel`` (many blocks, few to keep) tracks only the
+   best groups of 16 blocks. Output ``block_idx [T, Hq, slots]`` as in :mod:`.naive`.
 3. Schedule (torch): the (query, head, slot) pairs are sorted by (slot, head, block), so every key block
    gets a dense list of the queries that chose it ("gather and densify").
 4. ``_fwd_kernel``: one program per tile of up to ``BLOCK_M`` gathered queries of one (slot, head,
    block): dense attention of the gathered queries over that block's keys with an online softmax, then a
    log-sum-exp merge into a float32 accumulator. Slots run as separate launches, and each query has
    exactly one block per slot, so merges never race and need no atomics.
-5. Backward: ``_bwd_dq_kernel`` walks the same tiles (dQ merged slot by slot), ``_bwd_dkdv_kernel`` owns
-   one key tile of one block and loops over every query (of every head in its KV group) that chose the
-   block, so dK/dV stay in registers and K/V are never copied per query head.
+5. Backward: ``_bwd_dkdv_kernel`` owns one key tile of one block and loops over every query (of every
+   head in its KV group) that chose the block, so dK/dV stay in registers and K/V are never copied per
+   query head; by default it also adds each query's dQ share with float32 atomics. Without that
+   (``MOBA_BWD_FUSED=0``), ``_bwd_dq_kernel`` walks the forward's tiles and merges dQ slot by slot,
+   deterministically.
 """
 
 from __future__ import annotations
@@ -33,10 +36,11 @@ from .triton_keys import pack_keys
 
 LOG2E = 1.4426950408889634
 MAX_GATE_CANDIDATES = 128
-# Gates: "grouped" (group maxima; the kept groups' scores in registers) or "sort" (a sorted candidate
-# list merged every tile). Grouped is faster with many blocks and few past blocks to keep; measured on the
-# H200 (results/kernel-dev/v5-gate-probe.json): 4096 blocks, 7 kept: 94 vs 150 ms; 2048 blocks, 7 kept:
-# 7.2 vs 9.7 ms; but 256 blocks, 7 kept: 3.2 vs 1.4 ms, and 15 kept at 1024 blocks: 10.8 vs 5.0 ms.
+# Gates: "grouped" (group maxima; the kept groups' scores in scratch memory) or "sort" (a sorted
+# candidate list merged every tile). Grouped is faster with many blocks and few past blocks to keep;
+# measured on the H200 (results/kernel-dev/v6-gate-probe.jsonl.log, v5-gate-probe.json): 4096 blocks,
+# 7 kept: 69.6 vs 144.6 ms; 2048 blocks, 7 kept: 5.4 vs 9.3 ms; but 256 blocks, 7 kept: 2.3 vs 1.4 ms,
+# and 15 kept at 1024 blocks (v5): 10.8 vs 5.0 ms.
 # GATE_KIND (or MOBA_GATE_KIND) forces one (tests, probes); the grouped kernel takes up to 16.
 GROUPED_GATE_MAX = 16
 GROUPED_GATE_DEFAULT_MAX = 8
