@@ -93,6 +93,14 @@ def test_bwd_fused_knob(monkeypatch):
         triton_moba.bwd_fused()
 
 
+@pytest.mark.parametrize(("name", "value"), [("MOBA_FWD_CFG", "128,64"), ("MOBA_BWD_CFG", "64,x,4,2"),
+                                             ("MOBA_GATE_CFG", "64,16"), ("MOBA_GATE_CFG", "64,16,0")])
+def test_tuning_knobs_reject_bad_values(name, value, monkeypatch):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(MobaError, match=name):
+        triton_moba._env_config(name, (3, 4, 5) if name == "MOBA_GATE_CFG" else (4,))
+
+
 def test_head_dim_64(device):
     check_against_reference([41], 2, 1, 64, 16, 2, device)
 

@@ -297,7 +297,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     split = q.dtype == torch.bfloat16 and not _is_interp()
     kind = gate_kind(npast, layout.max_blocks)
     common = dict(G=hq // k.shape[1], NPAST=npast, D=d, PREC="ieee" if exact else "tf32x3", SPLIT=split)
-    cfg = _env_config("MOBA_GATE_CFG")
+    cfg = _env_config("MOBA_GATE_CFG", (3, 4, 5))
     # The bf16 halves of the float32 means are made once here, not in every program's loop.
     km_hi = km.to(q.dtype) if split else km
     km_lo = (km - km_hi.float()).to(q.dtype) if split else km
@@ -713,10 +713,20 @@ def _bwd_dkdv_kernel(
 # Launch configuration
 
 
-def _env_config(name: str) -> list[int] | None:
-    """Kernel-tuning override, e.g. ``MOBA_FWD_CFG=128,64,8,3`` (used by scripts/perf_probe.py)."""
+def _env_config(name: str, sizes: tuple[int, ...] = (4,)) -> list[int] | None:
+    """Kernel-tuning override, e.g. ``MOBA_FWD_CFG=128,64,8,3`` (used by scripts/perf_probe.py): positive
+    integers, as many as one of ``sizes``."""
     val = os.environ.get(name)
-    return [int(x) for x in val.split(",")] if val else None
+    if not val:
+        return None
+    try:
+        cfg = [int(x) for x in val.split(",")]
+    except ValueError:
+        cfg = []
+    if len(cfg) not in sizes or min(cfg) < 1:
+        raise MobaError(f"{name} must be {' or '.join(map(str, sizes))} positive integers separated by commas, "
+                        f"got {val!r}")
+    return cfg
 
 
 def _env_str(name: str) -> str | None:
