@@ -2,7 +2,8 @@
 against the sort gate, and the forward with and without TMA descriptors, at the paper and flashmoba
 presets. Writes $OUT/gate_fwd_probe.json and prints one JSON line per measurement.
 
-python scripts/gate_fwd_probe.py [--gates]   (--gates: only the gate, at five shapes)
+python scripts/gate_fwd_probe.py [--gates | --fwd-sweep]   (--gates: only the gate, at five shapes;
+--fwd-sweep: forward tile configs at paper 1M)
 """
 
 from __future__ import annotations
@@ -72,14 +73,14 @@ def gate_cases(name, seq, hq, hkv, chunk, topk, cfgs):
             emit({"what": "gate", "case": name, "kind": "grouped", "cfg": cfg, "error": repr(e)[:500]})
 
 
-def fwd_cases(name, seq, hq, hkv, chunk, topk, cfgs, bwd=False):
+def fwd_cases(name, seq, hq, hkv, chunk, topk, cfgs, bwd=False, descs=("0", "1")):
     q, k, v, layout = inputs(seq, hq, hkv, chunk)
     sel = tm.select_blocks(q, k, layout, topk)
     scale = 128**-0.5
     ref = None
     for cfg in cfgs:
-        for desc in ("0", "1"):
-            env = {"MOBA_FWD_CFG": cfg, "MOBA_FWD_DESC": desc}
+        for desc in descs:
+            env = {"MOBA_FWD_CFG": cfg or None, "MOBA_FWD_DESC": desc}
             try:
                 bm = int(cfg.split(",")[0]) if cfg else tm._fwd_config(128, q.dtype, chunk)["BLOCK_M"]
                 sched = tm.Schedule(sel, layout.num_blocks, bm)
@@ -111,7 +112,10 @@ def fwd_cases(name, seq, hq, hkv, chunk, topk, cfgs, bwd=False):
 def main():
     t0 = time.time()
     torch.cuda.empty_cache()
-    if "--gates" in sys.argv:
+    if "--fwd-sweep" in sys.argv:  # forward tile configs at paper 1M, TMA descriptors on
+        fwd_cases("paper-1m", 1048576, 1, 1, 4096, 12, ["", "128,64,8,4", "128,128,8,3", "256,64,16,2"],
+                  descs=("1",))
+    elif "--gates" in sys.argv:
         # (name, seq, heads, kv heads, chunk, topk, grouped configs)
         for c in [
             ("flashmoba-512k", 524288, 16, 16, 128, 8, ["64,16,4", "128,16,8", "64,32,4"]),
@@ -134,6 +138,7 @@ def main():
         fwd_cases("flashmoba-512k", 524288, 16, 16, 128, 8, ["", "128,64,8,3"], bwd=True)
     os.makedirs(OUT, exist_ok=True)
     name = "gate_probe.json" if "--gates" in sys.argv else "gate_fwd_probe.json"
+    name = "fwd_sweep.json" if "--fwd-sweep" in sys.argv else name
     with open(os.path.join(OUT, name), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
                    "git_commit": os.environ.get("MOBA_GIT_COMMIT"), "wall_s": round(time.time() - t0, 1),
