@@ -745,7 +745,9 @@ def _fwd_config(d: int, dtype: torch.dtype, chunk: int) -> dict:
     # (H200 sweep, docs/perf-notes.md: chunk 128 -> 64-row tiles 55 ms vs 70 ms at 512K x 16 heads).
     if d <= 64 or chunk <= 512:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 3}
+    # 128-key tiles with 3 stages (and TMA, below): paper 1M attention 54.1 vs 57.9 ms for 64-key tiles
+    # (results/kernel-dev/v6-fwd-sweep.json; with 2 stages they were no faster, v5).
+    return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 
 
 def _bwd_config(d: int, dtype: torch.dtype, chunk: int, fused: bool) -> dict:
