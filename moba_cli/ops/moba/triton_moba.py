@@ -340,7 +340,9 @@ def _persistent_programs(kernel, device: torch.device, ntiles: int, per_sm: int 
     if _is_interp():
         return max(1, min(ntiles, 3))  # a few, so the tests exercise the strided tile loop
     if per_sm is None:
-        key = (device.index, kernel.fn.__name__, tuple(sorted((k, str(v)) for k, v in kw.items())))
+        # dtypes too: the same constexprs compile differently for fp16 and float32 inputs
+        dtypes = tuple(str(a.dtype) for a in args if isinstance(a, torch.Tensor))
+        key = (device.index, kernel.fn.__name__, dtypes, tuple(sorted((k, str(v)) for k, v in kw.items())))
         per_sm = _RESIDENT.get(key)
         if per_sm is None:
             compiled = kernel.warmup(*args, grid=(1,), **kw)
