@@ -8,16 +8,13 @@ prints one JSON line per measurement.
 
 from __future__ import annotations
 
-import json
-import os
 import sys
 import time
 
 import torch
-import triton
 
 from moba_cli.ops.moba import triton_moba as tm
-from scripts.gate_fwd_probe import OUT, RECS, bench, emit, gate_cases, inputs, with_env
+from scripts.gate_fwd_probe import bench, emit, gate_cases, inputs, with_env, write_records
 
 
 def rel_rms(a, b):
@@ -31,7 +28,7 @@ def bwd_alone(name, q, k, v, layout, topk, cfgs, do, unfused=True):
     chunk = layout.chunk_size
     scale = 128**-0.5
     sel = tm.select_blocks(q, k, layout, topk)
-    sched = tm.Schedule(sel, layout.num_blocks, tm._bwd_config(128, q.dtype, chunk, False)["BLOCK_M"])
+    sched = tm.Schedule(sel, layout.num_blocks, tm._bwd_config(128, q.dtype, False)["BLOCK_M"])
     out, lse = tm._forward(q, k, v, layout, tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)[
         "BLOCK_M"]), scale)
     ref = None
@@ -39,7 +36,7 @@ def bwd_alone(name, q, k, v, layout, topk, cfgs, do, unfused=True):
         env = {"MOBA_BWD_FUSED": fused, "MOBA_BWD_CFG": cfg or None}
         try:
             def run():
-                return tm._backward(q, k, v, out, do, lse, layout, sched, scale)
+                return tm._backward(q, k, v, out, do, lse, layout, sched, scale, tm.bwd_fused())
 
             grads = with_env(env, run)
             rec = {"what": "bwd", "case": name, "fused": fused, "cfg": cfg}
@@ -79,7 +76,7 @@ def main():
             bwd_alone(c[0], q, k, v, layout, c[5], cfgs, torch.randn_like(q), unfused=False)
             del q, k, v
             torch.cuda.empty_cache()
-        return finish(t0, "bwd_sweep.json")
+        return write_records(t0, "bwd_sweep.json")
     if "--bwd-only" in sys.argv:  # second call: the gate was measured by the first
         for c in [
             ("paper-1m", 1048576, 1, 1, 4096, 12, ["64,128,8,1"]),
@@ -87,7 +84,7 @@ def main():
         ]:
             bwd_cases(*c)
             torch.cuda.empty_cache()
-        return finish(t0, "bwd_probe.json")
+        return write_records(t0, "bwd_probe.json")
     gcfg = ["64,16,4,3", "64,16,4,2", "128,16,8,3", "64,32,4,3", "32,16,4,3", "64,16,4,3,2"]
     for c in [
         ("flashmoba-512k", 524288, 16, 16, 128, 8, gcfg),
@@ -106,15 +103,7 @@ def main():
     ]:
         bwd_cases(*c)
         torch.cuda.empty_cache()
-    finish(t0, "gate_bwd_probe.json")
-
-
-def finish(t0, name):
-    os.makedirs(OUT, exist_ok=True)
-    with open(os.path.join(OUT, name), "w") as f:
-        json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
-                   "git_commit": os.environ.get("MOBA_GIT_COMMIT"), "wall_s": round(time.time() - t0, 1),
-                   "records": RECS}, f, indent=1)
+    write_records(t0, "gate_bwd_probe.json")
 
 
 if __name__ == "__main__":

@@ -136,9 +136,13 @@ def main():
         fwd_cases("paper-1m", 1048576, 1, 1, 4096, 12, fwd_cfgs, bwd=True)
         torch.cuda.empty_cache()
         fwd_cases("flashmoba-512k", 524288, 16, 16, 128, 8, ["", "128,64,8,3"], bwd=True)
-    os.makedirs(OUT, exist_ok=True)
     name = "gate_probe.json" if "--gates" in sys.argv else "gate_fwd_probe.json"
-    name = "fwd_sweep.json" if "--fwd-sweep" in sys.argv else name
+    write_records(t0, "fwd_sweep.json" if "--fwd-sweep" in sys.argv else name)
+
+
+def write_records(t0: float, name: str) -> None:
+    """$OUT/name: the records with the GPU, versions, commit and wall time."""
+    os.makedirs(OUT, exist_ok=True)
     with open(os.path.join(OUT, name), "w") as f:
         json.dump({"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "triton": triton.__version__,
                    "git_commit": os.environ.get("MOBA_GIT_COMMIT"), "wall_s": round(time.time() - t0, 1),

@@ -58,7 +58,8 @@ def sweep_shape(label, seq, hq, chunk, topk, recs):
     for cfg in BWD:
         os.environ["MOBA_BWD_CFG"] = cfg
         bs = tm.Schedule(sel, layout.num_blocks, int(cfg.split(",")[0]))
-        timed(f"bwd/{label}", cfg, lambda bs=bs: tm._backward(q, k, v, out, do, lse, layout, bs, scale), recs)
+        timed(f"bwd/{label}", cfg,
+              lambda bs=bs: tm._backward(q, k, v, out, do, lse, layout, bs, scale, tm.bwd_fused()), recs)
     os.environ.pop("MOBA_BWD_CFG")
     for cfg in GATE:
         os.environ["MOBA_GATE_CFG"] = cfg

@@ -66,11 +66,12 @@ def case(seq, hq, hkv, chunk, topk, bwd=True):
     rec["cudnn_fwd_ms"] = bench(sdpa_fn(q, k, v, SDPBackend.CUDNN_ATTENTION))
     rec["fwd_speedup"] = rec["cudnn_fwd_ms"] / rec["moba_fwd_ms"]
     if bwd:
-        bcfg = tm._bwd_config(128, q.dtype, chunk, tm.bwd_fused())
+        bcfg = tm._bwd_config(128, q.dtype, tm.bwd_fused())
         bsched = tm.Schedule(sel, layout.num_blocks, bcfg["BLOCK_M"])
         out, lse = tm._forward(q, k, v, layout, bsched, scale)
         do = torch.randn_like(out)
-        rec["attn_bwd_ms"] = bench(lambda: tm._backward(q, k, v, out, do, lse, layout, bsched, scale))
+        rec["attn_bwd_ms"] = bench(lambda: tm._backward(q, k, v, out, do, lse, layout, bsched, scale,
+                                                       tm.bwd_fused()))
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 
         def fb():

@@ -169,7 +169,7 @@ def main() -> None:
                 {"H": 8, "G": 4, "NPAST": ng - 1, "NG": ng, "D": d, "BLOCK_M": bm, "BLOCK_N": 16, "PREC": "tf32x3",
                  "SPLIT": dtype == torch.bfloat16}, num_warps=4, num_stages=3,
             )
-        b = tm._bwd_config(d, dtype, 4096, False)
+        b = tm._bwd_config(d, dtype, False)
         for even in (True, False):
             compile_kernel(
                 tm._bwd_dq_kernel,
@@ -179,8 +179,8 @@ def main() -> None:
                  "PREC": "tf32"}, num_warps=b["num_warps"], num_stages=b["num_stages"],
             )
             # dK/dV: with dQ fused, and without (the dQ pass's tiles)
-            for chunk, fused in ((4096, True), (4096, False)):
-                b = tm._bwd_config(d, dtype, chunk, fused)
+            for fused in (True, False):
+                b = tm._bwd_config(d, dtype, fused)
                 compile_kernel(
                     tm._bwd_dkdv_kernel,
                     {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DK": t, "DV": t, "DQ": P32,

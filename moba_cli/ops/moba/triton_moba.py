@@ -308,7 +308,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
         block_m, block_n, num_warps, num_stages = (16 if _is_interp() else (64 if ng <= 8 else 32)), 16, 4, 3
         per_sm = None
         if cfg:
-            block_m, block_n, num_warps = cfg[0], max(cfg[1], npast), cfg[2]
+            block_m, block_n, num_warps = cfg[0], max(cfg[1], triton.next_power_of_2(npast)), cfg[2]
             num_stages = cfg[3] if len(cfg) > 3 else num_stages
             per_sm = cfg[4] if len(cfg) > 4 else None
         ntiles = triton.cdiv(t_total, block_m) * hq
@@ -752,7 +752,7 @@ def _fwd_config(d: int, dtype: torch.dtype, chunk: int) -> dict:
     return {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3}
 
 
-def _bwd_config(d: int, dtype: torch.dtype, chunk: int, fused: bool) -> dict:
+def _bwd_config(d: int, dtype: torch.dtype, fused: bool) -> dict:
     cfg = _env_config("MOBA_BWD_CFG")
     if cfg:
         return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
@@ -861,12 +861,11 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
     return out, lse
 
 
-def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, scale: float):
+def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, scale: float, fused: bool):
     t_total, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
-    fused = bwd_fused()
-    cfg = _bwd_config(d, q.dtype, layout.chunk_size, fused)
+    cfg = _bwd_config(d, q.dtype, fused)
     if dout.stride(-1) != 1:
         dout = dout.contiguous()
     delta = _empty(t_total, hq, dtype=torch.float32, device=q.device)
@@ -920,21 +919,23 @@ class MobaFunction(torch.autograd.Function):
         block_idx = select_blocks(q, k, layout, topk)
         need_grad = any(ctx.needs_input_grad[:3])
         bm_f = _fwd_config(q.shape[-1], q.dtype, layout.chunk_size)["BLOCK_M"]
-        bm_b = _bwd_config(q.shape[-1], q.dtype, layout.chunk_size, bwd_fused())["BLOCK_M"]
+        # The backward path is decided once here, so the schedule kept for it always fits.
+        fused = bwd_fused()
+        bm_b = _bwd_config(q.shape[-1], q.dtype, fused)["BLOCK_M"]
         sched = Schedule(block_idx, layout.num_blocks, bm_f)
         out, lse = _forward(q, k, v, layout, sched, scale)
         if need_grad:
             # The fused backward needs only the per-block query lists, which do not depend on the tile size.
-            if bm_b != bm_f and not bwd_fused():
+            if bm_b != bm_f and not fused:
                 sched = Schedule(block_idx, layout.num_blocks, bm_b)
             ctx.save_for_backward(q, k, v, out, lse)
-            ctx.sched, ctx.layout, ctx.scale = sched, layout, scale
+            ctx.sched, ctx.layout, ctx.scale, ctx.fused = sched, layout, scale, fused
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        dq, dk, dv = _backward(q, k, v, out, dout, lse, ctx.layout, ctx.sched, ctx.scale)
+        dq, dk, dv = _backward(q, k, v, out, dout, lse, ctx.layout, ctx.sched, ctx.scale, ctx.fused)
         return dq, dk, dv, None, None, None
 
 
