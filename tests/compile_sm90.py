@@ -122,12 +122,12 @@ def compile_launch(fn, args: tuple, kwargs: dict, backend, done: set) -> None:
 
 
 def forward_launches() -> list:
-    """Every launch of ``_forward`` (attention slots, normalisation) on meta tensors, TMA descriptors on and off,
+    """Every launch of ``_forward`` (the attention slots) on meta tensors, TMA descriptors on and off,
     for the forward configurations the op picks (bf16 D=128 at chunk 4096, 128 and 1000; fp16 D=64)."""
     from types import SimpleNamespace
 
     launches: list = []
-    saved = {name: getattr(tm, name) for name in ("_fwd_kernel", "_normalize_kernel")}
+    saved = {name: getattr(tm, name) for name in ("_fwd_kernel",)}
     saved_desc = tm.FWD_DESC
     try:
         for name in saved:
@@ -143,9 +143,13 @@ def forward_launches() -> list:
                 k = torch.empty(t, hkv, d, dtype=dtype, device="meta")
                 ints = torch.empty(t, dtype=torch.int32, device="meta")
                 layout = SimpleNamespace(chunk_size=chunk, num_blocks=4, block_start=ints, block_end=ints)
-                sched = SimpleNamespace(slot_tiles=[(0, 5), (5, 3)], pair_t=ints, group_off=ints, group_cnt=ints,
-                                        tile_group=ints, tile_off=ints)
-                tm._forward(q, k, k, layout, sched, d**-0.5)
+                # three slots: the first launch, a merging one, the own-block one that writes the output;
+                # one slot (top-k 1) at the first setting: a launch that is first and last
+                for slots in (3, 1) if (dtype, d, chunk) == cases[0] else (3,):
+                    sel = torch.empty(t, hq, slots, dtype=torch.int32, device="meta")
+                    sched = SimpleNamespace(slots=slots, tiles_bound=7, slot_first=ints, block_idx=sel, pair_t=ints,
+                                            group_off=ints, group_cnt=ints, tile_group=ints, tile_off=ints)
+                    tm._forward(q, k, k, layout, sched, d**-0.5)
     finally:
         for name, value in saved.items():
             setattr(tm, name, value)
@@ -174,7 +178,7 @@ def main() -> None:
             compile_kernel(
                 tm._bwd_dq_kernel,
                 {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DQ": P32, "TILE_GROUP": I32,
-                 "TILE_OFF": I32, "sm_scale": "fp32", **common},
+                 "TILE_OFF": I32, "SLOT_FIRST": I32, "sm_scale": "fp32", **common},
                 {"H": 8, "G": 4, "D": d, "FIRST": even, "EVEN": even, "BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"],
                  "PREC": "tf32"}, num_warps=b["num_warps"], num_stages=b["num_stages"],
             )

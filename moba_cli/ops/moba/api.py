@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .layout import make_layout
+from .layout import cached_layout, make_layout
 from .validate import check_inputs, check_moba_params, resolve_backend
 
 
@@ -61,8 +61,17 @@ def moba_attention(
         if triton_moba.DENSE_WHEN_FULL and q.is_cuda and topk >= -(-longest // chunk_size):
             scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
             return triton_moba._dense_causal(q, k, v, cu_host, float(scale))
-    qp, kp, vp, cu = _pack(q, k, v, cu_seqlens)
-    layout = make_layout(cu, chunk_size)
+        # The layout comes from host offsets (the padded shape, or the list read above), so it is built
+        # without waiting for the GPU, or found in the cache.
+        qp, kp, vp = q, k, v
+        if cu_host is None:
+            b, s = q.shape[:2]
+            cu_host = [i * s for i in range(b + 1)]
+            qp, kp, vp = (x.reshape(b * s, *x.shape[2:]) for x in (q, k, v))
+        layout = cached_layout(cu_host, chunk_size, q.device)
+    else:
+        qp, kp, vp, cu = _pack(q, k, v, cu_seqlens)
+        layout = make_layout(cu, chunk_size)
     if backend == "naive":
         from .naive import moba_attention_naive
 

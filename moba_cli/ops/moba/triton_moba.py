@@ -12,7 +12,8 @@ Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :
 4. ``_fwd_kernel``: one program per tile of up to ``BLOCK_M`` gathered queries of one (slot, head,
    block): dense attention of the gathered queries over that block's keys with an online softmax, then a
    log-sum-exp merge into a float32 accumulator. Slots run as separate launches, and each query has
-   exactly one block per slot, so merges never race and need no atomics.
+   at most one block per slot, so merges never race and need no atomics. The own-block slot, which
+   every query has, runs last and writes the normalised output.
 5. Backward: ``_bwd_dkdv_kernel`` owns one key tile of one block and loops over every query (of every
    head in its KV group) that chose the block, so dK/dV stay in registers and K/V are never copied per
    query head; by default it also adds each query's dQ share with float32 atomics. Without that
@@ -361,49 +362,56 @@ def _persistent_programs(kernel, device: torch.device, ntiles: int, per_sm: int 
 
 
 class Schedule:
-    """Work lists built from ``block_idx [T, H, S]``.
+    """Work lists built from ``block_idx [T, H, S]``, on the device and without a host sync.
 
-    ``pair_t``: token of every valid (token, head, slot) pair, sorted by (slot, head, block) and, within a
-    group, by token. ``group_off``/``group_cnt`` ``[S*H*NB]``: each group's range in ``pair_t``.
-    ``tile_group``/``tile_off``: the forward/dQ tiles (``block_m`` queries each), ordered by slot;
-    ``slot_tiles[s]`` is the ``(first, count)`` of slot ``s``'s tiles.
+    ``pair_t``: token of every (token, head, slot) pair, the valid ones first, sorted by (slot, head, block)
+    and, within a group, by token. ``group_off``/``group_cnt`` ``[S*H*NB]``: each group's range in
+    ``pair_t``. ``tile_group``/``tile_off``: the forward/dQ tiles (``block_m`` queries each), ordered by
+    slot; slot ``s``'s tiles are ``slot_first[s] .. slot_first[s+1]`` (device ``[S+1]``). The host does not
+    know the tile counts: ``tiles_bound`` is an upper bound on any slot's count, used as the launch grid
+    (programs past their slot's end exit at once), so building and using the schedule never waits for
+    the GPU. ``block_idx`` is kept for the forward only (the last launch needs it).
     """
 
     def __init__(self, block_idx: torch.Tensor, num_blocks: int, block_m: int):
         t_total, h, s = block_idx.shape
         self.slots, self.heads, self.num_blocks, self.block_m = s, h, num_blocks, block_m
+        self.block_idx: torch.Tensor | None = block_idx
         ngroups = s * h * num_blocks
         dev = block_idx.device
+        # A group's key is its place in (slot, head, block) order; the slot/head part is a [H, S] table.
         kdt = torch.int32 if ngroups < 2**31 - 1 else torch.int64
-        flat = block_idx.reshape(-1)
-        idx = torch.arange(flat.numel(), device=dev, dtype=torch.int64)
-        slot = idx % s
-        head = (idx // s) % h
-        key = ((slot * h + head) * num_blocks + flat.to(torch.int64)).to(kdt)
-        key = torch.where(flat >= 0, key, torch.full_like(key, ngroups))
-        del slot, head
-        _, perm = torch.sort(key, stable=True)
-        counts = torch.bincount(key, minlength=ngroups + 1)[:ngroups]
-        npairs = int(counts.sum().item())
-        self.pair_t = (perm[:npairs] // (h * s)).to(torch.int32)
-        del perm, idx, key
-        offs = torch.cumsum(counts, 0)
+        sh = torch.arange(s, device=dev, dtype=kdt)[None, :] * h + torch.arange(h, device=dev, dtype=kdt)[:, None]
+        key = block_idx.to(kdt) + sh[None] * num_blocks
+        key = torch.where(block_idx >= 0, key, torch.full_like(key, ngroups)).reshape(-1)
+        del sh
+        # Radix sort time grows with the key's width: 16-bit keys take half the passes of 32-bit ones.
+        if ngroups < 2**15 - 1:
+            key = key.to(torch.int16)
+        skey, perm = torch.sort(key, stable=True)
+        del key
+        # Group offsets from the sorted keys (bincount would sync to size its output).
+        bounds = torch.arange(ngroups + 1, device=dev, dtype=skey.dtype)
+        offs = torch.searchsorted(skey, bounds)
+        del skey, bounds
+        self.pair_t = torch.div(perm, h * s, rounding_mode="floor").to(torch.int32)
+        del perm
+        counts = offs[1:] - offs[:-1]
+        self.group_off = offs[:-1].to(torch.int32)
         self.group_cnt = counts.to(torch.int32)
-        self.group_off = (offs - counts).to(torch.int32)
         ntiles = (counts + block_m - 1) // block_m
-        per_slot = ntiles.view(s, h * num_blocks).sum(1).tolist()
-        total = int(sum(per_slot))
-        self.tile_group = torch.repeat_interleave(
-            torch.arange(ngroups, device=dev, dtype=torch.int32), ntiles, output_size=total
-        )
-        first_tile = torch.cumsum(ntiles, 0) - ntiles
-        self.tile_off = ((torch.arange(total, device=dev) - first_tile[self.tile_group.long()]) * block_m).to(
-            torch.int32
-        )
-        starts = [0]
-        for n in per_slot[:-1]:
-            starts.append(starts[-1] + n)
-        self.slot_tiles = list(zip(starts, per_slot, strict=True))
+        cum = torch.cumsum(ntiles, 0)
+        # Any slot has at most T*H queries, in at most min(H*NB, T*H) non-empty groups, so at most this many
+        # tiles.
+        self.tiles_bound = triton.cdiv(t_total * h, block_m) + min(h * num_blocks, t_total * h) if ngroups else 0
+        self.slot_first = torch.zeros(s + 1, device=dev, dtype=torch.int32)
+        if ngroups:
+            self.slot_first[1:] = cum.view(s, h * num_blocks)[:, -1].to(torch.int32)
+        ti = torch.arange(s * self.tiles_bound, device=dev, dtype=cum.dtype)
+        g = torch.searchsorted(cum, ti, right=True).clamp_(max=max(ngroups - 1, 0))
+        first_tile = cum - ntiles
+        self.tile_group = g.to(torch.int32)
+        self.tile_off = ((ti - first_tile[g]) * block_m).to(torch.int32) if ngroups else g.to(torch.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -456,15 +464,17 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, lo, hi, kend, qk_scale,
         if MASK:
             kmask = kn < kend
             kt = tl.load(kptr, mask=kmask[None, :], other=0.0)
-            s = tl.dot(q, kt, input_precision=PREC) * qk_scale
+            s = tl.dot(q, kt, input_precision=PREC)
             s = tl.where(kmask[None, :] & (kn[None, :] <= t[:, None]), s, float("-inf"))
         elif DESC:
-            s = tl.dot(q, tl.trans(KD.load([n0, hk * D])), input_precision=PREC) * qk_scale
+            s = tl.dot(q, tl.trans(KD.load([n0, hk * D])), input_precision=PREC)
         else:
-            s = tl.dot(q, tl.load(kptr), input_precision=PREC) * qk_scale
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = tl.dot(q, tl.load(kptr), input_precision=PREC)
+        # The scale is applied to the row max and inside one fused multiply-add per score, not by a
+        # separate multiply of the whole tile (the softmax's elementwise work is what limits this loop).
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
             vt = tl.load(vptr, mask=kmask[:, None], other=0.0)
@@ -472,71 +482,72 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, lo, hi, kend, qk_scale,
             vt = VD.load([n0, hk * D])
         else:
             vt = tl.load(vptr)
-        acc = acc * alpha[:, None] + tl.dot(p.to(vt.dtype), vt, input_precision=PREC)
+        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc, m_i, l_i
 
 
-@triton.jit(do_not_specialize=["tile_base", "NB"])
+@triton.jit(do_not_specialize=["slot", "NB"])
 def _fwd_kernel(
-    Q, K, V, KD, VD, ACC, M, L,
-    PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
-    tile_base, qk_scale,
+    Q, K, V, KD, VD, ACC, M, L, OUT, LSE, SEL,
+    PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, SLOT_FIRST, BS, BE,
+    slot, qk_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_at, stride_ah, stride_mt,
+    stride_ot, stride_oh, stride_st, stride_sh,
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
-    FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
-    DESC: tl.constexpr,
+    FIRST: tl.constexpr, LAST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, DESC: tl.constexpr,
 ):
-    h, hk, ks, kend, free, t, rvalid = _tile_queries(
-        PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, tile_base + tl.program_id(0), NB,
-        H, G, EVEN, BLOCK_M, BLOCK_N,
-    )
-    t64 = t.to(tl.int64)
-    d = tl.arange(0, D)
-    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, ks, free, kend, qk_scale,
-                               stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False, DESC)
-    acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, free, kend, kend, qk_scale,
-                               stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True, False)
-    aptr = ACC + t64[:, None] * stride_at + h * stride_ah + d[None, :]
-    mptr = t64 * stride_mt + h
-    if FIRST:
-        tl.store(aptr, acc, mask=rvalid[:, None])
-        tl.store(M + mptr, m_i, mask=rvalid)
-        tl.store(L + mptr, l_i, mask=rvalid)
-    else:
-        acc0 = tl.load(aptr, mask=rvalid[:, None], other=0.0)
-        m0 = tl.load(M + mptr, mask=rvalid, other=0.0)
-        l0 = tl.load(L + mptr, mask=rvalid, other=0.0)
-        mm = tl.maximum(m0, m_i)
-        a0 = tl.math.exp2(m0 - mm)
-        a1 = tl.math.exp2(m_i - mm)
-        tl.store(aptr, acc0 * a0[:, None] + acc * a1[:, None], mask=rvalid[:, None])
-        tl.store(M + mptr, mm, mask=rvalid)
-        tl.store(L + mptr, l0 * a0 + l_i * a1, mask=rvalid)
-
-
-@triton.jit
-def _normalize_kernel(
-    ACC, M, L, OUT, LSE, T,
-    stride_at, stride_ah, stride_ot, stride_oh,
-    H: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr,
-):
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    h = tl.program_id(1)
-    rmask = rows < T
-    r64 = rows.to(tl.int64)
-    d = tl.arange(0, D)
-    acc = tl.load(ACC + r64[:, None] * stride_at + h * stride_ah + d[None, :], mask=rmask[:, None], other=0.0)
-    m = tl.load(M + r64 * H + h, mask=rmask, other=0.0)
-    l_ = tl.load(L + r64 * H + h, mask=rmask, other=1.0)
-    o = acc / l_[:, None]
-    optr = OUT + r64[:, None] * stride_ot + h * stride_oh + d[None, :]
-    tl.store(optr, o.to(OUT.dtype.element_ty), mask=rmask[:, None])
-    tl.store(LSE + r64 * H + h, m + tl.math.log2(l_), mask=rmask)
+    """One tile of slot ``slot``. ``FIRST``: the first launch, which stores the float32 partial result
+    (``ACC``, ``M``, ``L``); later launches merge into it. ``LAST`` (slot 0, the own block, launched last):
+    merges, normalises and writes ``OUT`` and ``LSE`` directly. A query takes part in the past-block
+    slots only if its slot 1 is a block (``SEL [T, H, S]``): the gates fill slots best first, so a query
+    with any past block has slot 1."""
+    tile = tl.load(SLOT_FIRST + slot) + tl.program_id(0)
+    if tile < tl.load(SLOT_FIRST + slot + 1):
+        h, hk, ks, kend, free, t, rvalid = _tile_queries(
+            PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, tile, NB, H, G, EVEN, BLOCK_M, BLOCK_N,
+        )
+        t64 = t.to(tl.int64)
+        d = tl.arange(0, D)
+        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D], tl.float32)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, ks, free, kend, qk_scale,
+                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False, DESC)
+        acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, free, kend, kend, qk_scale,
+                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True, False)
+        aptr = ACC + t64[:, None] * stride_at + h * stride_ah + d[None, :]
+        mptr = t64 * stride_mt + h
+        if FIRST and not LAST:
+            tl.store(aptr, acc, mask=rvalid[:, None])
+            tl.store(M + mptr, m_i, mask=rvalid)
+            tl.store(L + mptr, l_i, mask=rvalid)
+        else:
+            if FIRST:
+                mm = m_i
+                ll = l_i
+            else:
+                ld = rvalid
+                if LAST:
+                    ld = ld & (tl.load(SEL + t64 * stride_st + h * stride_sh + 1, mask=rvalid, other=-1) >= 0)
+                acc0 = tl.load(aptr, mask=ld[:, None], other=0.0)
+                m0 = tl.load(M + mptr, mask=ld, other=float("-inf"))
+                l0 = tl.load(L + mptr, mask=ld, other=0.0)
+                mm = tl.maximum(m0, m_i)
+                a0 = tl.math.exp2(m0 - mm)
+                a1 = tl.math.exp2(m_i - mm)
+                acc = acc0 * a0[:, None] + acc * a1[:, None]
+                ll = l0 * a0 + l_i * a1
+            if LAST:
+                optr = OUT + t64[:, None] * stride_ot + h * stride_oh + d[None, :]
+                tl.store(optr, (acc / ll[:, None]).to(OUT.dtype.element_ty), mask=rvalid[:, None])
+                tl.store(LSE + mptr, mm + tl.math.log2(ll), mask=rvalid)
+            else:
+                tl.store(aptr, acc, mask=rvalid[:, None])
+                tl.store(M + mptr, mm, mask=rvalid)
+                tl.store(L + mptr, ll, mask=rvalid)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -585,37 +596,38 @@ def _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, lo, hi, kend, qk_scale
     return dq
 
 
-@triton.jit(do_not_specialize=["tile_base", "NB"])
+@triton.jit(do_not_specialize=["slot", "NB"])
 def _bwd_dq_kernel(
     Q, K, V, DO, LSE, DELTA, DQ,
-    PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE,
-    tile_base, qk_scale, sm_scale,
+    PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, SLOT_FIRST, BS, BE,
+    slot, qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dqt, stride_dqh,
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
     FIRST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr,
 ):
-    h, hk, ks, kend, free, t, rvalid = _tile_queries(
-        PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, tile_base + tl.program_id(0), NB,
-        H, G, EVEN, BLOCK_M, BLOCK_N,
-    )
-    t64 = t.to(tl.int64)
-    d = tl.arange(0, D)
-    q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
-    do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rvalid[:, None], other=0.0)
-    lse = tl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
-    delta = tl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
-    dq = tl.zeros([BLOCK_M, D], tl.float32)
-    dq = _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, ks, free, kend, qk_scale,
-                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False)
-    dq = _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, free, kend, kend, qk_scale,
-                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True)
-    dq = dq * sm_scale
-    ptr = DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :]
-    if FIRST:
-        tl.store(ptr, dq, mask=rvalid[:, None])
-    else:
-        tl.store(ptr, tl.load(ptr, mask=rvalid[:, None], other=0.0) + dq, mask=rvalid[:, None])
+    tile = tl.load(SLOT_FIRST + slot) + tl.program_id(0)
+    if tile < tl.load(SLOT_FIRST + slot + 1):
+        h, hk, ks, kend, free, t, rvalid = _tile_queries(
+            PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, tile, NB, H, G, EVEN, BLOCK_M, BLOCK_N,
+        )
+        t64 = t.to(tl.int64)
+        d = tl.arange(0, D)
+        q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
+        do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rvalid[:, None], other=0.0)
+        lse = tl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
+        delta = tl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
+        dq = tl.zeros([BLOCK_M, D], tl.float32)
+        dq = _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, ks, free, kend, qk_scale,
+                       stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False)
+        dq = _dq_inner(dq, q, do, lse, delta, t, rvalid, K, V, hk, free, kend, kend, qk_scale,
+                       stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True)
+        dq = dq * sm_scale
+        ptr = DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :]
+        if FIRST:
+            tl.store(ptr, dq, mask=rvalid[:, None])
+        else:
+            tl.store(ptr, tl.load(ptr, mask=rvalid[:, None], other=0.0) + dq, mask=rvalid[:, None])
 
 
 @triton.jit
@@ -828,36 +840,40 @@ def _hopper(device: torch.device) -> bool:
 
 
 def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
+    """Launch the attention slots: the past-block slots first (slot 1 stores, later ones merge), then the
+    own-block slot 0, which every query has, merges and writes the output and its log-sum-exp."""
     t_total, hq, d = q.shape
     g = hq // k.shape[1]
     cfg = _fwd_config(d, q.dtype, layout.chunk_size)
-    acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
-    m = _empty(t_total, hq, dtype=torch.float32, device=q.device)
-    l_ = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    out = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    if sched.slots > 1:
+        acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
+        m = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+        l_ = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    else:
+        acc, m, l_ = out, lse, lse  # never touched: the only launch is first and last
+    sel = sched.block_idx
+    if sel is None:
+        raise RuntimeError("this schedule's block_idx was released after its forward")
     kd, vd = _kv_descriptors(k, v, cfg)
     use_desc = kd is not None
     kd, vd = (kd, vd) if use_desc else (k, v)
-    for s, (first, count) in enumerate(sched.slot_tiles):
-        if count == 0:
-            continue
-        _fwd_kernel[(count,)](
-            q, k, v, kd, vd, acc, m, l_,
-            sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off,
+    if sched.tiles_bound == 0:
+        return out, lse
+    for s in [*range(1, sched.slots), 0]:
+        _fwd_kernel[(sched.tiles_bound,)](
+            q, k, v, kd, vd, acc, m, l_, out, lse, sel,
+            sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off, sched.slot_first,
             layout.block_start, layout.block_end,
-            first, scale * LOG2E,
+            s, scale * LOG2E,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            acc.stride(0), acc.stride(1), m.stride(0),
-            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0), EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
+            acc.stride(0), acc.stride(1), m.stride(0), out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
+            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=s == min(1, sched.slots - 1), LAST=s == 0,
+            EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=use_desc,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    out = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
-    bm = 16 if _is_interp() else 64
-    _normalize_kernel[(triton.cdiv(t_total, bm), hq)](
-        acc, m, l_, out, lse, t_total, acc.stride(0), acc.stride(1), out.stride(0), out.stride(1),
-        H=hq, D=d, BLOCK_M=bm,
-    )
     return out, lse
 
 
@@ -878,14 +894,12 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
         raise RuntimeError("schedule tile size does not match the backward tile size")
     # Fused: dQ gathers atomic adds from the dK/dV kernel, so it starts at zero.
     dq_acc = (torch.zeros if fused else _empty)(t_total, hq, d, dtype=torch.float32, device=q.device)
-    for s, (first, count) in enumerate([] if fused else sched.slot_tiles):
-        if count == 0:
-            continue
-        _bwd_dq_kernel[(count,)](
+    for s in range(0 if fused or not sched.tiles_bound else sched.slots):
+        _bwd_dq_kernel[(sched.tiles_bound,)](
             q, k, v, dout, lse, delta, dq_acc,
-            sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off,
+            sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off, sched.slot_first,
             layout.block_start, layout.block_end,
-            first, scale * LOG2E, scale,
+            s, scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dq_acc.stride(0), dq_acc.stride(1),
             H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=(s == 0), EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
@@ -924,10 +938,12 @@ class MobaFunction(torch.autograd.Function):
         bm_b = _bwd_config(q.shape[-1], q.dtype, fused)["BLOCK_M"]
         sched = Schedule(block_idx, layout.num_blocks, bm_f)
         out, lse = _forward(q, k, v, layout, sched, scale)
+        sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
         if need_grad:
             # The fused backward needs only the per-block query lists, which do not depend on the tile size.
             if bm_b != bm_f and not fused:
                 sched = Schedule(block_idx, layout.num_blocks, bm_b)
+                sched.block_idx = None
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.sched, ctx.layout, ctx.scale, ctx.fused = sched, layout, scale, fused
         return out
