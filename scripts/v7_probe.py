@@ -10,7 +10,8 @@ Paper preset (chunk 4096, top-k 12, bf16, D=128) at 1M tokens, 1 head, and 128K 
   kernel without dQ (4 products instead of 5).
 
 Variants are copies of ``triton_moba`` with one line changed, written next to it and imported as
-modules (Triton needs the source file). Writes $OUT/v7_probe.json and prints one JSON line a record.
+modules (Triton needs the source file). Writes $OUT/v7_probe.json (``--stages-h8``: the forward stages at
+1M with 8 heads only, $OUT/v7_stages_h8.json) and prints one JSON line a record.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ def main():
                     "tl.store(DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :], dq, mask=rvalid[:, None])")
     nodq = variant("_probe_nodq", "PREC=_prec(q.dtype), FUSED_DQ=fused,", "PREC=_prec(q.dtype), FUSED_DQ=False,")
     try:
+        if "--stages-h8" in sys.argv:  # second call: the forward stages at 1M with 8 heads
+            forward_stages("paper-1m-h8", 1 << 20, 8, 4096, 12, tm32)
+            return write_records(t0, "v7_stages_h8.json")
         for case in (("paper-1m-h1", 1 << 20, 1, 4096, 12), ("paper-128k-h8", 1 << 17, 8, 4096, 12)):
             forward_stages(*case, tm32)
             torch.cuda.empty_cache()
