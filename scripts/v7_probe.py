@@ -28,7 +28,7 @@ from moba_cli import moba_attention
 from moba_cli.ops.moba import triton_moba as tm
 from moba_cli.ops.moba.layout import cached_layout
 from scripts.fwd_breakdown import med
-from scripts.gate_fwd_probe import emit, inputs, write_records
+from scripts.gate_fwd_probe import emit, inputs, with_env, write_records
 
 SRC = Path(tm.__file__)
 
@@ -78,6 +78,39 @@ def backward_variants(name, seq, h, chunk, topk, plain, nodq):
     emit(rec)
 
 
+def attn_lazy(name, seq, h, eager):
+    q, k, v, layout = inputs(seq, h, h, 4096)
+    sel = tm.select_blocks(q, k, layout, 12)
+    sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, 4096)["BLOCK_M"])
+    o_lazy, lse_lazy = tm._forward(q, k, v, layout, sched, 128**-0.5)
+    o_eager, lse_eager = eager._forward(q, k, v, layout, sched, 128**-0.5)
+    emit({"what": "attn_lazy", "case": name,
+          "lazy_ms": med(lambda: tm._forward(q, k, v, layout, sched, 128**-0.5)),
+          "eager_ms": med(lambda: eager._forward(q, k, v, layout, sched, 128**-0.5)),
+          "out_max_abs_diff": (o_lazy.float() - o_eager.float()).abs().max().item(),
+          "lse_max_abs_diff": (lse_lazy - lse_eager).abs().max().item()})
+
+
+def lazy_and_gate(eager):
+    """Attention launches with lazy rescaling (default) and without, at paper 1M (1 head) and 128K (8
+    heads); then the sort gate's launch configs at paper 1M with 8 heads."""
+    for case in (("paper-1m-h1", 1 << 20, 1), ("paper-128k-h8", 1 << 17, 8)):
+        attn_lazy(*case, eager)
+        torch.cuda.empty_cache()
+    q, k, _, layout = inputs(1 << 20, 8, 8, 4096)
+    ref = tm.select_blocks(q, k, layout, 12)
+    for cfg in ("", "128,16,4", "128,16,8", "32,16,4", "64,32,4", "128,32,8", "64,16,8", "256,16,8"):
+        def run():
+            return tm.select_blocks(q, k, layout, 12)
+
+        try:
+            same = bool(torch.equal(with_env({"MOBA_GATE_CFG": cfg or None}, run), ref))
+            emit({"what": "sort_gate_cfg", "case": "paper-1m-h8", "cfg": cfg, "same_selection": same,
+                  "ms": with_env({"MOBA_GATE_CFG": cfg or None}, lambda: med(run))})
+        except Exception as e:  # a probe: keep going
+            emit({"what": "sort_gate_cfg", "case": "paper-1m-h8", "cfg": cfg, "error": repr(e)[:300]})
+
+
 def main():
     t0 = time.time()
     tm32 = variant("_probe_key32", "if ngroups < 2**15 - 1:", "if False:")
@@ -86,6 +119,10 @@ def main():
                     "tl.store(DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :], dq, mask=rvalid[:, None])")
     nodq = variant("_probe_nodq", "PREC=_prec(q.dtype), FUSED_DQ=fused,", "PREC=_prec(q.dtype), FUSED_DQ=False,")
     try:
+        if "--lazy-gate" in sys.argv:  # third call: lazy rescaling on/off; sort-gate launch configs
+            eager = variant("_probe_eager", "FWD_LAZY = True", "FWD_LAZY = False")
+            lazy_and_gate(eager)
+            return write_records(t0, "v7_lazy_gate.json")
         if "--stages-h8" in sys.argv:  # second call: the forward stages at 1M with 8 heads
             forward_stages("paper-1m-h8", 1 << 20, 8, 4096, 12, tm32)
             return write_records(t0, "v7_stages_h8.json")
@@ -95,7 +132,7 @@ def main():
             backward_variants(*case, plain, nodq)
             torch.cuda.empty_cache()
     finally:
-        for m in ("_probe_key32", "_probe_plain", "_probe_nodq"):
+        for m in ("_probe_key32", "_probe_plain", "_probe_nodq", "_probe_eager"):
             SRC.with_name(f"{m}.py").unlink(missing_ok=True)
     write_records(t0, "v7_probe.json")
 

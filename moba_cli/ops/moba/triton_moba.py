@@ -450,7 +450,7 @@ def _tile_queries(PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, ti
 def _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, lo, hi, kend, qk_scale,
                stride_kt, stride_kh, stride_vt, stride_vh,
                D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-               DESC: tl.constexpr):
+               DESC: tl.constexpr, LAZY: tl.constexpr):
     """Online-softmax attention of gathered queries ``q [BLOCK_M, D]`` over keys ``lo .. hi``.
 
     ``DESC``: unmasked tiles come through the TMA descriptors ``KD``/``VD`` (k, v viewed ``[T, Hkv*D]``).
@@ -473,17 +473,30 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, lo, hi, kend, qk_scale,
         # The scale is applied to the row max and inside one fused multiply-add per score, not by a
         # separate multiply of the whole tile (the softmax's elementwise work is what limits this loop).
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s * qk_scale - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        if LAZY:
+            # Rescale only when some row's max grew by more than 2^8: until then the stale max keeps every
+            # p <= 256 (exact in float32, same relative precision in bf16), and the tile skips a multiply of
+            # the whole accumulator. (m_i is -inf before the first tile, so that one always rescales.)
+            if tl.max((m_new > m_i + 8.0).to(tl.int32), 0) > 0:
+                alpha = tl.math.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.math.exp2(s * qk_scale - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+        else:
+            alpha = tl.math.exp2(m_i - m_new)
+            p = tl.math.exp2(s * qk_scale - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
+            m_i = m_new
         if MASK:
             vt = tl.load(vptr, mask=kmask[:, None], other=0.0)
         elif DESC:
             vt = VD.load([n0, hk * D])
         else:
             vt = tl.load(vptr)
-        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None], input_precision=PREC)
-        m_i = m_new
+        acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=PREC)
     return acc, m_i, l_i
 
 
@@ -496,7 +509,7 @@ def _fwd_kernel(
     stride_ot, stride_oh, stride_st, stride_sh,
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr, DESC: tl.constexpr,
+    PREC: tl.constexpr, DESC: tl.constexpr, LAZY: tl.constexpr,
 ):
     """One tile of slot ``slot``. ``FIRST``: the first launch, which stores the float32 partial result
     (``ACC``, ``M``, ``L``); later launches merge into it. ``LAST`` (slot 0, the own block, launched last):
@@ -515,9 +528,9 @@ def _fwd_kernel(
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, ks, free, kend, qk_scale,
-                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False, DESC)
+                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False, DESC, LAZY)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, free, kend, kend, qk_scale,
-                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True, False)
+                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True, False, LAZY)
         aptr = ACC + t64[:, None] * stride_at + h * stride_ah + d[None, :]
         mptr = t64 * stride_mt + h
         if FIRST and not LAST:
@@ -835,6 +848,10 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict):
     )
 
 
+# Forward softmax: rescale the accumulator only when a row's max grows by more than 2^8 (see _fwd_inner).
+FWD_LAZY = True
+
+
 def _hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
@@ -871,7 +888,7 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
             acc.stride(0), acc.stride(1), m.stride(0), out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
             H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=s == min(1, sched.slots - 1), LAST=s == 0,
             EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=use_desc,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=use_desc, LAZY=FWD_LAZY,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, lse
