@@ -78,24 +78,25 @@ def backward_variants(name, seq, h, chunk, topk, plain, nodq):
     emit(rec)
 
 
-def attn_lazy(name, seq, h, eager):
+def attn_ab(name, seq, h, other, label):
+    """The attention launches as committed (``label`` on) against the variant module ``other`` (off)."""
     q, k, v, layout = inputs(seq, h, h, 4096)
     sel = tm.select_blocks(q, k, layout, 12)
     sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, 4096)["BLOCK_M"])
-    o_lazy, lse_lazy = tm._forward(q, k, v, layout, sched, 128**-0.5)
-    o_eager, lse_eager = eager._forward(q, k, v, layout, sched, 128**-0.5)
-    emit({"what": "attn_lazy", "case": name,
-          "lazy_ms": med(lambda: tm._forward(q, k, v, layout, sched, 128**-0.5)),
-          "eager_ms": med(lambda: eager._forward(q, k, v, layout, sched, 128**-0.5)),
-          "out_max_abs_diff": (o_lazy.float() - o_eager.float()).abs().max().item(),
-          "lse_max_abs_diff": (lse_lazy - lse_eager).abs().max().item()})
+    o_on, lse_on = tm._forward(q, k, v, layout, sched, 128**-0.5)
+    o_off, lse_off = other._forward(q, k, v, layout, sched, 128**-0.5)
+    emit({"what": f"attn_{label}", "case": name,
+          f"{label}_on_ms": med(lambda: tm._forward(q, k, v, layout, sched, 128**-0.5)),
+          f"{label}_off_ms": med(lambda: other._forward(q, k, v, layout, sched, 128**-0.5)),
+          "out_max_abs_diff": (o_on.float() - o_off.float()).abs().max().item(),
+          "lse_max_abs_diff": (lse_on - lse_off).abs().max().item()})
 
 
 def lazy_and_gate(eager):
     """Attention launches with lazy rescaling (default) and without, at paper 1M (1 head) and 128K (8
     heads); then the sort gate's launch configs at paper 1M with 8 heads."""
     for case in (("paper-1m-h1", 1 << 20, 1), ("paper-128k-h8", 1 << 17, 8)):
-        attn_lazy(*case, eager)
+        attn_ab(*case, eager, "lazy")
         torch.cuda.empty_cache()
     q, k, _, layout = inputs(1 << 20, 8, 8, 4096)
     ref = tm.select_blocks(q, k, layout, 12)
@@ -119,6 +120,12 @@ def main():
                     "tl.store(DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :], dq, mask=rvalid[:, None])")
     nodq = variant("_probe_nodq", "PREC=_prec(q.dtype), FUSED_DQ=fused,", "PREC=_prec(q.dtype), FUSED_DQ=False,")
     try:
+        if "--prefetch" in sys.argv:  # fourth call: L2 prefetch of the merged partial results on/off
+            off = variant("_probe_noprefetch", "FWD_PREFETCH = True", "FWD_PREFETCH = False")
+            for case in (("paper-1m-h1", 1 << 20, 1), ("paper-128k-h8", 1 << 17, 8)):
+                attn_ab(*case, off, "prefetch")
+                torch.cuda.empty_cache()
+            return write_records(t0, "v7_prefetch.json")
         if "--lazy-gate" in sys.argv:  # third call: lazy rescaling on/off; sort-gate launch configs
             eager = variant("_probe_eager", "FWD_LAZY = True", "FWD_LAZY = False")
             lazy_and_gate(eager)
@@ -132,7 +139,7 @@ def main():
             backward_variants(*case, plain, nodq)
             torch.cuda.empty_cache()
     finally:
-        for m in ("_probe_key32", "_probe_plain", "_probe_nodq", "_probe_eager"):
+        for m in ("_probe_key32", "_probe_plain", "_probe_nodq", "_probe_eager", "_probe_noprefetch"):
             SRC.with_name(f"{m}.py").unlink(missing_ok=True)
     write_records(t0, "v7_probe.json")
 

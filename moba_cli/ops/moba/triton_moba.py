@@ -450,7 +450,7 @@ def _tile_queries(PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, BS, BE, ti
 def _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, lo, hi, kend, qk_scale,
                stride_kt, stride_kh, stride_vt, stride_vh,
                D: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, MASK: tl.constexpr,
-               DESC: tl.constexpr, LAZY: tl.constexpr):
+               DESC: tl.constexpr):
     """Online-softmax attention of gathered queries ``q [BLOCK_M, D]`` over keys ``lo .. hi``.
 
     ``DESC``: unmasked tiles come through the TMA descriptors ``KD``/``VD`` (k, v viewed ``[T, Hkv*D]``).
@@ -473,30 +473,17 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, lo, hi, kend, qk_scale,
         # The scale is applied to the row max and inside one fused multiply-add per score, not by a
         # separate multiply of the whole tile (the softmax's elementwise work is what limits this loop).
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        if LAZY:
-            # Rescale only when some row's max grew by more than 2^8: until then the stale max keeps every
-            # p <= 256 (exact in float32, same relative precision in bf16), and the tile skips a multiply of
-            # the whole accumulator. (m_i is -inf before the first tile, so that one always rescales.)
-            if tl.max((m_new > m_i + 8.0).to(tl.int32), 0) > 0:
-                alpha = tl.math.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.math.exp2(s * qk_scale - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-        else:
-            alpha = tl.math.exp2(m_i - m_new)
-            p = tl.math.exp2(s * qk_scale - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            m_i = m_new
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s * qk_scale - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
         if MASK:
             vt = tl.load(vptr, mask=kmask[:, None], other=0.0)
         elif DESC:
             vt = VD.load([n0, hk * D])
         else:
             vt = tl.load(vptr)
-        acc = tl.dot(p.to(vt.dtype), vt, acc, input_precision=PREC)
+        acc = tl.dot(p.to(vt.dtype), vt, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
     return acc, m_i, l_i
 
 
@@ -509,7 +496,7 @@ def _fwd_kernel(
     stride_ot, stride_oh, stride_st, stride_sh,
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    PREC: tl.constexpr, DESC: tl.constexpr, LAZY: tl.constexpr,
+    PREC: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
     """One tile of slot ``slot``. ``FIRST``: the first launch, which stores the float32 partial result
     (``ACC``, ``M``, ``L``); later launches merge into it. ``LAST`` (slot 0, the own block, launched last):
@@ -523,14 +510,22 @@ def _fwd_kernel(
         )
         t64 = t.to(tl.int64)
         d = tl.arange(0, D)
+        if PREFETCH and not FIRST:
+            # The merge at the end reads this tile's float32 partial results (64 KiB for 128 rows), and with
+            # one program per SM nothing else would run while it waits: ask L2 for those lines now, so the
+            # read overlaps the attention (one bulk prefetch per row; padding rows point at a real row).
+            tl.inline_asm_elementwise(
+                f"cp.async.bulk.prefetch.L2.global [$1], {D * 4};", "=r,l", [ACC + t64 * stride_at + h * stride_ah],
+                dtype=tl.int32, is_pure=False, pack=1,
+            )
         q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, D], tl.float32)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, ks, free, kend, qk_scale,
-                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False, DESC, LAZY)
+                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False, DESC)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, free, kend, kend, qk_scale,
-                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True, False, LAZY)
+                                   stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True, False)
         aptr = ACC + t64[:, None] * stride_at + h * stride_ah + d[None, :]
         mptr = t64 * stride_mt + h
         if FIRST and not LAST:
@@ -848,8 +843,9 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict):
     )
 
 
-# Forward softmax: rescale the accumulator only when a row's max grows by more than 2^8 (see _fwd_inner).
-FWD_LAZY = True
+# Forward: prefetch each merging tile's float32 partial results into L2 at the tile's start (PTX
+# prefetch; not under the interpreter).
+FWD_PREFETCH = True
 
 
 def _hopper(device: torch.device) -> bool:
@@ -888,7 +884,8 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
             acc.stride(0), acc.stride(1), m.stride(0), out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
             H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=s == min(1, sched.slots - 1), LAST=s == 0,
             EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=use_desc, LAZY=FWD_LAZY,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=use_desc,
+            PREFETCH=FWD_PREFETCH and not _is_interp(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return out, lse
