@@ -226,3 +226,49 @@ def test_dense_shortcut_is_full_attention(lens, batched):
     else:
         out = triton_moba._dense_causal(q, k, v, cu.tolist(), 32**-0.5)
     assert rel_rms(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("wide_keys", [False, True])
+def test_schedule_lists_every_pair_once(wide_keys, device):
+    # The schedule is built without host syncs: the launch grid is a bound, and each slot's tiles must still
+    # cover its (token, head) pairs exactly once, tokens in order within a block's list. wide_keys pads the
+    # block count so the group keys no longer fit 16 bits (the 32-bit sort path).
+    lens, hq, chunk, topk, bm = [50, 7, 77], 3, 8, 4, 16
+    q, k, _, cu = make_inputs(lens, hq, 1, 16, device, seed=9)
+    layout = make_layout(cu, chunk)
+    sel = triton_moba.select_blocks(q, k, layout, topk)
+    nb = layout.num_blocks + (2**15 if wide_keys else 0)
+    sched = triton_moba.Schedule(sel, nb, bm)
+    assert sched.block_idx is sel
+    t_total, h, s = sel.shape
+    first = sched.slot_first.tolist()
+    seen = torch.zeros_like(sel)
+    for slot in range(s):
+        assert 0 <= first[slot + 1] - first[slot] <= sched.tiles_bound
+        for tile in range(first[slot], first[slot + 1]):
+            g, off = int(sched.tile_group[tile]), int(sched.tile_off[tile])
+            assert g // (h * nb) == slot
+            head, blk = (g // nb) % h, g % nb
+            cnt, base = int(sched.group_cnt[g]) - off, int(sched.group_off[g]) + off
+            toks = sched.pair_t[base:base + min(bm, cnt)].long()
+            assert 0 < len(toks) <= bm and bool((toks[1:] > toks[:-1]).all())
+            assert bool((sel[toks, head, slot] == blk).all())
+            seen[toks, head, slot] += 1
+    assert torch.equal(seen, (sel >= 0).to(seen.dtype))
+
+
+def test_layout_cache(device):
+    from moba_cli.ops.moba import layout as lay
+
+    lay.clear_layout_cache()
+    a = lay.cached_layout([0, 40, 90], 16, torch.device(device))
+    assert lay.cached_layout([0, 40, 90], 16, torch.device(device)) is a
+    ref = make_layout(torch.tensor([0, 40, 90], dtype=torch.int32, device=device), 16)
+    for name in ("cu_seqlens", "block_start", "block_end", "token_block", "token_first_block"):
+        assert torch.equal(getattr(a, name), getattr(ref, name)), name
+    assert (a.num_blocks, a.max_blocks, a.chunk_size) == (ref.num_blocks, ref.max_blocks, ref.chunk_size)
+    for n in range(lay.CACHE_SIZE):
+        lay.cached_layout([0, 10 + n], 16, torch.device(device))
+    assert lay.cached_layout([0, 40, 90], 16, torch.device(device)) is not a  # evicted, rebuilt
+    lay.clear_layout_cache()
+    assert not lay._CACHE
