@@ -403,7 +403,7 @@ class Schedule:
         cum = torch.cumsum(ntiles, 0)
         # Any slot has at most T*H queries, in at most min(H*NB, T*H) non-empty groups, so at most this many
         # tiles.
-        self.tiles_bound = triton.cdiv(t_total * h, block_m) + min(h * num_blocks, t_total * h) if ngroups else 0
+        self.tiles_bound = triton.cdiv(t_total * h, block_m) + min(h * num_blocks, t_total * h)
         self.slot_first = torch.zeros(s + 1, device=dev, dtype=torch.int32)
         if ngroups:
             self.slot_first[1:] = cum.view(s, h * num_blocks)[:, -1].to(torch.int32)
@@ -411,7 +411,7 @@ class Schedule:
         g = torch.searchsorted(cum, ti, right=True).clamp_(max=max(ngroups - 1, 0))
         first_tile = cum - ntiles
         self.tile_group = g.to(torch.int32)
-        self.tile_off = ((ti - first_tile[g]) * block_m).to(torch.int32) if ngroups else g.to(torch.int32)
+        self.tile_off = ((ti - first_tile[g]) * block_m).to(torch.int32)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -860,6 +860,8 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
     cfg = _fwd_config(d, q.dtype, layout.chunk_size)
     out = _empty(*q.shape, dtype=q.dtype, device=q.device)
     lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    if sched.tiles_bound == 0:
+        return out, lse
     if sched.slots > 1:
         acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
         m = _empty(t_total, hq, dtype=torch.float32, device=q.device)
@@ -872,8 +874,6 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
     kd, vd = _kv_descriptors(k, v, cfg)
     use_desc = kd is not None
     kd, vd = (kd, vd) if use_desc else (k, v)
-    if sched.tiles_bound == 0:
-        return out, lse
     for s in [*range(1, sched.slots), 0]:
         _fwd_kernel[(sched.tiles_bound,)](
             q, k, v, kd, vd, acc, m, l_, out, lse, sel,
