@@ -1,0 +1,108 @@
+"""Kernel-development probe for issue 4, kernel v8: the fused backward's gathered-row pipelining.
+
+Triton 3.6 pipelines the dK/dV loop's loads, but the rows of Q and dO are gathered through the token
+index loaded in the same iteration (``PAIR_T``), and for such a chain it issues the next tile's rows at
+the end of an iteration and waits for all of them at the top of the next (``async_wait num = 0``, a
+2-deep buffer at any ``num_stages``): every tile waits one full load latency. The variant ``tpf`` loads
+the next tile's indices one iteration ahead (a loop-carried value), so the rows become a direct load
+that the pipeliner can issue ``num_stages - 1`` tiles ahead.
+
+Times the backward alone (median of CUDA-event timings) at the paper preset, 1M x 1 head and 128K x 8
+heads, for the committed kernel and the variant at 2 and 3 stages, and checks each variant's dK, dV
+(bit-identical expected) and dQ (float32 atomics: summation order differs) against the committed
+kernel. ``--ncu NAME CFG``: run one backward (256K, 1 head) twice, for Nsight Compute to profile the
+second. Writes $OUT/v8_bwd_probe.json.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+from moba_cli.ops.moba import triton_moba as tm
+from scripts.fwd_breakdown import med
+from scripts.gate_fwd_probe import emit, inputs, with_env, write_records
+from scripts.v7_probe import SRC, variant
+
+TPF_OLD = """    d = tl.arange(0, D)
+    for m0 in range(m_start, cnt, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rvalid = rm < cnt
+        t = tl.load(PAIR_T + base + rm, mask=rvalid, other=0)
+        t64 = t.to(tl.int64)"""
+TPF_NEW = """    d = tl.arange(0, D)
+    rm_n = m_start + tl.arange(0, BLOCK_M)
+    t_n = tl.load(PAIR_T + base + rm_n, mask=rm_n < cnt, other=0)
+    for m0 in range(m_start, cnt, BLOCK_M):
+        rm = m0 + tl.arange(0, BLOCK_M)
+        rvalid = rm < cnt
+        t = t_n
+        rm_n = rm + BLOCK_M
+        t_n = tl.load(PAIR_T + base + rm_n, mask=rm_n < cnt, other=0)
+        t64 = t.to(tl.int64)"""
+
+
+def setup(seq, h):
+    q, k, v, layout = inputs(seq, h, h, 4096)
+    torch.manual_seed(1)
+    do = torch.randn_like(q)
+    sel = tm.select_blocks(q, k, layout, 12)
+    sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, 4096)["BLOCK_M"])
+    out, lse = tm._forward(q, k, v, layout, sched, 128**-0.5)
+    return q, k, v, do, out, lse, layout, sched
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def variants_case(name, seq, h, mods):
+    q, k, v, do, out, lse, layout, sched = setup(seq, h)
+    scale = 128**-0.5
+    ref = tm._backward(q, k, v, out, do, lse, layout, sched, scale, True)
+    for label, mod, cfg in mods:
+        env = {"MOBA_BWD_CFG": cfg}
+        try:
+            def run(mod=mod):
+                return mod._backward(q, k, v, out, do, lse, layout, sched, scale, True)
+
+            got = with_env(env, run)
+            emit({"what": "bwd", "case": name, "variant": label, "cfg": cfg,
+                  "ms": with_env(env, lambda: med(run, n=10)),
+                  "dk_equal": bool(torch.equal(got[1], ref[1])), "dv_equal": bool(torch.equal(got[2], ref[2])),
+                  "dq_rel_rms": rel(got[0], ref[0])})
+            del got
+        except Exception as e:  # a probe: keep going
+            emit({"what": "bwd", "case": name, "variant": label, "cfg": cfg, "error": repr(e)[:400]})
+    del ref
+    torch.cuda.empty_cache()
+
+
+def main():
+    t0 = time.time()
+    tpf = variant("_probe_tpf", TPF_OLD, TPF_NEW)
+    try:
+        if "--ncu" in sys.argv:
+            i = sys.argv.index("--ncu")
+            mod = {"base": tm, "tpf": tpf}[sys.argv[i + 1]]
+            q, k, v, do, out, lse, layout, sched = setup(1 << 18, 1)
+            for _ in range(2):
+                with_env({"MOBA_BWD_CFG": sys.argv[i + 2]},
+                         lambda: mod._backward(q, k, v, out, do, lse, layout, sched, 128**-0.5, True))
+            torch.cuda.synchronize()
+            return
+        mods = [("base", tm, "64,128,8,2"), ("base", tm, "64,128,8,3"),
+                ("tpf", tpf, "64,128,8,2"), ("tpf", tpf, "64,128,8,3"), ("tpf", tpf, "64,128,8,4")]
+        variants_case("paper-1m-h1", 1 << 20, 1, mods)
+        variants_case("paper-128k-h8", 1 << 17, 8, mods)
+    finally:
+        SRC.with_name("_probe_tpf.py").unlink(missing_ok=True)
+    write_records(t0, "v8_bwd_probe.json")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OUT", "scratch")
+    main()
