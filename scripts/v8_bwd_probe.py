@@ -43,6 +43,14 @@ TPF_NEW = """    d = tl.arange(0, D)
         rm_n = rm + BLOCK_M
         t_n = tl.load(PAIR_T + base + rm_n, mask=rm_n < cnt, other=0)
         t64 = t.to(tl.int64)"""
+# dQ as (K^T dS^T)^T: a [D, BLOCK_M] product whose M is the head dim, so query tiles of 32 rows still
+# make Hopper MMAs (M = 64 per warp group); dQ = dS K with 32 query rows falls back to mma.sync.
+DQT_OLD = """            dq = tl.dot(tl.trans(dst), kb, input_precision=PREC) * sm_scale
+            tl.atomic_add(DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :], dq, mask=rvalid[:, None],
+                          sem="relaxed")"""
+DQT_NEW = """            dqt = tl.dot(tl.trans(kb), dst, input_precision=PREC) * sm_scale
+            tl.atomic_add(DQ + t64[None, :] * stride_dqt + h * stride_dqh + d[:, None], dqt, mask=rvalid[None, :],
+                          sem="relaxed")"""
 
 
 def setup(seq, h):
@@ -84,22 +92,31 @@ def variants_case(name, seq, h, mods):
 def main():
     t0 = time.time()
     tpf = variant("_probe_tpf", TPF_OLD, TPF_NEW)
+    dqt = variant("_probe_dqt", DQT_OLD, DQT_NEW)
     try:
         if "--ncu" in sys.argv:
             i = sys.argv.index("--ncu")
-            mod = {"base": tm, "tpf": tpf}[sys.argv[i + 1]]
+            mod = {"base": tm, "tpf": tpf, "dqt": dqt}[sys.argv[i + 1]]
             q, k, v, do, out, lse, layout, sched = setup(1 << 18, 1)
             for _ in range(2):
                 with_env({"MOBA_BWD_CFG": sys.argv[i + 2]},
                          lambda: mod._backward(q, k, v, out, do, lse, layout, sched, 128**-0.5, True))
             torch.cuda.synchronize()
             return
+        if "--small-tiles" in sys.argv:  # second call: 4-warp programs small enough for two per SM
+            mods = [("base", tm, "64,128,8,2"), ("base", tm, "32,64,4,2"), ("base", tm, "32,64,4,3"),
+                    ("dqt", dqt, "32,64,4,2"), ("dqt", dqt, "32,64,4,3"), ("dqt", dqt, "64,128,8,2"),
+                    ("dqt", dqt, "32,128,8,2")]
+            variants_case("paper-1m-h1", 1 << 20, 1, mods)
+            variants_case("paper-128k-h8", 1 << 17, 8, mods)
+            return write_records(t0, "v8_bwd_small_tiles.json")
         mods = [("base", tm, "64,128,8,2"), ("base", tm, "64,128,8,3"),
                 ("tpf", tpf, "64,128,8,2"), ("tpf", tpf, "64,128,8,3"), ("tpf", tpf, "64,128,8,4")]
         variants_case("paper-1m-h1", 1 << 20, 1, mods)
         variants_case("paper-128k-h8", 1 << 17, 8, mods)
     finally:
-        SRC.with_name("_probe_tpf.py").unlink(missing_ok=True)
+        for m in ("_probe_tpf", "_probe_dqt"):
+            SRC.with_name(f"{m}.py").unlink(missing_ok=True)
     write_records(t0, "v8_bwd_probe.json")
 
 
