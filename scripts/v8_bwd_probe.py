@@ -53,6 +53,47 @@ DQT_NEW = """            dqt = tl.dot(tl.trans(kb), dst, input_precision=PREC) *
                           sem="relaxed")"""
 
 
+# Round 3 (dQ^T product committed): the dO V^T product issued right after K Q^T, so dS is formed as soon as
+# both are in and P's float32 copy dies earlier (fewer live registers at the dV/dP step); the softmax
+# scale of dQ applied once to the float32 sum instead of every tile.
+ORD_OLD = """        st = tl.dot(kb, tl.trans(q), input_precision=PREC) * qk_scale
+        pt = tl.math.exp2(st - lse[None, :])
+        if MASK:
+            pt = tl.where(kmask[:, None] & rvalid[None, :] & (kn[:, None] <= t[None, :]), pt, 0.0)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+        dpt = tl.dot(vb, tl.trans(do), input_precision=PREC)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+"""
+ORD_NEW = """        st = tl.dot(kb, tl.trans(q), input_precision=PREC)
+        dpt = tl.dot(vb, tl.trans(do), input_precision=PREC)
+        pt = tl.math.exp2(st * qk_scale - lse[None, :])
+        if MASK:
+            pt = tl.where(kmask[:, None] & rvalid[None, :] & (kn[:, None] <= t[None, :]), pt, 0.0)
+        dst = (pt * (dpt - delta[None, :])).to(q.dtype)
+        dv += tl.dot(pt.to(do.dtype), do, input_precision=PREC)
+"""
+NOS = [("dqt = tl.dot(tl.trans(kb), dst, input_precision=PREC) * sm_scale",
+        "dqt = tl.dot(tl.trans(kb), dst, input_precision=PREC)"),
+       ("return dq_acc.to(q.dtype), dk, dv", "return (dq_acc * scale if fused else dq_acc).to(q.dtype), dk, dv")]
+
+
+def multi_variant(name, pairs):
+    """``triton_moba`` with several (old, new) replacements, each of which must occur."""
+    text = SRC.read_text()
+    for old, new in pairs:
+        if old not in text:
+            raise SystemExit(f"variant {name}: {old!r} not found")
+        text = text.replace(old, new)
+    path = SRC.with_name(f"{name}.py")
+    path.write_text(text)
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"moba_cli.ops.moba.{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def setup(seq, h):
     q, k, v, layout = inputs(seq, h, h, 4096)
     torch.manual_seed(1)
@@ -91,9 +132,21 @@ def variants_case(name, seq, h, mods):
 
 def main():
     t0 = time.time()
-    tpf = variant("_probe_tpf", TPF_OLD, TPF_NEW)
-    dqt = variant("_probe_dqt", DQT_OLD, DQT_NEW)
+    names = ("_probe_tpf", "_probe_dqt", "_probe_ord", "_probe_nos", "_probe_ordnos")
     try:
+        if "--round3" in sys.argv:  # third call: on top of the committed dQ^T product
+            ord_ = multi_variant("_probe_ord", [(ORD_OLD, ORD_NEW)])
+            nos = multi_variant("_probe_nos", NOS)
+            ordnos = multi_variant("_probe_ordnos", [(ORD_OLD, ORD_NEW)] + NOS)
+            tpf = variant("_probe_tpf", TPF_OLD, TPF_NEW)
+            mods = [("base", tm, "64,128,8,2"), ("base", tm, "64,128,8,3"), ("ord", ord_, "64,128,8,2"),
+                    ("ord", ord_, "64,128,8,3"), ("nos", nos, "64,128,8,2"), ("ordnos", ordnos, "64,128,8,2"),
+                    ("ordnos", ordnos, "64,128,8,3"), ("tpf", tpf, "64,128,8,2")]
+            variants_case("paper-1m-h1", 1 << 20, 1, mods)
+            variants_case("paper-128k-h8", 1 << 17, 8, mods)
+            return write_records(t0, "v8_bwd_round3.json")
+        tpf = variant("_probe_tpf", TPF_OLD, TPF_NEW)
+        dqt = variant("_probe_dqt", DQT_OLD, DQT_NEW)
         if "--ncu" in sys.argv:
             i = sys.argv.index("--ncu")
             mod = {"base": tm, "tpf": tpf, "dqt": dqt}[sys.argv[i + 1]]
@@ -115,7 +168,7 @@ def main():
         variants_case("paper-1m-h1", 1 << 20, 1, mods)
         variants_case("paper-128k-h8", 1 << 17, 8, mods)
     finally:
-        for m in ("_probe_tpf", "_probe_dqt"):
+        for m in names:
             SRC.with_name(f"{m}.py").unlink(missing_ok=True)
     write_records(t0, "v8_bwd_probe.json")
 

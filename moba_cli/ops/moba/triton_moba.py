@@ -670,8 +670,11 @@ def _dkdv_inner(dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, base, 
         if FUSED_DQ:
             # One dS product more here instead of a separate dQ pass that recomputes QK^T and dO V^T
             # (5 products per tile pair instead of 7); each query's dQ gets one add per key tile it saw.
-            dq = tl.dot(tl.trans(dst), kb, input_precision=PREC) * sm_scale
-            tl.atomic_add(DQ + t64[:, None] * stride_dqt + h * stride_dqh + d[None, :], dq, mask=rvalid[:, None],
+            # dQ^T = K^T dS^T: dS^T is already in registers as the dK product's operand and goes to shared
+            # memory as is (dS K would need it transposed), and M is the head dim, so the product is two
+            # full-height Hopper MMAs at any query tile (H200, paper 1M backward: 195 vs 210 ms).
+            dqt = tl.dot(tl.trans(kb), dst, input_precision=PREC) * sm_scale
+            tl.atomic_add(DQ + t64[None, :] * stride_dqt + h * stride_dqh + d[:, None], dqt, mask=rvalid[None, :],
                           sem="relaxed")
     return dk, dv
 
