@@ -12,6 +12,10 @@ heads, for the committed kernel and the variant at 2 and 3 stages, and checks ea
 (bit-identical expected) and dQ (float32 atomics: summation order differs) against the committed
 kernel. ``--ncu NAME CFG``: run one backward (256K, 1 head) twice, for Nsight Compute to profile the
 second. Writes $OUT/v8_bwd_probe.json.
+
+Each round ran against the kernel as committed then (variants are string replacements of that source):
+round 1 (default) at a02406a, ``--small-tiles`` at 4ffe851, ``--round3`` at 45d3b94, ``--gluon`` (the Gluon
+backward, gluon_bwd.py, against the Triton one) from then on.
 """
 
 from __future__ import annotations
@@ -113,7 +117,7 @@ def variants_case(name, seq, h, mods):
     scale = 128**-0.5
     ref = tm._backward(q, k, v, out, do, lse, layout, sched, scale, True)
     for label, mod, cfg in mods:
-        env = {"MOBA_BWD_CFG": cfg}
+        env = {"MOBA_BWD_CFG": None, "MOBA_BWD_GLUON": "1"} if cfg == "gluon" else {"MOBA_BWD_CFG": cfg}
         try:
             def run(mod=mod):
                 return mod._backward(q, k, v, out, do, lse, layout, sched, scale, True)
@@ -134,6 +138,22 @@ def main():
     t0 = time.time()
     names = ("_probe_tpf", "_probe_dqt", "_probe_ord", "_probe_nos", "_probe_ordnos")
     try:
+        if "--ncu" in sys.argv:
+            i = sys.argv.index("--ncu")
+            mod = tm  # "base": the Triton kernel as committed; "gluon": the Gluon one
+            q, k, v, do, out, lse, layout, sched = setup(1 << 18, 1)
+            env = {"MOBA_BWD_GLUON": "1"} if sys.argv[i + 1] == "gluon" else {"MOBA_BWD_CFG": sys.argv[i + 2]}
+            for _ in range(2):
+                with_env(env,
+                         lambda: mod._backward(q, k, v, out, do, lse, layout, sched, 128**-0.5, True))
+            torch.cuda.synchronize()
+            return
+        if "--gluon" in sys.argv:  # fourth call: the Gluon backward against the Triton one
+            mods = [("triton", tm, "64,128,8,2"), ("gluon", tm, "gluon")]
+            variants_case("paper-256k-h1", 1 << 18, 1, mods)
+            variants_case("paper-1m-h1", 1 << 20, 1, mods)
+            variants_case("paper-128k-h8", 1 << 17, 8, mods)
+            return write_records(t0, "v8_bwd_gluon.json")
         if "--round3" in sys.argv:  # third call: on top of the committed dQ^T product
             ord_ = multi_variant("_probe_ord", [(ORD_OLD, ORD_NEW)])
             nos = multi_variant("_probe_nos", NOS)
@@ -147,15 +167,6 @@ def main():
             return write_records(t0, "v8_bwd_round3.json")
         tpf = variant("_probe_tpf", TPF_OLD, TPF_NEW)
         dqt = variant("_probe_dqt", DQT_OLD, DQT_NEW)
-        if "--ncu" in sys.argv:
-            i = sys.argv.index("--ncu")
-            mod = {"base": tm, "tpf": tpf, "dqt": dqt}[sys.argv[i + 1]]
-            q, k, v, do, out, lse, layout, sched = setup(1 << 18, 1)
-            for _ in range(2):
-                with_env({"MOBA_BWD_CFG": sys.argv[i + 2]},
-                         lambda: mod._backward(q, k, v, out, do, lse, layout, sched, 128**-0.5, True))
-            torch.cuda.synchronize()
-            return
         if "--small-tiles" in sys.argv:  # second call: 4-warp programs small enough for two per SM
             mods = [("base", tm, "64,128,8,2"), ("base", tm, "32,64,4,2"), ("base", tm, "32,64,4,3"),
                     ("dqt", dqt, "32,64,4,2"), ("dqt", dqt, "32,64,4,3"), ("dqt", dqt, "64,128,8,2"),

@@ -650,10 +650,17 @@ def _dkdv_inner(dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, base, 
     q are 0, so they add exactly nothing.
     """
     d = tl.arange(0, D)
+    # The next tile's query indices are loaded one tile ahead. Loaded in the iteration that uses them,
+    # they make Q and dO rows an indirect load, which Triton issues at the end of the previous iteration
+    # and waits for at the top of this one, with nothing in between (paper 1M backward: 191 vs 195 ms).
+    rm_n = m_start + tl.arange(0, BLOCK_M)
+    t_n = tl.load(PAIR_T + base + rm_n, mask=rm_n < cnt, other=0)
     for m0 in range(m_start, cnt, BLOCK_M):
         rm = m0 + tl.arange(0, BLOCK_M)
         rvalid = rm < cnt
-        t = tl.load(PAIR_T + base + rm, mask=rvalid, other=0)
+        t = t_n
+        rm_n = rm + BLOCK_M
+        t_n = tl.load(PAIR_T + base + rm_n, mask=rm_n < cnt, other=0)
         t64 = t.to(tl.int64)
         q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
         do = tl.load(DO + t64[:, None] * stride_dot + h * stride_doh + d[None, :], mask=rvalid[:, None], other=0.0)
@@ -798,6 +805,30 @@ BWD_FUSED: bool | None = None
 BWD_FUSED_DEFAULT = True
 
 
+# Backward on Hopper: the Gluon kernel (gluon_bwd.py: hand-ordered asynchronous MMAs and row copies) for
+# bf16/fp16 with head dim 128, else the Triton kernel below. None: the default; MOBA_BWD_GLUON=0/1 overrides.
+BWD_GLUON: bool | None = None
+BWD_GLUON_DEFAULT = False
+
+
+def _gluon_bwd_usable(q: torch.Tensor) -> bool:
+    if _is_interp() or not q.is_cuda or not _hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    if q.shape[-1] != 128:
+        return False
+    try:
+        from . import gluon_bwd  # noqa: F401  (Triton builds without Gluon: use the Triton kernel)
+    except ImportError:
+        return False
+    return True
+
+
+def bwd_gluon(q: torch.Tensor) -> bool:
+    env = _env_str("MOBA_BWD_GLUON")
+    want = BWD_GLUON if BWD_GLUON is not None else (env == "1" if env in ("0", "1") else BWD_GLUON_DEFAULT)
+    return want and _gluon_bwd_usable(q)
+
+
 def bwd_fused() -> bool:
     if BWD_FUSED is not None:
         return BWD_FUSED
@@ -926,7 +957,11 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
     dk = _empty(*k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
     nsub = triton.cdiv(layout.chunk_size, cfg["BLOCK_N"])
-    if layout.num_blocks:
+    if layout.num_blocks and fused and bwd_gluon(q):
+        from . import gluon_bwd
+
+        gluon_bwd.launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, sched, layout, scale, LOG2E)
+    elif layout.num_blocks:
         _bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
             q, k, v, dout, lse, delta, dk, dv, dq_acc,
             sched.pair_t, sched.group_off, sched.group_cnt, layout.block_start, layout.block_end,

@@ -1,0 +1,194 @@
+"""Hopper (sm_90) backward of MoBA's sparse attention, written in Gluon (Triton's explicit-layout dialect).
+
+Same work as ``triton_moba._bwd_dkdv_kernel`` with the fused dQ: one program holds dK and dV of a
+``BLOCK_N``-key tile in registers and walks the query tiles that chose the tile's block, five products per
+tile pair. What Gluon lets us order by hand, and Triton 3.6 does not:
+
+* ``K Q^T`` and ``V dO^T`` are issued back to back as asynchronous warp-group MMAs and waited for once;
+* the next query tile's gathered rows (``cp.async``) are issued at the top of the iteration, into the
+  other half of a two-stage ring, so their latency hides behind this tile's five products;
+* dS^T is written to shared memory once and read there by the dQ^T = K^T dS^T product; the dK and dV
+  products take P^T and dS^T from registers;
+* dQ^T is added to the float32 dQ straight from the MMA's register layout (no shared-memory transpose).
+
+Only for sm_90 with bf16/fp16 inputs, head dim 128 and ``BLOCK_N`` = 128 keys; ``triton_moba`` chooses it
+(``MOBA_BWD_GLUON``) and keeps its own kernel for everything else. Shapes: q, dO ``[T, Hq, D]``; k, v
+``[T, Hkv, D]``; lse, delta ``[T, Hq]`` float32 (lse in base 2, scaled); dQ ``[T, Hq, D]`` float32.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
+
+
+@gluon.jit
+def _issue_rows(q_buf, do_buf, Q, DO, PAIR_T, base, m0, cnt, h, stride_qt, stride_qh, stride_dot, stride_doh,
+                D: gl.constexpr, BLOCK_M: gl.constexpr, LD: gl.constexpr):
+    """Start copying the query tile ``PAIR_T[base + m0 ..][:BLOCK_M]``'s Q and dO rows into shared memory;
+    rows at or past ``cnt`` are filled with zeros."""
+    rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, LD))
+    rmask = rows < cnt
+    t = gl.load(PAIR_T + base + rows, mask=rmask, other=0).to(gl.int64)
+    d = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
+    cp.async_copy_global_to_shared(q_buf, Q + t[:, None] * stride_qt + h * stride_qh + d[None, :],
+                                   mask=rmask[:, None])
+    cp.async_copy_global_to_shared(do_buf, DO + t[:, None] * stride_dot + h * stride_doh + d[None, :],
+                                   mask=rmask[:, None])
+    cp.commit_group()
+
+
+@gluon.jit
+def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
+                 Q, DO, LSE, DELTA, DQ, PAIR_T, base, m_start, cnt, h, qk_scale, sm_scale,
+                 stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                 H: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 MASK: gl.constexpr, LD: gl.constexpr, L_S: gl.constexpr, L_KV: gl.constexpr):
+    """Add the query tiles ``PAIR_T[base + m_start .. base + cnt]`` into dK/dV (returned) and their dQ
+    shares into DQ. With MASK, scores of keys past the tile's end or after the query are zeroed."""
+    OP_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=L_KV, k_width=2)
+    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_S))
+    dd = gl.arange(0, D, layout=gl.SliceLayout(1, L_S))
+    kn = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_S))
+    zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_S)
+    # The previous group's last products may still be reading stage 0 in the other warp group.
+    gl.thread_barrier()
+    if m_start < cnt:
+        _issue_rows(q_s.index(0), do_s.index(0), Q, DO, PAIR_T, base, m_start, cnt, h,
+                    stride_qt, stride_qh, stride_dot, stride_doh, D, BLOCK_M, LD)
+    i = 0
+    for m0 in range(m_start, cnt, BLOCK_M):
+        stage = i % 2
+        cp.wait_group(0)
+        fence_async_shared()
+        # Everyone's rows have landed, and every warp group is past the previous tile's products, so the
+        # other stage is free for the next tile.
+        gl.thread_barrier()
+        qb = q_s.index(stage)
+        dob = do_s.index(stage)
+        st = warpgroup_mma(k_s, qb.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(v_s, dob.permute((1, 0)), zero_s, use_acc=False, is_async=True)
+        # The next tile's index load and row copies go out while the tensor cores work on this one.
+        if m0 + BLOCK_M < cnt:
+            _issue_rows(q_s.index(1 - stage), do_s.index(1 - stage), Q, DO, PAIR_T, base, m0 + BLOCK_M, cnt, h,
+                        stride_qt, stride_qh, stride_dot, stride_doh, D, BLOCK_M, LD)
+        rm = m0 + cols
+        rvalid = rm < cnt
+        t = gl.load(PAIR_T + base + rm, mask=rvalid, other=0)
+        t64 = t.to(gl.int64)
+        lse = gl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
+        delta = gl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
+        st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
+        pt = gl.exp2(st * qk_scale - lse[None, :])
+        if MASK:
+            keep = (kn[:, None] < ke) & rvalid[None, :] & (kn[:, None] <= t[None, :])
+            pt = gl.where(keep, pt, 0.0)
+        dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
+        ds_s.store(dst)
+        fence_async_shared()
+        gl.thread_barrier()
+        dv = warpgroup_mma(gl.convert_layout(pt.to(q_s.dtype), OP_A), dob, dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(dst, OP_A), qb, dk, is_async=True)
+        dqt = warpgroup_mma(k_s.permute((1, 0)), ds_s, zero_s, use_acc=False, is_async=True)
+        dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dqt))
+        gl.atomic_add(DQ + t64[None, :] * stride_dqt + h * stride_dqh + dd[:, None], dqt * sm_scale,
+                      mask=rvalid[None, :], sem="relaxed")
+        i += 1
+    return dk, dv
+
+
+@gluon.jit(do_not_specialize=["NB", "NSUB", "SLOTS"])
+def bwd_dkdv_kernel(
+    Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
+    PAIR_T, GROUP_OFF, GROUP_CNT, BS, BE,
+    qk_scale, sm_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
+    stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
+    H: gl.constexpr, NB, NSUB, SLOTS, G: gl.constexpr, D: gl.constexpr,
+    EVEN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
+):
+    """Grid ``(num_blocks * NSUB, Hkv)``: program (j * NSUB + sub, hk) owns keys ``BS[j] + sub * BLOCK_N``
+    onwards (to the block's end) of KV head hk, for the G query heads that share it."""
+    gl.static_assert(BLOCK_N == D, "dQ^T shares the score tile's layout: BLOCK_N must equal D")
+    # 16-byte rows pieces, a warp over 2 rows x 128 columns, warps down the rows.
+    LD: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [num_warps, 1], [1, 0])
+    L_S: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, BLOCK_M, 16])
+    L_KV: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                   instr_shape=[16, D, 16])
+    pid = gl.program_id(0)
+    hk = gl.program_id(1)
+    j = pid // NSUB
+    ks_blk = gl.load(BS + j)
+    ke = gl.load(BE + j)
+    ks = ks_blk + (pid % NSUB) * BLOCK_N
+    if ks < ke:
+        dtype: gl.constexpr = Q.dtype.element_ty
+        SL_KV: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], dtype)
+        SL_Q: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, D], dtype)
+        SL_DS: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_N, BLOCK_M], dtype)
+        k_s = gl.allocate_shared_memory(dtype, [BLOCK_N, D], SL_KV)
+        v_s = gl.allocate_shared_memory(dtype, [BLOCK_N, D], SL_KV)
+        q_s = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], SL_Q)
+        do_s = gl.allocate_shared_memory(dtype, [2, BLOCK_M, D], SL_Q)
+        ds_s = gl.allocate_shared_memory(dtype, [BLOCK_N, BLOCK_M], SL_DS)
+
+        rk = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, LD))
+        dl = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
+        rk64 = rk.to(gl.int64)
+        kmask = rk < ke
+        k_s.store(gl.load(K + rk64[:, None] * stride_kt + hk * stride_kh + dl[None, :], mask=kmask[:, None],
+                          other=0.0))
+        v_s.store(gl.load(V + rk64[:, None] * stride_vt + hk * stride_vh + dl[None, :], mask=kmask[:, None],
+                          other=0.0))
+        fence_async_shared()
+        gl.thread_barrier()
+        dk = gl.zeros([BLOCK_N, D], gl.float32, L_KV)
+        dv = gl.zeros([BLOCK_N, D], gl.float32, L_KV)
+        for hh in range(G):
+            h = hk * G + hh
+            # Slot 0: the block's own queries in token order; those before this key tile see none of it.
+            g = h * NB + j
+            dk, dv = _query_tiles(
+                dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
+                gl.load(GROUP_OFF + g), ((ks - ks_blk) // BLOCK_M) * BLOCK_M, gl.load(GROUP_CNT + g), h,
+                qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                H, D, BLOCK_M, BLOCK_N, True, LD, L_S, L_KV,
+            )
+            for s in range(1, SLOTS):
+                g = (s * H + h) * NB + j
+                dk, dv = _query_tiles(
+                    dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
+                    gl.load(GROUP_OFF + g), 0, gl.load(GROUP_CNT + g), h,
+                    qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                    H, D, BLOCK_M, BLOCK_N, not EVEN, LD, L_S, L_KV,
+                )
+        rko = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_KV))
+        dko = gl.arange(0, D, layout=gl.SliceLayout(0, L_KV))
+        rko64 = rko.to(gl.int64)
+        omask = (rko < ke)[:, None]
+        gl.store(DK + rko64[:, None] * stride_dkt + hk * stride_dkh + dko[None, :],
+                 (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
+        gl.store(DV + rko64[:, None] * stride_dvt + hk * stride_dvh + dko[None, :], dv.to(DV.dtype.element_ty),
+                 mask=omask)
+
+
+def launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, sched, layout, scale: float, log2e: float) -> None:
+    """Run ``bwd_dkdv_kernel`` over every key tile (64-query x 128-key tiles, 8 warps)."""
+    d = q.shape[-1]
+    hq, hkv = q.shape[1], k.shape[1]
+    block_n, block_m = 128, 64
+    nsub = triton.cdiv(layout.chunk_size, block_n)
+    bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
+        q, k, v, dout, lse, delta, dk, dv, dq_acc,
+        sched.pair_t, sched.group_off, sched.group_cnt, layout.block_start, layout.block_end,
+        scale * log2e, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
+        dq_acc.stride(0), dq_acc.stride(1),
+        H=hq, NB=layout.num_blocks, NSUB=nsub, SLOTS=sched.slots, G=hq // hkv, D=d,
+        EVEN=layout.chunk_size % block_n == 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
+    )
