@@ -42,16 +42,34 @@ def _issue_rows(q_buf, do_buf, Q, DO, PAIR_T, base, m0, cnt, h, stride_qt, strid
 
 
 @gluon.jit
+def _tile_meta(PAIR_T, LSE, DELTA, base, m0, cnt, h, H: gl.constexpr, BLOCK_M: gl.constexpr, LM: gl.constexpr):
+    """The query tile's token indices, log-sum-exps and deltas, one value a thread (layout LM)."""
+    rm = m0 + gl.arange(0, BLOCK_M, layout=LM)
+    rvalid = rm < cnt
+    t = gl.load(PAIR_T + base + rm, mask=rvalid, other=0)
+    t64 = t.to(gl.int64)
+    lse = gl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
+    delta = gl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
+    return t, lse, delta
+
+
+@gluon.jit
 def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
                  Q, DO, LSE, DELTA, DQ, PAIR_T, base, m_start, cnt, h, qk_scale, sm_scale,
                  stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
                  H: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 MASK: gl.constexpr, LD: gl.constexpr, L_S: gl.constexpr, L_KV: gl.constexpr):
+                 MASK: gl.constexpr, LD: gl.constexpr, L_S: gl.constexpr, L_KV: gl.constexpr,
+                 num_warps: gl.constexpr):
     """Add the query tiles ``PAIR_T[base + m_start .. base + cnt]`` into dK/dV (returned) and their dQ
     shares into DQ. With MASK, scores of keys past the tile's end or after the query are zeroed."""
     OP_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=L_KV, k_width=2)
+    # Per-query values, one a thread, loaded a tile ahead and moved into the score layout when used.
+    LM: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
+    # dQ^T leaves the MMA layout for 4 consecutive head-dim values a thread: one 16-byte atomic add each.
+    LQ: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, num_warps], [0, 1])
     cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_S))
-    dd = gl.arange(0, D, layout=gl.SliceLayout(1, L_S))
+    dq_d = gl.arange(0, D, layout=gl.SliceLayout(1, LQ))
+    dq_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LQ))
     kn = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_S))
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_S)
     # The previous group's last products may still be reading stage 0 in the other warp group.
@@ -59,6 +77,7 @@ def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
     if m_start < cnt:
         _issue_rows(q_s.index(0), do_s.index(0), Q, DO, PAIR_T, base, m_start, cnt, h,
                     stride_qt, stride_qh, stride_dot, stride_doh, D, BLOCK_M, LD)
+    t_c, lse_c, dl_c = _tile_meta(PAIR_T, LSE, DELTA, base, m_start, cnt, h, H, BLOCK_M, LM)
     i = 0
     for m0 in range(m_start, cnt, BLOCK_M):
         stage = i % 2
@@ -71,19 +90,18 @@ def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
         dob = do_s.index(stage)
         st = warpgroup_mma(k_s, qb.permute((1, 0)), zero_s, use_acc=False, is_async=True)
         dpt = warpgroup_mma(v_s, dob.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        # The next tile's index load and row copies go out while the tensor cores work on this one.
+        # The next tile's indices, row copies and per-query values go out while the tensor cores work.
         if m0 + BLOCK_M < cnt:
             _issue_rows(q_s.index(1 - stage), do_s.index(1 - stage), Q, DO, PAIR_T, base, m0 + BLOCK_M, cnt, h,
                         stride_qt, stride_qh, stride_dot, stride_doh, D, BLOCK_M, LD)
-        rm = m0 + cols
-        rvalid = rm < cnt
-        t = gl.load(PAIR_T + base + rm, mask=rvalid, other=0)
-        t64 = t.to(gl.int64)
-        lse = gl.load(LSE + t64 * H + h, mask=rvalid, other=0.0)
-        delta = gl.load(DELTA + t64 * H + h, mask=rvalid, other=0.0)
+        t_n, lse_n, dl_n = _tile_meta(PAIR_T, LSE, DELTA, base, m0 + BLOCK_M, cnt, h, H, BLOCK_M, LM)
+        rvalid = (m0 + cols) < cnt
+        lse = gl.convert_layout(lse_c, gl.SliceLayout(0, L_S))
+        delta = gl.convert_layout(dl_c, gl.SliceLayout(0, L_S))
         st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
         pt = gl.exp2(st * qk_scale - lse[None, :])
         if MASK:
+            t = gl.convert_layout(t_c, gl.SliceLayout(0, L_S))
             keep = (kn[:, None] < ke) & rvalid[None, :] & (kn[:, None] <= t[None, :])
             pt = gl.where(keep, pt, 0.0)
         dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
@@ -94,8 +112,13 @@ def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
         dk = warpgroup_mma(gl.convert_layout(dst, OP_A), qb, dk, is_async=True)
         dqt = warpgroup_mma(k_s.permute((1, 0)), ds_s, zero_s, use_acc=False, is_async=True)
         dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dqt))
-        gl.atomic_add(DQ + t64[None, :] * stride_dqt + h * stride_dqh + dd[:, None], dqt * sm_scale,
-                      mask=rvalid[None, :], sem="relaxed")
+        tq = gl.convert_layout(t_c, gl.SliceLayout(0, LQ)).to(gl.int64)
+        qmask = (m0 + dq_c) < cnt
+        gl.atomic_add(DQ + tq[None, :] * stride_dqt + h * stride_dqh + dq_d[:, None],
+                      gl.convert_layout(dqt * sm_scale, LQ), mask=qmask[None, :], sem="relaxed")
+        t_c = t_n
+        lse_c = lse_n
+        dl_c = dl_n
         i += 1
     return dk, dv
 
@@ -156,7 +179,7 @@ def bwd_dkdv_kernel(
                 dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
                 gl.load(GROUP_OFF + g), ((ks - ks_blk) // BLOCK_M) * BLOCK_M, gl.load(GROUP_CNT + g), h,
                 qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-                H, D, BLOCK_M, BLOCK_N, True, LD, L_S, L_KV,
+                H, D, BLOCK_M, BLOCK_N, True, LD, L_S, L_KV, num_warps,
             )
             for s in range(1, SLOTS):
                 g = (s * H + h) * NB + j
@@ -164,7 +187,7 @@ def bwd_dkdv_kernel(
                     dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
                     gl.load(GROUP_OFF + g), 0, gl.load(GROUP_CNT + g), h,
                     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-                    H, D, BLOCK_M, BLOCK_N, not EVEN, LD, L_S, L_KV,
+                    H, D, BLOCK_M, BLOCK_N, not EVEN, LD, L_S, L_KV, num_warps,
                 )
         rko = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_KV))
         dko = gl.arange(0, D, layout=gl.SliceLayout(0, L_KV))
