@@ -98,12 +98,12 @@ def multi_variant(name, pairs):
     return mod
 
 
-def setup(seq, h):
-    q, k, v, layout = inputs(seq, h, h, 4096)
+def setup(seq, h, hkv=None, chunk=4096, topk=12):
+    q, k, v, layout = inputs(seq, h, hkv or h, chunk)
     torch.manual_seed(1)
     do = torch.randn_like(q)
-    sel = tm.select_blocks(q, k, layout, 12)
-    sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, 4096)["BLOCK_M"])
+    sel = tm.select_blocks(q, k, layout, topk)
+    sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)["BLOCK_M"])
     out, lse = tm._forward(q, k, v, layout, sched, 128**-0.5)
     return q, k, v, do, out, lse, layout, sched
 
@@ -112,8 +112,8 @@ def rel(a, b):
     return ((a.float() - b.float()).pow(2).mean().sqrt() / b.float().pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
-def variants_case(name, seq, h, mods):
-    q, k, v, do, out, lse, layout, sched = setup(seq, h)
+def variants_case(name, seq, h, mods, hkv=None, chunk=4096, topk=12):
+    q, k, v, do, out, lse, layout, sched = setup(seq, h, hkv, chunk, topk)
     scale = 128**-0.5
     ref = tm._backward(q, k, v, out, do, lse, layout, sched, scale, True)
     for label, mod, cfg in mods:
@@ -153,6 +153,9 @@ def main():
             variants_case("paper-256k-h1", 1 << 18, 1, mods)
             variants_case("paper-1m-h1", 1 << 20, 1, mods)
             variants_case("paper-128k-h8", 1 << 17, 8, mods)
+            if "--more" in sys.argv:  # sixth call: the other presets' shapes
+                variants_case("flashmoba-512k-h16", 1 << 19, 16, mods, chunk=128, topk=8)
+                variants_case("paper-128k-gqa32x8", 1 << 17, 32, mods, hkv=8)
             return write_records(t0, "v8_bwd_gluon.json")
         if "--round3" in sys.argv:  # third call: on top of the committed dQ^T product
             ord_ = multi_variant("_probe_ord", [(ORD_OLD, ORD_NEW)])

@@ -13,7 +13,7 @@ HERE = Path(__file__).resolve().parent
 # on and off; dK/dV with EVEN on and off, each with dQ fused or not), the block-mean
 # kernel, and the distinct launches of compile_sm90.forward_launches() (4 forward settings x TMA on/off x
 # first / merging / last slot, plus the one-slot launch, TMA on/off, at the first setting).
-PREFILL = 2 * 9 + 1 + 4 * 2 * 3 + 2
+PREFILL = 2 * 9 + 1 + 4 * 2 * 3 + 2 + 4  # ... + the Gluon backward (2 dtypes x EVEN)
 # Decode: the distinct launches of compile_sm90.decode_launches() (identical launches compile once).
 DECODE = 37
 DECODE_KERNELS = ("_gate_tile_kernel", "_gate_merge_kernel", "_attn_kernel", "_combine_kernel")

@@ -806,9 +806,10 @@ BWD_FUSED_DEFAULT = True
 
 
 # Backward on Hopper: the Gluon kernel (gluon_bwd.py: hand-ordered asynchronous MMAs and row copies) for
-# bf16/fp16 with head dim 128, else the Triton kernel below. None: the default; MOBA_BWD_GLUON=0/1 overrides.
+# bf16/fp16 with head dim 128, else the Triton kernel below (H200, paper 1M: 159 vs 192 ms; 128K x 8 heads
+# 135 vs 158 ms; results/kernel-dev/v8-bwd-gluon.json). None: the default; MOBA_BWD_GLUON=0/1 overrides.
 BWD_GLUON: bool | None = None
-BWD_GLUON_DEFAULT = False
+BWD_GLUON_DEFAULT = True
 
 
 def _gluon_bwd_usable(q: torch.Tensor) -> bool:
