@@ -117,7 +117,10 @@ def variants_case(name, seq, h, mods, hkv=None, chunk=4096, topk=12):
     scale = 128**-0.5
     ref = tm._backward(q, k, v, out, do, lse, layout, sched, scale, True)
     for label, mod, cfg in mods:
-        env = {"MOBA_BWD_CFG": None, "MOBA_BWD_GLUON": "1"} if cfg == "gluon" else {"MOBA_BWD_CFG": cfg}
+        # The Triton variants set MOBA_BWD_GLUON=0: from 61534a9 on the Gluon kernel is the Hopper default,
+        # and before this line said so, the sixth call's "triton" rows (v8-bwd-gluon-presets.json) ran it too.
+        env = {"MOBA_BWD_CFG": None, "MOBA_BWD_GLUON": "1"} if cfg == "gluon" else {"MOBA_BWD_CFG": cfg,
+                                                                                      "MOBA_BWD_GLUON": "0"}
         try:
             def run(mod=mod):
                 return mod._backward(q, k, v, out, do, lse, layout, sched, scale, True)
