@@ -93,6 +93,18 @@ def test_bwd_fused_knob(monkeypatch):
         triton_moba.bwd_fused()
 
 
+def test_bwd_gluon_knob(monkeypatch):
+    # The Gluon backward applies only to CUDA Hopper tensors (bf16/fp16, head dim 128): never on CPU or
+    # under the interpreter, whatever the knob says; a bad value is an error, not a silent default.
+    q = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
+    for value in ("0", "1"):
+        monkeypatch.setenv("MOBA_BWD_GLUON", value)
+        assert triton_moba.bwd_gluon(q) is False
+    monkeypatch.setenv("MOBA_BWD_GLUON", "on")
+    with pytest.raises(MobaError, match="MOBA_BWD_GLUON"):
+        triton_moba.bwd_gluon(q)
+
+
 @pytest.mark.parametrize(("name", "value"), [("MOBA_FWD_CFG", "128,64"), ("MOBA_BWD_CFG", "64,x,4,2"),
                                              ("MOBA_GATE_CFG", "64,16"), ("MOBA_GATE_CFG", "64,16,0")])
 def test_tuning_knobs_reject_bad_values(name, value, monkeypatch):

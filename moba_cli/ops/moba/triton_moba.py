@@ -812,21 +812,35 @@ BWD_GLUON: bool | None = None
 BWD_GLUON_DEFAULT = True
 
 
-def _gluon_bwd_usable(q: torch.Tensor) -> bool:
-    if _is_interp() or not q.is_cuda or not _hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
-        return False
-    if q.shape[-1] != 128:
-        return False
+def _gluon_available() -> bool:
+    """Gluon's Hopper API as gluon_bwd.py uses it: Triton 3.6 (the version it was written and measured
+    with; Gluon is experimental and its API changed between releases)."""
     try:
-        from . import gluon_bwd  # noqa: F401  (Triton builds without Gluon: use the Triton kernel)
-    except ImportError:
+        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+        if (major, minor) < (3, 6):
+            return False
+        from . import gluon_bwd  # noqa: F401
+    except (ImportError, AttributeError, ValueError):
         return False
     return True
 
 
+def _gluon_bwd_usable(q: torch.Tensor) -> bool:
+    if _is_interp() or not q.is_cuda or not _hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return q.shape[-1] == 128 and _gluon_available()
+
+
 def bwd_gluon(q: torch.Tensor) -> bool:
-    env = _env_str("MOBA_BWD_GLUON")
-    want = BWD_GLUON if BWD_GLUON is not None else (env == "1" if env in ("0", "1") else BWD_GLUON_DEFAULT)
+    """Whether the backward of ``q``'s call runs the Gluon kernel: where it applies (Hopper, bf16/fp16,
+    head dim 128, Triton with Gluon), unless ``BWD_GLUON`` or ``MOBA_BWD_GLUON=0`` turns it off."""
+    if BWD_GLUON is not None:
+        want = BWD_GLUON
+    else:
+        env = _env_str("MOBA_BWD_GLUON")
+        if env not in (None, "0", "1"):
+            raise MobaError(f"MOBA_BWD_GLUON must be 0 or 1, got {env!r}")
+        want = BWD_GLUON_DEFAULT if env is None else env == "1"
     return want and _gluon_bwd_usable(q)
 
 
