@@ -119,8 +119,10 @@ def variants_case(name, seq, h, mods, hkv=None, chunk=4096, topk=12):
     for label, mod, cfg in mods:
         # The Triton variants set MOBA_BWD_GLUON=0: from 61534a9 on the Gluon kernel is the Hopper default,
         # and before this line said so, the sixth call's "triton" rows (v8-bwd-gluon-presets.json) ran it too.
-        env = {"MOBA_BWD_CFG": None, "MOBA_BWD_GLUON": "1"} if cfg == "gluon" else {"MOBA_BWD_CFG": cfg,
-                                                                                      "MOBA_BWD_GLUON": "0"}
+        if cfg.startswith("gluon"):
+            env = {"MOBA_BWD_CFG": None, "MOBA_BWD_GLUON": "1", "MOBA_GLUON_PIPE": "1" if cfg == "gluon-pipe" else "0"}
+        else:
+            env = {"MOBA_BWD_CFG": cfg, "MOBA_BWD_GLUON": "0"}
         try:
             def run(mod=mod):
                 return mod._backward(q, k, v, out, do, lse, layout, sched, scale, True)
@@ -151,6 +153,11 @@ def main():
                          lambda: mod._backward(q, k, v, out, do, lse, layout, sched, 128**-0.5, True))
             torch.cuda.synchronize()
             return
+        if "--pipe" in sys.argv:  # ninth call: the Gluon backward's products left running into the next tile
+            mods = [("gluon", tm, "gluon"), ("gluon-pipe", tm, "gluon-pipe")]
+            variants_case("paper-1m-h1", 1 << 20, 1, mods)
+            variants_case("paper-128k-h8", 1 << 17, 8, mods)
+            return write_records(t0, "v8_bwd_pipe.json")
         if "--gluon" in sys.argv:  # fourth call: the Gluon backward against the Triton one
             mods = [("triton", tm, "64,128,8,2"), ("gluon", tm, "gluon")]
             variants_case("paper-256k-h1", 1 << 18, 1, mods)
