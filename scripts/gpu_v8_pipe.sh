@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Issue 4, fifth session, ninth GPU call: the Gluon backward with each tile's dV/dK/dQ^T products left
 # running into the next tile (MOBA_GLUON_PIPE=1) against the committed one, then `moba bench` at 128K x 8
-# heads and 1M x 1 head with it. Outputs in $OUT/p8/, packed into $OUT/p8.tgz.
+# heads and 1M x 1 head with it. Outputs in $OUT/p8/, packed into $OUT/p8.tgz. Ran at 6c7fa30; the
+# variant gave a wrong dQ and was removed at the next commit (docs/perf-notes.md, v8 rows).
 set -u
 source "$(dirname "$0")/gpu_lib.sh"
 gpu_setup p8

@@ -18,20 +18,11 @@ Only for sm_90 with bf16/fp16 inputs, head dim 128 and ``BLOCK_N`` = 128 keys; `
 
 from __future__ import annotations
 
-import os
-
 import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import (
-    fence_async_shared,
-    warpgroup_mma,
-    warpgroup_mma_init,
-    warpgroup_mma_wait,
-)
-
-from moba_cli.errors import MobaError
+from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
 
 @gluon.jit
@@ -132,92 +123,6 @@ def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
     return dk, dv
 
 
-@gluon.jit
-def _add_dq(DQ, dqt, t_c, m0, cnt, h, sm_scale, stride_dqt, stride_dqh,
-            D: gl.constexpr, BLOCK_M: gl.constexpr, num_warps: gl.constexpr):
-    """DQ[t] += sm_scale * dQ^T[:, t] for the tile's valid queries: 4 consecutive head-dim values a thread,
-    one 16-byte atomic add each."""
-    LQ: gl.constexpr = gl.BlockedLayout([4, 1], [32, 1], [1, num_warps], [0, 1])
-    dq_d = gl.arange(0, D, layout=gl.SliceLayout(1, LQ))
-    dq_c = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, LQ))
-    tq = gl.convert_layout(t_c, gl.SliceLayout(0, LQ)).to(gl.int64)
-    qmask = (m0 + dq_c) < cnt
-    gl.atomic_add(DQ + tq[None, :] * stride_dqt + h * stride_dqh + dq_d[:, None],
-                  gl.convert_layout(dqt * sm_scale, LQ), mask=qmask[None, :], sem="relaxed")
-
-
-@gluon.jit
-def _query_tiles_pipe(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
-                      Q, DO, LSE, DELTA, DQ, PAIR_T, base, m_start, cnt, h, qk_scale, sm_scale,
-                      stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-                      H: gl.constexpr, D: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                      MASK: gl.constexpr, LD: gl.constexpr, L_S: gl.constexpr, L_KV: gl.constexpr,
-                      num_warps: gl.constexpr):
-    """``_query_tiles`` with the dV/dK/dQ^T products left running into the next tile: its first two
-    products are issued before waiting for them, and the previous tile's dQ atomics go out while the
-    tensor cores work on those."""
-    OP_A: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=L_KV, k_width=2)
-    LM: gl.constexpr = gl.BlockedLayout([1], [32], [num_warps], [0])
-    cols = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(0, L_S))
-    kn = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_S))
-    zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_S)
-    gl.thread_barrier()
-    if m_start < cnt:
-        _issue_rows(q_s.index(0), do_s.index(0), Q, DO, PAIR_T, base, m_start, cnt, h,
-                    stride_qt, stride_qh, stride_dot, stride_doh, D, BLOCK_M, LD)
-    t_c, lse_c, dl_c = _tile_meta(PAIR_T, LSE, DELTA, base, m_start, cnt, h, H, BLOCK_M, LM)
-    t_p = t_c
-    dk = warpgroup_mma_init(dk)
-    dv = warpgroup_mma_init(dv)
-    dqt = warpgroup_mma_init(zero_s)
-    i = 0
-    for m0 in range(m_start, cnt, BLOCK_M):
-        stage = i % 2
-        cp.wait_group(0)
-        fence_async_shared()
-        gl.thread_barrier()
-        qb = q_s.index(stage)
-        dob = do_s.index(stage)
-        st = warpgroup_mma(k_s, qb.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        dpt = warpgroup_mma(v_s, dob.permute((1, 0)), zero_s, use_acc=False, is_async=True)
-        # The previous tile's three products were issued before these two and finish first.
-        dv, dk, dqt = warpgroup_mma_wait(num_outstanding=2, deps=(dv, dk, dqt))
-        # Every warp group is past them: the previous tile's row buffer and dS^T are free.
-        gl.thread_barrier()
-        if m0 + BLOCK_M < cnt:
-            _issue_rows(q_s.index(1 - stage), do_s.index(1 - stage), Q, DO, PAIR_T, base, m0 + BLOCK_M, cnt, h,
-                        stride_qt, stride_qh, stride_dot, stride_doh, D, BLOCK_M, LD)
-        t_n, lse_n, dl_n = _tile_meta(PAIR_T, LSE, DELTA, base, m0 + BLOCK_M, cnt, h, H, BLOCK_M, LM)
-        if i > 0:
-            _add_dq(DQ, dqt, t_p, m0 - BLOCK_M, cnt, h, sm_scale, stride_dqt, stride_dqh, D, BLOCK_M, num_warps)
-        rvalid = (m0 + cols) < cnt
-        lse = gl.convert_layout(lse_c, gl.SliceLayout(0, L_S))
-        delta = gl.convert_layout(dl_c, gl.SliceLayout(0, L_S))
-        st, dpt = warpgroup_mma_wait(num_outstanding=0, deps=(st, dpt))
-        pt = gl.exp2(st * qk_scale - lse[None, :])
-        if MASK:
-            t = gl.convert_layout(t_c, gl.SliceLayout(0, L_S))
-            keep = (kn[:, None] < ke) & rvalid[None, :] & (kn[:, None] <= t[None, :])
-            pt = gl.where(keep, pt, 0.0)
-        dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
-        ds_s.store(dst)
-        fence_async_shared()
-        gl.thread_barrier()
-        dv = warpgroup_mma(gl.convert_layout(pt.to(q_s.dtype), OP_A), dob, dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(dst, OP_A), qb, dk, is_async=True)
-        dqt = warpgroup_mma(k_s.permute((1, 0)), ds_s, zero_s, use_acc=False, is_async=True)
-        t_p = t_c
-        t_c = t_n
-        lse_c = lse_n
-        dl_c = dl_n
-        i += 1
-    dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv, dk, dqt))
-    if i > 0:
-        _add_dq(DQ, dqt, t_p, m_start + (i - 1) * BLOCK_M, cnt, h, sm_scale, stride_dqt, stride_dqh, D, BLOCK_M,
-                num_warps)
-    return dk, dv
-
-
 @gluon.jit(do_not_specialize=["NB", "NSUB", "SLOTS"])
 def bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
@@ -227,7 +132,6 @@ def bwd_dkdv_kernel(
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
     H: gl.constexpr, NB, NSUB, SLOTS, G: gl.constexpr, D: gl.constexpr,
     EVEN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
-    PIPE: gl.constexpr = False,
 ):
     """Grid ``(num_blocks * NSUB, Hkv)``: program (j * NSUB + sub, hk) owns keys ``BS[j] + sub * BLOCK_N``
     onwards (to the block's end) of KV head hk, for the G query heads that share it."""
@@ -271,7 +175,7 @@ def bwd_dkdv_kernel(
             h = hk * G + hh
             # Slot 0: the block's own queries in token order; those before this key tile see none of it.
             g = h * NB + j
-            dk, dv = (_query_tiles_pipe if PIPE else _query_tiles)(
+            dk, dv = _query_tiles(
                 dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
                 gl.load(GROUP_OFF + g), ((ks - ks_blk) // BLOCK_M) * BLOCK_M, gl.load(GROUP_CNT + g), h,
                 qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
@@ -279,7 +183,7 @@ def bwd_dkdv_kernel(
             )
             for s in range(1, SLOTS):
                 g = (s * H + h) * NB + j
-                dk, dv = (_query_tiles_pipe if PIPE else _query_tiles)(
+                dk, dv = _query_tiles(
                     dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
                     gl.load(GROUP_OFF + g), 0, gl.load(GROUP_CNT + g), h,
                     qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
@@ -293,18 +197,6 @@ def bwd_dkdv_kernel(
                  (dk * sm_scale).to(DK.dtype.element_ty), mask=omask)
         gl.store(DV + rko64[:, None] * stride_dvt + hk * stride_dvh + dko[None, :], dv.to(DV.dtype.element_ty),
                  mask=omask)
-
-
-# Leave each tile's last three products running into the next tile (``_query_tiles_pipe``).
-# MOBA_GLUON_PIPE=0/1 overrides (kernel development).
-PIPE_DEFAULT = False
-
-
-def _pipe() -> bool:
-    env = os.environ.get("MOBA_GLUON_PIPE") or None
-    if env not in (None, "0", "1"):
-        raise MobaError(f"MOBA_GLUON_PIPE must be 0 or 1, got {env!r}")
-    return PIPE_DEFAULT if env is None else env == "1"
 
 
 def launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, sched, layout, scale: float, log2e: float) -> None:
@@ -321,5 +213,5 @@ def launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, sched, layout, scale: floa
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         dq_acc.stride(0), dq_acc.stride(1),
         H=hq, NB=layout.num_blocks, NSUB=nsub, SLOTS=sched.slots, G=hq // hkv, D=d,
-        EVEN=layout.chunk_size % block_n == 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8, PIPE=_pipe(),
+        EVEN=layout.chunk_size % block_n == 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )
