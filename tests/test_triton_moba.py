@@ -94,7 +94,7 @@ def test_bwd_fused_knob(monkeypatch):
 
 
 def test_bwd_gluon_knob(monkeypatch):
-    # The Gluon backward applies only to CUDA Hopper tensors (bf16/fp16, head dim 128): never on CPU or
+    # The Gluon backward applies only to CUDA Hopper tensors (bf16, head dim 128): never on CPU or
     # under the interpreter, whatever the knob says; a bad value is an error, not a silent default.
     q = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
     for value in ("0", "1"):

@@ -11,8 +11,9 @@ tile pair. What Gluon lets us order by hand, and Triton 3.6 does not:
   products take P^T and dS^T from registers;
 * dQ^T is added to the float32 dQ straight from the MMA's register layout (no shared-memory transpose).
 
-Only for sm_90 with bf16/fp16 inputs, head dim 128 and ``BLOCK_N`` = 128 keys; ``triton_moba`` chooses it
-(``MOBA_BWD_GLUON``) and keeps its own kernel for everything else. Shapes: q, dO ``[T, Hq, D]``; k, v
+Written for sm_90, head dim 128 and ``BLOCK_N`` = 128 keys; it compiles for bf16 and fp16, and
+``triton_moba`` runs it for bf16 (the dtype it has run in on the GPU; ``MOBA_BWD_GLUON=0`` turns it off)
+and keeps its own kernel for everything else. Shapes: q, dO ``[T, Hq, D]``; k, v
 ``[T, Hkv, D]``; lse, delta ``[T, Hq]`` float32 (lse in base 2, scaled); dQ ``[T, Hq, D]`` float32.
 """
 
