@@ -157,6 +157,32 @@ def forward_launches() -> list:
     return launches
 
 
+def compile_gluon() -> None:
+    """The Hopper backward in Gluon (gluon_bwd.py): bf16 and fp16, key tiles dividing the block or not.
+    Skipped, with a line saying so, where Triton has no Gluon API the kernel can use (before 3.6)."""
+    if not tm._gluon_available():
+        print(f"gluon backward skipped: Triton {triton.__version__} (needs 3.6)", flush=True)
+        return
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from moba_cli.ops.moba import gluon_bwd
+
+    fn = gluon_bwd.bwd_dkdv_kernel
+    for t in ("*bf16", "*fp16"):
+        for even in (True, False):
+            types = {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DK": t, "DV": t, "DQ": P32,
+                     "PAIR_T": I32, "GROUP_OFF": I32, "GROUP_CNT": I32, "BS": I32, "BE": I32, "qk_scale": "fp32",
+                     "sm_scale": "fp32"}
+            consts = {"H": 8, "G": 4, "D": 128, "EVEN": even, "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8}
+            signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+            skip = set(fn.do_not_specialize or ())
+            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
+                     if n not in consts and n not in skip and (signature[n].startswith("*") or signature[n] == "i32")}
+            kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
+                                    target=TARGET, options={"num_warps": 8})
+            report(f"gluon {fn.__name__} {t} EVEN={even}", kernel)
+
+
 def main() -> None:
     for dtype, d in ((torch.bfloat16, 128), (torch.float16, 64)):
         t = "*bf16" if dtype == torch.bfloat16 else "*fp16"
@@ -192,25 +218,7 @@ def main() -> None:
                     {"H": 8, "G": 4, "D": d, "EVEN": even, "BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"],
                      "PREC": "tf32", "FUSED_DQ": fused}, num_warps=b["num_warps"], num_stages=b["num_stages"],
                 )
-    # The Hopper backward in Gluon (gluon_bwd.py): bf16 and fp16, key tiles dividing the block or not.
-    from triton.experimental.gluon._runtime import GluonASTSource
-
-    from moba_cli.ops.moba import gluon_bwd
-
-    fn = gluon_bwd.bwd_dkdv_kernel
-    for t in ("*bf16", "*fp16"):
-        for even in (True, False):
-            types = {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DK": t, "DV": t, "DQ": P32,
-                     "PAIR_T": I32, "GROUP_OFF": I32, "GROUP_CNT": I32, "BS": I32, "BE": I32, "qk_scale": "fp32",
-                     "sm_scale": "fp32"}
-            consts = {"H": 8, "G": 4, "D": 128, "EVEN": even, "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8}
-            signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-            skip = set(fn.do_not_specialize or ())
-            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                     if n not in consts and n not in skip and (signature[n].startswith("*") or signature[n] == "i32")}
-            kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                                    target=TARGET, options={"num_warps": 8})
-            report(f"gluon {fn.__name__} {t} EVEN={even}", kernel)
+    compile_gluon()
     compile_kernel(tm._block_mean_kernel, {"K": "*bf16", "BS": I32, "BE": I32, "KM": P32}, {"D": 128, "BLOCK_T": 64})
     backend, done = make_backend(TARGET), set()
     for fn, args, kwargs in forward_launches():
