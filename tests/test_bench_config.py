@@ -137,6 +137,17 @@ def test_cli_bad_values(args):
     _one_line_error(CliRunner().invoke(app, ["bench", "--device", "cpu", *args]))
 
 
+@pytest.mark.parametrize(("name", "value"), [("MOBA_BWD_GLUON", "on"), ("MOBA_FWD_DESC", "yes"),
+                                             ("MOBA_BWD_CFG", "64,128"), ("MOBA_GATE_KIND", "fast")])
+@pytest.mark.parametrize("command", ["bench", "compare"])
+def test_cli_bad_kernel_knob(name, value, command, monkeypatch):
+    # A tuning knob with a bad value stops the command before any work, in one line (the bench used to
+    # record its own provider as skipped and carry on).
+    monkeypatch.setenv(name, value)
+    line = _one_line_error(CliRunner().invoke(app, [command, "--device", "cpu"]))
+    assert name in line
+
+
 def test_chunk_takes_sizes_like_the_other_commands():
     assert build_config(device="cuda", chunk="4k").chunk == 4096
     assert build_config(device="cuda", chunk="512").chunk == 512

@@ -855,6 +855,21 @@ def bwd_fused() -> bool:
     return BWD_FUSED_DEFAULT if env is None else env == "1"
 
 
+def check_env_knobs() -> None:
+    """Raise MobaError for a kernel-tuning environment variable with a bad value, before any work starts
+    (the kernels read them at each call, deep inside a run; commands call this first)."""
+    for name in ("MOBA_FWD_CFG", "MOBA_BWD_CFG"):
+        _env_config(name)
+    _env_config("MOBA_GATE_CFG", (3, 4, 5))
+    kind = _env_str("MOBA_GATE_KIND")
+    if kind not in (None, "grouped", "sort"):
+        raise MobaError(f"MOBA_GATE_KIND must be 'grouped' or 'sort', got {kind!r}")
+    for name in ("MOBA_FWD_DESC", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON"):
+        val = _env_str(name)
+        if val not in (None, "0", "1"):
+            raise MobaError(f"{name} must be 0 or 1, got {val!r}")
+
+
 def _prec(dtype: torch.dtype) -> str:
     # float32 inputs are meant for exact checks: keep full float32 products instead of TF32.
     return "ieee" if dtype == torch.float32 else "tf32"
@@ -873,6 +888,8 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict):
     61.3 -> 59.0 ms; the 64-row, 4-warp tiles of small chunks were slower with it (57 -> 85 ms).
     """
     env = _env_str("MOBA_FWD_DESC")
+    if env not in (None, "0", "1"):
+        raise MobaError(f"MOBA_FWD_DESC must be 0 or 1, got {env!r}")
     if FWD_DESC is not None:
         want = FWD_DESC
     elif env is not None:
