@@ -105,6 +105,36 @@ def test_bwd_gluon_knob(monkeypatch):
         triton_moba.bwd_gluon(q)
 
 
+def test_gluon_launch_matches_kernel_signature(monkeypatch):
+    # The Gluon backward only runs on a Hopper GPU; on CPU, check that its launcher passes every kernel
+    # argument exactly once (positionally or by name) and sizes the grid as the Triton kernel's.
+    from types import SimpleNamespace
+
+    if not triton_moba._gluon_available():
+        pytest.skip("this Triton has no Gluon API the kernel can use")
+    from moba_cli.ops.moba import gluon_bwd
+
+    calls = []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: calls.append((grid, args, kwargs))
+
+    names = gluon_bwd.bwd_dkdv_kernel.arg_names
+    monkeypatch.setattr(gluon_bwd, "bwd_dkdv_kernel", Recorder())
+    t, hq, hkv, d = 300, 8, 2, 128
+    q = torch.zeros(t, hq, d, dtype=torch.bfloat16)
+    kv = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
+    ints = torch.zeros(t, dtype=torch.int32)
+    sched = SimpleNamespace(pair_t=ints, group_off=ints, group_cnt=ints, slots=3)
+    layout = SimpleNamespace(chunk_size=200, num_blocks=2, block_start=ints, block_end=ints)
+    gluon_bwd.launch(q, kv, kv, q, ints.float(), ints.float(), kv, kv, q.float(), sched, layout, 0.1, 1.4)
+    (grid, args, kwargs), = calls
+    assert list(names[: len(args)]) + sorted(kwargs) == list(names[: len(args)]) + sorted(names[len(args):])
+    assert grid == (2 * 2, hkv)  # 2 blocks x ceil(200 / 128) key tiles, one program column per KV head
+    assert kwargs["G"] == 4 and kwargs["EVEN"] is False and kwargs["SLOTS"] == 3
+
+
 @pytest.mark.parametrize(("name", "value"), [("MOBA_FWD_CFG", "128,64"), ("MOBA_BWD_CFG", "64,x,4,2"),
                                              ("MOBA_GATE_CFG", "64,16"), ("MOBA_GATE_CFG", "64,16,0")])
 def test_tuning_knobs_reject_bad_values(name, value, monkeypatch):
