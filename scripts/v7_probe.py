@@ -33,18 +33,26 @@ from scripts.gate_fwd_probe import emit, inputs, with_env, write_records
 SRC = Path(tm.__file__)
 
 
-def variant(name: str, old: str, new: str):
-    """``triton_moba`` with ``old`` replaced by ``new`` (must occur), as module ``moba_cli.ops.moba.<name>``."""
+def variants(name: str, pairs: list[tuple[str, str]]):
+    """``triton_moba`` with each ``(old, new)`` replacement made (each ``old`` must occur), as module
+    ``moba_cli.ops.moba.<name>``."""
     text = SRC.read_text()
-    if old not in text:
-        raise SystemExit(f"variant {name}: {old!r} not found")
+    for old, new in pairs:
+        if old not in text:
+            raise SystemExit(f"variant {name}: {old!r} not found")
+        text = text.replace(old, new)
     path = SRC.with_name(f"{name}.py")
-    path.write_text(text.replace(old, new))
+    path.write_text(text)
     spec = importlib.util.spec_from_file_location(f"moba_cli.ops.moba.{name}", path)
     mod = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = mod
     spec.loader.exec_module(mod)
     return mod
+
+
+def variant(name: str, old: str, new: str):
+    """``triton_moba`` with ``old`` replaced by ``new`` (see ``variants``)."""
+    return variants(name, [(old, new)])
 
 
 def forward_stages(name, seq, h, chunk, topk, tm32):

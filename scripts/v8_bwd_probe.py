@@ -29,7 +29,7 @@ import torch
 from moba_cli.ops.moba import triton_moba as tm
 from scripts.fwd_breakdown import med
 from scripts.gate_fwd_probe import emit, inputs, with_env, write_records
-from scripts.v7_probe import SRC, variant
+from scripts.v7_probe import SRC, variant, variants
 
 TPF_OLD = """    d = tl.arange(0, D)
     for m0 in range(m_start, cnt, BLOCK_M):
@@ -79,23 +79,6 @@ ORD_NEW = """        st = tl.dot(kb, tl.trans(q), input_precision=PREC)
 NOS = [("dqt = tl.dot(tl.trans(kb), dst, input_precision=PREC) * sm_scale",
         "dqt = tl.dot(tl.trans(kb), dst, input_precision=PREC)"),
        ("return dq_acc.to(q.dtype), dk, dv", "return (dq_acc * scale if fused else dq_acc).to(q.dtype), dk, dv")]
-
-
-def multi_variant(name, pairs):
-    """``triton_moba`` with several (old, new) replacements, each of which must occur."""
-    text = SRC.read_text()
-    for old, new in pairs:
-        if old not in text:
-            raise SystemExit(f"variant {name}: {old!r} not found")
-        text = text.replace(old, new)
-    path = SRC.with_name(f"{name}.py")
-    path.write_text(text)
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"moba_cli.ops.moba.{name}", path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def setup(seq, h, hkv=None, chunk=4096, topk=12):
@@ -168,9 +151,9 @@ def main():
                 variants_case("paper-128k-gqa32x8", 1 << 17, 32, mods, hkv=8)
             return write_records(t0, "v8_bwd_gluon.json")
         if "--round3" in sys.argv:  # third call: on top of the committed dQ^T product
-            ord_ = multi_variant("_probe_ord", [(ORD_OLD, ORD_NEW)])
-            nos = multi_variant("_probe_nos", NOS)
-            ordnos = multi_variant("_probe_ordnos", [(ORD_OLD, ORD_NEW)] + NOS)
+            ord_ = variants("_probe_ord", [(ORD_OLD, ORD_NEW)])
+            nos = variants("_probe_nos", NOS)
+            ordnos = variants("_probe_ordnos", [(ORD_OLD, ORD_NEW)] + NOS)
             tpf = variant("_probe_tpf", TPF_OLD, TPF_NEW)
             mods = [("base", tm, "64,128,8,2"), ("base", tm, "64,128,8,3"), ("ord", ord_, "64,128,8,2"),
                     ("ord", ord_, "64,128,8,3"), ("nos", nos, "64,128,8,2"), ("ordnos", ordnos, "64,128,8,2"),

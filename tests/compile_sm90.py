@@ -33,17 +33,19 @@ DECODE_KERNELS = ("_gate_tile_kernel", "_gate_merge_kernel", "_attn_kernel", "_c
 P32, I32 = "*fp32", "*i32"
 
 
-def compile_kernel(fn, types: dict[str, str], consts: dict, **options) -> None:
+def compile_kernel(fn, types: dict[str, str], consts: dict, source=ASTSource, label: str | None = None,
+                   **options) -> None:
     """Compile ``fn`` with pointers and integer arguments specialised as divisible by 16, as a launch with
     aligned tensors specialises them (except ``do_not_specialize`` arguments): that decides vectorised and
-    asynchronous (pipelined) loads, so the registers and shared memory match the GPU's."""
+    asynchronous (pipelined) loads, so the registers and shared memory match the GPU's. ``source``:
+    ``GluonASTSource`` for a Gluon kernel."""
     signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
     skip = {fn.arg_names[n] if isinstance(n, int) else n for n in fn.do_not_specialize or ()}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
              if n not in consts and n not in skip and (signature[n].startswith("*") or signature[n] == "i32")}
-    kernel = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs), target=TARGET,
+    kernel = triton.compile(source(fn=fn, signature=signature, constexprs=consts, attrs=attrs), target=TARGET,
                             options=options)
-    report(f"{fn.__name__} {consts}", kernel)
+    report(label or f"{fn.__name__} {consts}", kernel)
 
 
 def report(what: str, kernel) -> None:
@@ -174,13 +176,8 @@ def compile_gluon() -> None:
                      "PAIR_T": I32, "GROUP_OFF": I32, "GROUP_CNT": I32, "BS": I32, "BE": I32, "qk_scale": "fp32",
                      "sm_scale": "fp32"}
             consts = {"H": 8, "G": 4, "D": 128, "EVEN": even, "BLOCK_M": 64, "BLOCK_N": 128, "num_warps": 8}
-            signature = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
-            skip = set(fn.do_not_specialize or ())
-            attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names)
-                     if n not in consts and n not in skip and (signature[n].startswith("*") or signature[n] == "i32")}
-            kernel = triton.compile(GluonASTSource(fn=fn, signature=signature, constexprs=consts, attrs=attrs),
-                                    target=TARGET, options={"num_warps": 8})
-            report(f"gluon {fn.__name__} {t} EVEN={even}", kernel)
+            compile_kernel(fn, types, consts, source=GluonASTSource, label=f"gluon {fn.__name__} {t} EVEN={even}",
+                           num_warps=8)
 
 
 def main() -> None:

@@ -25,6 +25,7 @@ Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -271,9 +272,7 @@ def _all_past_blocks(layout: BlockLayout, hq: int, slots: int) -> torch.Tensor:
 def gate_kind(npast: int, max_blocks: int) -> str:
     """``"grouped"`` or ``"sort"`` for ``npast`` past blocks to keep among up to ``max_blocks`` blocks per
     sequence (forced by ``GATE_KIND`` / ``MOBA_GATE_KIND``, where the grouped kernel can take ``npast``)."""
-    kind = GATE_KIND or _env_str("MOBA_GATE_KIND")
-    if kind not in (None, "grouped", "sort"):
-        raise MobaError(f"MOBA_GATE_KIND must be 'grouped' or 'sort', got {kind!r}")
+    kind = GATE_KIND or _env_gate_kind()
     if kind is None:
         many = max_blocks >= GROUPED_GATE_MIN_BLOCKS
         kind = "grouped" if npast <= GROUPED_GATE_DEFAULT_MAX and many else "sort"
@@ -767,6 +766,21 @@ def _env_str(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
+def _env_flag(name: str) -> bool | None:
+    """An on/off knob: ``1`` / ``0``, None when unset; any other value is an error."""
+    val = _env_str(name)
+    if val not in (None, "0", "1"):
+        raise MobaError(f"{name} must be 0 or 1, got {val!r}")
+    return None if val is None else val == "1"
+
+
+def _env_gate_kind() -> str | None:
+    kind = _env_str("MOBA_GATE_KIND")
+    if kind not in (None, "grouped", "sort"):
+        raise MobaError(f"MOBA_GATE_KIND must be 'grouped' or 'sort', got {kind!r}")
+    return kind
+
+
 def _fwd_config(d: int, dtype: torch.dtype, chunk: int) -> dict:
     cfg = _env_config("MOBA_FWD_CFG")
     if cfg:
@@ -814,6 +828,7 @@ BWD_GLUON: bool | None = None
 BWD_GLUON_DEFAULT = True
 
 
+@functools.cache
 def _gluon_available() -> bool:
     """Gluon's Hopper API as gluon_bwd.py uses it: Triton 3.6 (the version it was written and measured
     with; Gluon is experimental and its API changed between releases)."""
@@ -838,23 +853,15 @@ def _gluon_bwd_usable(q: torch.Tensor) -> bool:
 def bwd_gluon(q: torch.Tensor) -> bool:
     """Whether the backward of ``q``'s call runs the Gluon kernel: where it applies (Hopper, bf16, head
     dim 128, Triton >= 3.6), unless ``BWD_GLUON`` or ``MOBA_BWD_GLUON=0`` turns it off."""
-    if BWD_GLUON is not None:
-        want = BWD_GLUON
-    else:
-        env = _env_str("MOBA_BWD_GLUON")
-        if env not in (None, "0", "1"):
-            raise MobaError(f"MOBA_BWD_GLUON must be 0 or 1, got {env!r}")
-        want = BWD_GLUON_DEFAULT if env is None else env == "1"
-    return want and _gluon_bwd_usable(q)
+    want = BWD_GLUON if BWD_GLUON is not None else _env_flag("MOBA_BWD_GLUON")
+    return (BWD_GLUON_DEFAULT if want is None else want) and _gluon_bwd_usable(q)
 
 
 def bwd_fused() -> bool:
     if BWD_FUSED is not None:
         return BWD_FUSED
-    env = _env_str("MOBA_BWD_FUSED")
-    if env not in (None, "0", "1"):
-        raise MobaError(f"MOBA_BWD_FUSED must be 0 or 1, got {env!r}")
-    return BWD_FUSED_DEFAULT if env is None else env == "1"
+    env = _env_flag("MOBA_BWD_FUSED")
+    return BWD_FUSED_DEFAULT if env is None else env
 
 
 def check_env_knobs() -> None:
@@ -863,13 +870,9 @@ def check_env_knobs() -> None:
     for name in ("MOBA_FWD_CFG", "MOBA_BWD_CFG"):
         _env_config(name)
     _env_config("MOBA_GATE_CFG", (3, 4, 5))
-    kind = _env_str("MOBA_GATE_KIND")
-    if kind not in (None, "grouped", "sort"):
-        raise MobaError(f"MOBA_GATE_KIND must be 'grouped' or 'sort', got {kind!r}")
+    _env_gate_kind()
     for name in ("MOBA_FWD_DESC", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON"):
-        val = _env_str(name)
-        if val not in (None, "0", "1"):
-            raise MobaError(f"{name} must be 0 or 1, got {val!r}")
+        _env_flag(name)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -889,13 +892,11 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict):
     By default only for the 128-row, 8-warp tiles (large chunks): H200, paper preset at 1M, attention
     61.3 -> 59.0 ms; the 64-row, 4-warp tiles of small chunks were slower with it (57 -> 85 ms).
     """
-    env = _env_str("MOBA_FWD_DESC")
-    if env not in (None, "0", "1"):
-        raise MobaError(f"MOBA_FWD_DESC must be 0 or 1, got {env!r}")
+    env = _env_flag("MOBA_FWD_DESC")
     if FWD_DESC is not None:
         want = FWD_DESC
     elif env is not None:
-        want = env == "1"
+        want = env
     else:
         want = _hopper(k.device) and cfg["BLOCK_M"] >= 128 and cfg["num_warps"] >= 8
     block_n = cfg["BLOCK_N"]
