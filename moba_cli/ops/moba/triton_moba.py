@@ -35,6 +35,7 @@ import triton.language as tl
 
 from moba_cli.errors import MobaError
 
+from . import dense_prefix
 from .layout import BlockLayout, num_slots
 from .triton_keys import pack_keys
 
@@ -371,10 +372,11 @@ class Schedule:
     slot; slot ``s``'s tiles are ``slot_first[s] .. slot_first[s+1]`` (device ``[S+1]``). The host does not
     know the tile counts: ``tiles_bound`` is an upper bound on any slot's count, used as the launch grid
     (programs past their slot's end exit at once), so building and using the schedule never waits for
-    the GPU. ``block_idx`` is kept for the forward only (the last launch needs it).
+    the GPU. ``block_idx`` is kept for the forward only (the last launch needs it). ``skip [T]`` (bool):
+    tokens left out of every list (the dense prefix, :mod:`.dense_prefix`).
     """
 
-    def __init__(self, block_idx: torch.Tensor, num_blocks: int, block_m: int):
+    def __init__(self, block_idx: torch.Tensor, num_blocks: int, block_m: int, skip: torch.Tensor | None = None):
         t_total, h, s = block_idx.shape
         self.slots, self.heads, self.num_blocks, self.block_m = s, h, num_blocks, block_m
         self.block_idx: torch.Tensor | None = block_idx
@@ -384,7 +386,11 @@ class Schedule:
         kdt = torch.int32 if ngroups < 2**31 - 1 else torch.int64
         sh = torch.arange(s, device=dev, dtype=kdt)[None, :] * h + torch.arange(h, device=dev, dtype=kdt)[:, None]
         key = block_idx.to(kdt) + sh[None] * num_blocks
-        key = torch.where(block_idx >= 0, key, torch.full_like(key, ngroups)).reshape(-1)
+        valid = block_idx >= 0
+        if skip is not None:
+            valid &= ~skip[:, None, None]
+        key = torch.where(valid, key, torch.full_like(key, ngroups)).reshape(-1)
+        del valid
         del sh
         # Radix sort time grows with the key's width: 16-bit keys take half the passes of 32-bit ones.
         if ngroups < 2**15 - 1:
@@ -871,7 +877,7 @@ def check_env_knobs() -> None:
         _env_config(name)
     _env_config("MOBA_GATE_CFG", (3, 4, 5))
     _env_gate_kind()
-    for name in ("MOBA_FWD_DESC", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON"):
+    for name in ("MOBA_FWD_DESC", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON", "MOBA_DENSE_PREFIX"):
         _env_flag(name)
 
 
@@ -1018,30 +1024,40 @@ class MobaFunction(torch.autograd.Function):
     """Autograd wrapper: forward runs the gate and the sparse attention; backward reuses the schedule."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout: BlockLayout, topk: int, scale: float):
+    def forward(ctx, q, k, v, layout: BlockLayout, topk: int, scale: float, prefix: dense_prefix.Prefix | None):
         block_idx = select_blocks(q, k, layout, topk)
         need_grad = any(ctx.needs_input_grad[:3])
         bm_f = _fwd_config(q.shape[-1], q.dtype, layout.chunk_size)["BLOCK_M"]
         # The backward path is decided once here, so the schedule kept for it always fits.
         fused = bwd_fused()
         bm_b = _bwd_config(q.shape[-1], q.dtype, fused)["BLOCK_M"]
-        sched = Schedule(block_idx, layout.num_blocks, bm_f)
+        # Dense-prefix queries (their first topk blocks) are block rank < topk within their sequence.
+        skip = None if prefix is None else (layout.token_block - layout.token_first_block) < topk
+        sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
         out, lse = _forward(q, k, v, layout, sched, scale)
+        state = None if prefix is None else dense_prefix.forward(q, k, v, out, prefix, scale, need_grad)
         sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
         if need_grad:
             # The fused backward needs only the per-block query lists, which do not depend on the tile size.
             if bm_b != bm_f and not fused:
-                sched = Schedule(block_idx, layout.num_blocks, bm_b)
+                sched = Schedule(block_idx, layout.num_blocks, bm_b, skip)
                 sched.block_idx = None
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.sched, ctx.layout, ctx.scale, ctx.fused = sched, layout, scale, fused
+            ctx.prefix, ctx.prefix_state = prefix, state
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
+        if dout.stride(-1) != 1 or (ctx.prefix is not None and not dout.is_contiguous()):
+            dout = dout.contiguous()
         dq, dk, dv = _backward(q, k, v, out, dout, lse, ctx.layout, ctx.sched, ctx.scale, ctx.fused)
-        return dq, dk, dv, None, None, None
+        if ctx.prefix is not None:
+            # After the sparse part, whose float32 dQ buffer is freed by now: the dense part's gradients
+            # then fit in that memory and the peak does not grow.
+            dense_prefix.backward(dout, q, k, v, out, dq, dk, dv, ctx.prefix, ctx.scale, ctx.prefix_state)
+        return dq, dk, dv, None, None, None, None
 
 
 def _contig_last(x: torch.Tensor) -> torch.Tensor:
@@ -1083,12 +1099,14 @@ def moba_attention_triton(
     layout: BlockLayout,
     topk: int,
     softmax_scale: float | None = None,
+    prefix: dense_prefix.Prefix | None = None,
 ) -> torch.Tensor:
     """MoBA with the Triton kernels. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``.
 
-    Always the sparse kernels; :func:`moba_cli.moba_attention` decides beforehand whether the dense
-    shortcut (``DENSE_WHEN_FULL``) applies.
+    The sparse kernels, with the dense prefix ``prefix`` (:func:`.dense_prefix.plan`) through cuDNN;
+    :func:`moba_cli.moba_attention` decides beforehand whether the dense shortcut (``DENSE_WHEN_FULL``)
+    applies and plans the prefix.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
-    return MobaFunction.apply(q, k, v, layout, topk, float(scale))
+    return MobaFunction.apply(q, k, v, layout, topk, float(scale), prefix)

@@ -1,0 +1,122 @@
+"""The dense-prefix split (ops/moba/dense_prefix.py) against the float32 reference.
+
+On CPU the cuDNN call is replaced by the module's float32 causal attention, so these tests check the
+split itself: which queries leave the sparse schedule, the prefix rows of the output, and the dK/dV sums
+over both parts. The GPU suite (tests/test_gpu_suite.py) runs it through cuDNN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_triton_moba import make_inputs, rel_rms
+
+from moba_cli import moba_attention
+from moba_cli.errors import MobaError
+from moba_cli.ops.moba import dense_prefix, naive, triton_moba
+from moba_cli.ops.moba.layout import make_layout
+
+
+@pytest.fixture(autouse=True)
+def split_on_cpu(monkeypatch):
+    monkeypatch.setattr(triton_moba, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(dense_prefix, "DENSE_PREFIX", True)
+    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
+    monkeypatch.setattr(dense_prefix, "ALLOW_CPU", True)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> list:
+    """Records the plan of every dense-prefix forward, so a test knows the split ran."""
+    seen: list = []
+    real = dense_prefix.forward
+
+    def spy(q, k, v, out, pre, scale, need_lse):
+        seen.append(pre)
+        return real(q, k, v, out, pre, scale, need_lse)
+
+    monkeypatch.setattr(dense_prefix, "forward", spy)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("batch", "seq", "hq", "hkv", "chunk", "topk", "padded"),
+    [
+        (1, 77, 4, 4, 16, 2, True),  # MHA, odd length (partial last block)
+        (2, 64, 4, 2, 16, 3, True),  # GQA, padded batch
+        (3, 45, 2, 1, 8, 3, False),  # MQA, packed sequences of one length
+        (2, 40, 2, 2, 20, 1, True),  # topk 1: the prefix is the first block
+    ],
+)
+def test_split_matches_reference(batch, seq, hq, hkv, chunk, topk, padded, device, calls):
+    q, k, v, cu = make_inputs([seq] * batch, hq, hkv, 32, device, seed=seq)
+    layout = make_layout(cu, chunk)
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    if padded:
+        shaped = [x.view(batch, seq, *x.shape[1:]) for x in (qt, kt, vt)]
+        out = moba_attention(*shaped, chunk_size=chunk, topk=topk, backend="triton").view(q.shape)
+    else:
+        out = moba_attention(qt, kt, vt, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton")
+    assert calls == [dense_prefix.Prefix(batch=batch, seqlen=seq, rows=topk * chunk)]
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref, _ = naive.moba_attention_naive(qr, kr, vr, layout, topk)
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) < 1e-4
+    do = torch.randn_like(ref)
+    out.backward(do)
+    ref.backward(do)
+    for name, a, b in (("dq", qt.grad, qr.grad), ("dk", kt.grad, kr.grad), ("dv", vt.grad, vr.grad)):
+        assert not a.isnan().any(), name
+        assert rel_rms(a, b) < 1e-4, name
+
+
+def test_schedule_leaves_prefix_queries_out(device):
+    q, k, _, cu = make_inputs([50, 50], 2, 1, 16, device, seed=3)
+    layout = make_layout(cu, 8)
+    sel = triton_moba.select_blocks(q, k, layout, 3)
+    skip = (layout.token_block - layout.token_first_block) < 3
+    sched = triton_moba.Schedule(sel, layout.num_blocks, 16, skip)
+    listed = sched.pair_t[: int(sched.group_cnt.sum())].long()
+    assert not skip[listed].any()
+    # every other token keeps all its pairs
+    assert len(listed) == int((sel >= 0)[~skip].sum())
+
+
+@pytest.mark.parametrize(
+    ("lens", "chunk", "topk", "expect"),
+    [
+        ([64, 64], 16, 2, dense_prefix.Prefix(2, 64, 32)),
+        ([64, 63], 16, 2, None),  # lengths differ: no single strided view
+        ([64], 16, 4, None),  # the prefix is the whole sequence (the full-coverage shortcut's case)
+        ([64], 16, 5, None),
+    ],
+)
+def test_plan_rules(lens, chunk, topk, expect):
+    q, k, _, cu = make_inputs(lens, 2, 2, 32, "cpu")
+    assert dense_prefix.plan(q, k, cu.tolist(), chunk, topk) == expect
+
+
+def test_plan_off_switches(monkeypatch):
+    q, k, _, cu = make_inputs([64], 2, 2, 32, "cpu")
+    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 33)
+    assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None  # 32 rows: too short to be worth a call
+    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
+    monkeypatch.setattr(dense_prefix, "ALLOW_CPU", False)
+    assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None  # CPU tensors: no cuDNN
+    monkeypatch.setattr(dense_prefix, "ALLOW_CPU", True)
+    monkeypatch.setattr(dense_prefix, "DENSE_PREFIX", None)
+    monkeypatch.setenv("MOBA_DENSE_PREFIX", "0")
+    assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None
+    monkeypatch.setenv("MOBA_DENSE_PREFIX", "1")
+    assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) == dense_prefix.Prefix(1, 64, 32)
+
+
+def test_knob_rejects_bad_value(monkeypatch):
+    monkeypatch.setenv("MOBA_DENSE_PREFIX", "yes")
+    with pytest.raises(MobaError, match="MOBA_DENSE_PREFIX must be 0 or 1"):
+        triton_moba.check_env_knobs()
+
+
+def test_cudnn_rule_needs_cuda_half_precision_and_equal_heads():
+    q = torch.empty(8, 4, 128, dtype=torch.bfloat16)
+    assert not dense_prefix._cudnn_ok(q, q)  # CPU tensors
