@@ -117,6 +117,6 @@ def test_knob_rejects_bad_value(monkeypatch):
         triton_moba.check_env_knobs()
 
 
-def test_cudnn_rule_needs_cuda_half_precision_and_equal_heads():
+def test_cudnn_rule_needs_cuda():
     q = torch.empty(8, 4, 128, dtype=torch.bfloat16)
     assert not dense_prefix._cudnn_ok(q, q)  # CPU tensors

@@ -192,14 +192,16 @@ def test_hopper_backward_kernels_agree(lens, hq, hkv, chunk, topk, monkeypatch):
 
 
 PREFIX_CASES = [
-    # batch, seq, heads, chunk, topk: a padded batch of two; an odd length whose last block is partial
-    (2, 12288, 8, 2048, 3),
-    (1, 20001, 4, 1024, 5),
+    # batch, seq, heads, kv heads, chunk, topk: a padded batch of two; an odd length whose last block is
+    # partial; grouped heads (8 query heads over 2 KV heads), which cuDNN reads without copies
+    (2, 12288, 8, 8, 2048, 3),
+    (1, 20001, 4, 4, 1024, 5),
+    (1, 16384, 8, 2, 2048, 3),
 ]
 
 
-@pytest.mark.parametrize(("batch", "seq", "heads", "chunk", "topk"), PREFIX_CASES)
-def test_dense_prefix_through_cudnn(batch, seq, heads, chunk, topk, monkeypatch):
+@pytest.mark.parametrize(("batch", "seq", "heads", "kv_heads", "chunk", "topk"), PREFIX_CASES)
+def test_dense_prefix_through_cudnn(batch, seq, heads, kv_heads, chunk, topk, monkeypatch):
     """The public call with the dense prefix (first topk blocks through cuDNN, the rest sparse) against
     the float32 reference, forward and gradients."""
     from moba_cli import moba_attention
@@ -208,9 +210,9 @@ def test_dense_prefix_through_cudnn(batch, seq, heads, chunk, topk, monkeypatch)
     dev = torch.device("cuda")
     monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
     torch.manual_seed(seq + heads)
-    q, k, v = (torch.randn(batch, seq, heads, 128, device=dev, dtype=torch.bfloat16) for _ in range(3))
+    q, k, v = (torch.randn(batch, seq, h, 128, device=dev, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     cu_host = [i * seq for i in range(batch + 1)]
-    packed = [x.view(batch * seq, heads, 128) for x in (q, k, v)]
+    packed = [x.view(batch * seq, *x.shape[2:]) for x in (q, k, v)]
     pre = dense_prefix.plan(*packed[:2], cu_host, chunk, topk)
     assert pre == dense_prefix.Prefix(batch, seq, chunk * topk), "the split must apply to this case"
     qk = [x.detach().requires_grad_(True) for x in (q, k, v)]
@@ -228,7 +230,8 @@ def test_dense_prefix_through_cudnn(batch, seq, heads, chunk, topk, monkeypatch)
     base = sdpa_bf16_error(packed[0][:seq], packed[1][:seq], packed[2][:seq], True)
     ok = all(errs[n] <= 2 * base[n] + 1e-4 for n in errs)
     ok = ok and not any(g.isnan().any().item() for g in got.values())
-    RECORDS.append({"what": "dense-prefix", "batch": batch, "seq": seq, "heads": heads, "chunk": chunk,
+    RECORDS.append({"what": "dense-prefix", "batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads,
+                    "chunk": chunk,
                     "topk": topk, "prefix_rows": pre.rows, "errors": errs, "sdpa_bf16_errors": base,
                     "passed": bool(ok)})
     for n in errs:

@@ -47,13 +47,14 @@ def env_flag() -> bool | None:
 
 
 def _cudnn_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
-    # The cuDNN fused kernel as PyTorch exposes it: half precision, head dim a multiple of 8 up to 128, the
-    # same number of query and key heads (grouped heads would need K/V copied per head).
+    # The cuDNN fused kernel as PyTorch exposes it: half precision, head dim a multiple of 8 up to 128.
+    # Grouped heads (GQA/MQA) go in as they are: cuDNN reads each K/V head for its whole group (H200,
+    # 32/8 heads: results/kernel-dev/v9-cudnn-gqa.json).
     if not (q.is_cuda and torch.backends.cudnn.is_available()):
         return False
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] % 8 or q.shape[-1] > 128:
         return False
-    return q.shape[-2] == k.shape[-2] and hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
+    return hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
 
 
 def plan(q: torch.Tensor, k: torch.Tensor, cu_host: list[int], chunk_size: int, topk: int) -> Prefix | None:

@@ -929,13 +929,15 @@ def _hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float):
+def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float, out: torch.Tensor | None = None):
     """Launch the attention slots: the past-block slots first (slot 1 stores, later ones merge), then the
-    own-block slot 0, which every query has, merges and writes the output and its log-sum-exp."""
+    own-block slot 0, which every query has, merges and writes the output (into ``out`` if given) and its
+    log-sum-exp."""
     t_total, hq, d = q.shape
     g = hq // k.shape[1]
     cfg = _fwd_config(d, q.dtype, layout.chunk_size)
-    out = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    if out is None:
+        out = _empty(*q.shape, dtype=q.dtype, device=q.device)
     lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
     if sched.tiles_bound == 0:
         return out, lse
@@ -1020,6 +1022,37 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
     return dq_acc.to(q.dtype), dk, dv
 
 
+# The dense prefix's cuDNN forward runs on a second stream beside the sparse launches, filling the SMs
+# that each slot's last wave leaves idle (H200, paper 128K x 8 heads: docs/perf-notes.md v9).
+PREFIX_STREAM = True
+_SIDE_STREAMS: dict = {}
+
+
+def _forward_with_prefix(q, k, v, layout: BlockLayout, sched: Schedule, scale: float,
+                         prefix: dense_prefix.Prefix, need_lse: bool):
+    """:func:`_forward` for the scheduled queries and :func:`.dense_prefix.forward` for the prefix rows,
+    both into one output. Returns ``(out, lse, prefix_state)``."""
+    out = _empty(*q.shape, dtype=q.dtype, device=q.device)
+    if not (PREFIX_STREAM and q.is_cuda):
+        out, lse = _forward(q, k, v, layout, sched, scale, out)
+        return out, lse, dense_prefix.forward(q, k, v, out, prefix, scale, need_lse)
+    main = torch.cuda.current_stream(q.device)
+    side = _SIDE_STREAMS.get(q.device.index)
+    if side is None:
+        side = _SIDE_STREAMS[q.device.index] = torch.cuda.Stream(q.device)
+    side.wait_stream(main)  # inputs written and ``out`` allocated (and poisoned) on the main stream
+    with torch.cuda.stream(side):
+        state = dense_prefix.forward(q, k, v, out, prefix, scale, need_lse)
+    out, lse = _forward(q, k, v, layout, sched, scale, out)
+    main.wait_stream(side)
+    for x in state:
+        if isinstance(x, torch.Tensor):
+            # made on the side stream, used and freed on the main one: the allocator must not hand the
+            # memory back to the side stream while main-stream work on it may still be queued
+            x.record_stream(main)
+    return out, lse, state
+
+
 class MobaFunction(torch.autograd.Function):
     """Autograd wrapper: forward runs the gate and the sparse attention; backward reuses the schedule."""
 
@@ -1034,8 +1067,11 @@ class MobaFunction(torch.autograd.Function):
         # Dense-prefix queries (their first topk blocks) are block rank < topk within their sequence.
         skip = None if prefix is None else (layout.token_block - layout.token_first_block) < topk
         sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
-        out, lse = _forward(q, k, v, layout, sched, scale)
-        state = None if prefix is None else dense_prefix.forward(q, k, v, out, prefix, scale, need_grad)
+        if prefix is None:
+            out, lse = _forward(q, k, v, layout, sched, scale)
+            state = None
+        else:
+            out, lse, state = _forward_with_prefix(q, k, v, layout, sched, scale, prefix, need_grad)
         sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
         if need_grad:
             # The fused backward needs only the per-block query lists, which do not depend on the tile size.
