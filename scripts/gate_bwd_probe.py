@@ -29,6 +29,7 @@ def bwd_alone(name, q, k, v, layout, topk, cfgs, do, unfused=True):
     scale = 128**-0.5
     sel = tm.select_blocks(q, k, layout, topk)
     sched = tm.Schedule(sel, layout.num_blocks, tm._bwd_config(128, q.dtype, False)["BLOCK_M"])
+    lists = tm.BwdLists(sel, layout.num_blocks)
     out, lse = tm._forward(q, k, v, layout, tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)[
         "BLOCK_M"]), scale)
     ref = None
@@ -36,7 +37,7 @@ def bwd_alone(name, q, k, v, layout, topk, cfgs, do, unfused=True):
         env = {"MOBA_BWD_FUSED": fused, "MOBA_BWD_CFG": cfg or None}
         try:
             def run():
-                return tm._backward(q, k, v, out, do, lse, layout, sched, scale, tm.bwd_fused())
+                return tm._backward(q, k, v, out, do, lse, layout, lists, sched, scale, tm.bwd_fused())
 
             grads = with_env(env, run)
             rec = {"what": "bwd", "case": name, "fused": fused, "cfg": cfg}

@@ -55,11 +55,12 @@ def sweep_shape(label, seq, hq, chunk, topk, recs):
     sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)["BLOCK_M"])
     out, lse = tm._forward(q, k, v, layout, sched, scale)
     do = torch.randn_like(out)
+    lists = tm.BwdLists(sel, layout.num_blocks)
     for cfg in BWD:
         os.environ["MOBA_BWD_CFG"] = cfg
         bs = tm.Schedule(sel, layout.num_blocks, int(cfg.split(",")[0]))
         timed(f"bwd/{label}", cfg,
-              lambda bs=bs: tm._backward(q, k, v, out, do, lse, layout, bs, scale, tm.bwd_fused()), recs)
+              lambda bs=bs: tm._backward(q, k, v, out, do, lse, layout, lists, bs, scale, tm.bwd_fused()), recs)
     os.environ.pop("MOBA_BWD_CFG")
     for cfg in GATE:
         os.environ["MOBA_GATE_CFG"] = cfg

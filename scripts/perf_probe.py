@@ -70,7 +70,8 @@ def case(seq, hq, hkv, chunk, topk, bwd=True):
         bsched = tm.Schedule(sel, layout.num_blocks, bcfg["BLOCK_M"])
         out, lse = tm._forward(q, k, v, layout, bsched, scale)
         do = torch.randn_like(out)
-        rec["attn_bwd_ms"] = bench(lambda: tm._backward(q, k, v, out, do, lse, layout, bsched, scale,
+        lists = tm.BwdLists(sel, layout.num_blocks)
+        rec["attn_bwd_ms"] = bench(lambda: tm._backward(q, k, v, out, do, lse, layout, lists, bsched, scale,
                                                        tm.bwd_fused()))
         qg, kg, vg = (x.detach().requires_grad_() for x in (q, k, v))
 

@@ -81,8 +81,10 @@ def backward_variants(name, seq, h, chunk, topk, plain, nodq):
     sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)["BLOCK_M"])
     out, lse = tm._forward(q, k, v, layout, sched, scale)
     rec = {"what": "bwd_variants", "case": name}
+    # (v9 signature: per-block lists for dK/dV; the v7 variant modules predate it)
+    lists = tm.BwdLists(sel, layout.num_blocks)
     for label, mod in (("fused_atomics", tm), ("fused_plain_stores", plain), ("dkdv_only", nodq)):
-        rec[f"{label}_ms"] = med(lambda mod=mod: mod._backward(q, k, v, out, do, lse, layout, sched, scale, True))
+        rec[f"{label}_ms"] = med(lambda mod=mod: mod._backward(q, k, v, out, do, lse, layout, lists, None, scale, True))
     emit(rec)
 
 

@@ -88,7 +88,8 @@ def setup(seq, h, hkv=None, chunk=4096, topk=12):
     sel = tm.select_blocks(q, k, layout, topk)
     sched = tm.Schedule(sel, layout.num_blocks, tm._fwd_config(128, q.dtype, chunk)["BLOCK_M"])
     out, lse = tm._forward(q, k, v, layout, sched, 128**-0.5)
-    return q, k, v, do, out, lse, layout, sched
+    # From v9 the dK/dV kernels walk per-block lists (BwdLists); the fused backward needs no dQ schedule.
+    return q, k, v, do, out, lse, layout, tm.BwdLists(sel, layout.num_blocks)
 
 
 def rel(a, b):
@@ -98,7 +99,7 @@ def rel(a, b):
 def variants_case(name, seq, h, mods, hkv=None, chunk=4096, topk=12):
     q, k, v, do, out, lse, layout, sched = setup(seq, h, hkv, chunk, topk)
     scale = 128**-0.5
-    ref = tm._backward(q, k, v, out, do, lse, layout, sched, scale, True)
+    ref = tm._backward(q, k, v, out, do, lse, layout, sched, None, scale, True)
     for label, mod, cfg in mods:
         # The Triton variants set MOBA_BWD_GLUON=0: from 61534a9 on the Gluon kernel is the Hopper default,
         # and before this line said so, the sixth call's "triton" rows (v8-bwd-gluon-presets.json) ran it too.
@@ -108,7 +109,7 @@ def variants_case(name, seq, h, mods, hkv=None, chunk=4096, topk=12):
             env = {"MOBA_BWD_CFG": cfg, "MOBA_BWD_GLUON": "0"}
         try:
             def run(mod=mod):
-                return mod._backward(q, k, v, out, do, lse, layout, sched, scale, True)
+                return mod._backward(q, k, v, out, do, lse, layout, sched, None, scale, True)
 
             got = with_env(env, run)
             emit({"what": "bwd", "case": name, "variant": label, "cfg": cfg,
@@ -133,7 +134,7 @@ def main():
             env = {"MOBA_BWD_GLUON": "1"} if sys.argv[i + 1] == "gluon" else {"MOBA_BWD_CFG": sys.argv[i + 2]}
             for _ in range(2):
                 with_env(env,
-                         lambda: mod._backward(q, k, v, out, do, lse, layout, sched, 128**-0.5, True))
+                         lambda: mod._backward(q, k, v, out, do, lse, layout, sched, None, 128**-0.5, True))
             torch.cuda.synchronize()
             return
         if "--pipe" in sys.argv:  # ninth call (6c7fa30 only): the Gluon products left running into the next tile

@@ -126,13 +126,13 @@ def test_gluon_launch_matches_kernel_signature(monkeypatch):
     q = torch.zeros(t, hq, d, dtype=torch.bfloat16)
     kv = torch.zeros(t, hkv, d, dtype=torch.bfloat16)
     ints = torch.zeros(t, dtype=torch.int32)
-    sched = SimpleNamespace(pair_t=ints, group_off=ints, group_cnt=ints, slots=3)
+    lists = SimpleNamespace(pair_t=ints, group_off=ints, group_cnt=ints)
     layout = SimpleNamespace(chunk_size=200, num_blocks=2, block_start=ints, block_end=ints)
-    gluon_bwd.launch(q, kv, kv, q, ints.float(), ints.float(), kv, kv, q.float(), sched, layout, 0.1, 1.4)
+    gluon_bwd.launch(q, kv, kv, q, ints.float(), ints.float(), kv, kv, q.float(), lists, layout, 0.1, 1.4)
     (grid, args, kwargs), = calls
     assert list(names[: len(args)]) + sorted(kwargs) == list(names[: len(args)]) + sorted(names[len(args):])
     assert grid == (2 * 2, hkv)  # 2 blocks x ceil(200 / 128) key tiles, one program column per KV head
-    assert kwargs["G"] == 4 and kwargs["EVEN"] is False and kwargs["SLOTS"] == 3
+    assert kwargs["G"] == 4 and kwargs["EVEN"] is False
 
 
 @pytest.mark.parametrize(("name", "value"), [("MOBA_FWD_CFG", "128,64"), ("MOBA_BWD_CFG", "64,x,4,2"),
@@ -297,6 +297,40 @@ def test_schedule_lists_every_pair_once(wide_keys, device):
             assert bool((sel[toks, head, slot] == blk).all())
             seen[toks, head, slot] += 1
     assert torch.equal(seen, (sel >= 0).to(seen.dtype))
+
+
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_backward_lists_per_block(skip_first, device):
+    # The dK/dV kernels' lists: per (head, block) the block's own queries (all of its tokens, in order),
+    # then right after them every query that chose it as a past block, in token order; each valid pair
+    # once. skip_first leaves the first two blocks' tokens of every sequence out (the dense prefix).
+    lens, hq, chunk, topk = [50, 7, 77], 3, 8, 4
+    q, k, _, cu = make_inputs(lens, hq, 1, 16, device, seed=11)
+    layout = make_layout(cu, chunk)
+    sel = triton_moba.select_blocks(q, k, layout, topk)
+    skip = (layout.token_block - layout.token_first_block) < 2 if skip_first else None
+    lists = triton_moba.BwdLists(sel, layout.num_blocks, skip)
+    nb, starts, ends = layout.num_blocks, layout.block_start.tolist(), layout.block_end.tolist()
+    seen = torch.zeros_like(sel)
+    for h in range(hq):
+        for j in range(nb):
+            g = 2 * (h * nb + j)
+            off, n_own, n_past = (int(x) for x in (lists.group_off[g], lists.group_cnt[g], lists.group_cnt[g + 1]))
+            assert int(lists.group_off[g + 1]) == off + n_own  # the past run follows the own run
+            own = lists.pair_t[off:off + n_own].long()
+            past = lists.pair_t[off + n_own:off + n_own + n_past].long()
+            block_toks = torch.arange(starts[j], ends[j], device=own.device)
+            if skip is not None and bool(skip[starts[j]]):
+                block_toks = block_toks[:0]
+            assert torch.equal(own, block_toks)  # row m of the own run is token block_start + m
+            assert bool((past[1:] > past[:-1]).all()) and bool((sel[past, h, 1:] == j).any(-1).all())
+            seen[own, h, 0] += 1
+            for t in past.tolist():
+                seen[t, h, 1:][sel[t, h, 1:] == j] += 1
+    want = (sel >= 0).to(seen.dtype)
+    if skip is not None:
+        want[skip] = 0
+    assert torch.equal(seen, want)
 
 
 def test_layout_cache(device):

@@ -128,14 +128,14 @@ def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
     return dk, dv
 
 
-@gluon.jit(do_not_specialize=["NB", "NSUB", "SLOTS"])
+@gluon.jit(do_not_specialize=["NB", "NSUB"])
 def bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     PAIR_T, GROUP_OFF, GROUP_CNT, BS, BE,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
-    H: gl.constexpr, NB, NSUB, SLOTS, G: gl.constexpr, D: gl.constexpr,
+    H: gl.constexpr, NB, NSUB, G: gl.constexpr, D: gl.constexpr,
     EVEN: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, num_warps: gl.constexpr,
 ):
     """Grid ``(num_blocks * NSUB, Hkv)``: program (j * NSUB + sub, hk) owns keys ``BS[j] + sub * BLOCK_N``
@@ -178,22 +178,23 @@ def bwd_dkdv_kernel(
         dv = gl.zeros([BLOCK_N, D], gl.float32, L_KV)
         for hh in range(G):
             h = hk * G + hh
-            # Slot 0: the block's own queries in token order; those before this key tile see none of it.
-            g = h * NB + j
+            # The block's own queries in token order (BwdLists): those before this key tile see none of it.
+            # Right after them in the list, the queries that chose the block as a past block.
+            g = (h * NB + j) * 2
+            off = gl.load(GROUP_OFF + g)
+            n_own = gl.load(GROUP_CNT + g)
             dk, dv = _query_tiles(
                 dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
-                gl.load(GROUP_OFF + g), ((ks - ks_blk) // BLOCK_M) * BLOCK_M, gl.load(GROUP_CNT + g), h,
+                off, ((ks - ks_blk) // BLOCK_M) * BLOCK_M, n_own, h,
                 qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
                 H, D, BLOCK_M, BLOCK_N, True, LD, L_S, L_KV, num_warps,
             )
-            for s in range(1, SLOTS):
-                g = (s * H + h) * NB + j
-                dk, dv = _query_tiles(
-                    dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
-                    gl.load(GROUP_OFF + g), 0, gl.load(GROUP_CNT + g), h,
-                    qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
-                    H, D, BLOCK_M, BLOCK_N, not EVEN, LD, L_S, L_KV, num_warps,
-                )
+            dk, dv = _query_tiles(
+                dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke, Q, DO, LSE, DELTA, DQ, PAIR_T,
+                off + n_own, 0, gl.load(GROUP_CNT + g + 1), h,
+                qk_scale, sm_scale, stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh,
+                H, D, BLOCK_M, BLOCK_N, not EVEN, LD, L_S, L_KV, num_warps,
+            )
         rko = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_KV))
         dko = gl.arange(0, D, layout=gl.SliceLayout(0, L_KV))
         rko64 = rko.to(gl.int64)
@@ -204,19 +205,20 @@ def bwd_dkdv_kernel(
                  mask=omask)
 
 
-def launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, sched, layout, scale: float, log2e: float) -> None:
-    """Run ``bwd_dkdv_kernel`` over every key tile (64-query x 128-key tiles, 8 warps)."""
+def launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, lists, layout, scale: float, log2e: float) -> None:
+    """Run ``bwd_dkdv_kernel`` over every key tile (64-query x 128-key tiles, 8 warps); ``lists``:
+    ``triton_moba.BwdLists``."""
     d = q.shape[-1]
     hq, hkv = q.shape[1], k.shape[1]
     block_n, block_m = 128, 64
     nsub = triton.cdiv(layout.chunk_size, block_n)
     bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
         q, k, v, dout, lse, delta, dk, dv, dq_acc,
-        sched.pair_t, sched.group_off, sched.group_cnt, layout.block_start, layout.block_end,
+        lists.pair_t, lists.group_off, lists.group_cnt, layout.block_start, layout.block_end,
         scale * log2e, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         dq_acc.stride(0), dq_acc.stride(1),
-        H=hq, NB=layout.num_blocks, NSUB=nsub, SLOTS=sched.slots, G=hq // hkv, D=d,
+        H=hq, NB=layout.num_blocks, NSUB=nsub, G=hq // hkv, D=d,
         EVEN=layout.chunk_size % block_n == 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )

@@ -363,6 +363,46 @@ def _persistent_programs(kernel, device: torch.device, ntiles: int, per_sm: int 
 # Schedule: gather the queries of each (slot, head, block)
 
 
+def _sorted_groups(key: torch.Tensor, ngroups: int, per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of the flat ``(token, head, slot)`` pairs by group ``key`` (``ngroups`` marks a pair left
+    out). Returns each sorted pair's token (int32) and the ``[ngroups + 1]`` group offsets."""
+    # Radix sort time grows with the key's width: 16-bit keys take half the passes of 32-bit ones.
+    if ngroups < 2**15 - 1:
+        key = key.to(torch.int16)
+    skey, perm = torch.sort(key, stable=True)
+    # Group offsets from the sorted keys (bincount would sync to size its output).
+    offs = torch.searchsorted(skey, torch.arange(ngroups + 1, device=key.device, dtype=skey.dtype))
+    del skey
+    return torch.div(perm, per_token, rounding_mode="floor").to(torch.int32), offs
+
+
+class BwdLists:
+    """The dK/dV kernels' work lists, from ``block_idx [T, H, S]``: for each (head, block), group
+    ``2 * (h * NB + j)`` holds the block's own queries and group ``2 * (h * NB + j) + 1``, right after it in
+    ``pair_t``, the queries that chose it as a past block, each in token order. ``group_off``/``group_cnt``
+    ``[2 * H * NB]``. One program then walks a block's queries as two runs (the first causal), where the
+    forward's slot-major lists would split them into one run per slot, each ending in a partly empty tile
+    and restarting the row-copy pipeline. ``skip [T]``: tokens left out (the dense prefix)."""
+
+    def __init__(self, block_idx: torch.Tensor, num_blocks: int, skip: torch.Tensor | None = None):
+        t_total, h, s = block_idx.shape
+        ngroups = 2 * h * num_blocks
+        dev = block_idx.device
+        kdt = torch.int32 if ngroups < 2**31 - 1 else torch.int64
+        head = torch.arange(h, device=dev, dtype=kdt)[None, :, None] * num_blocks
+        past = (torch.arange(s, device=dev) > 0).to(kdt)[None, None, :]
+        key = (block_idx.to(kdt) + head) * 2 + past
+        valid = block_idx >= 0
+        if skip is not None:
+            valid &= ~skip[:, None, None]
+        key = torch.where(valid, key, torch.full_like(key, ngroups)).reshape(-1)
+        del valid, head
+        self.pair_t, offs = _sorted_groups(key, ngroups, h * s)
+        del key
+        self.group_off = offs[:-1].to(torch.int32)
+        self.group_cnt = (offs[1:] - offs[:-1]).to(torch.int32)
+
+
 class Schedule:
     """Work lists built from ``block_idx [T, H, S]``, on the device and without a host sync.
 
@@ -390,19 +430,9 @@ class Schedule:
         if skip is not None:
             valid &= ~skip[:, None, None]
         key = torch.where(valid, key, torch.full_like(key, ngroups)).reshape(-1)
-        del valid
-        del sh
-        # Radix sort time grows with the key's width: 16-bit keys take half the passes of 32-bit ones.
-        if ngroups < 2**15 - 1:
-            key = key.to(torch.int16)
-        skey, perm = torch.sort(key, stable=True)
+        del valid, sh
+        self.pair_t, offs = _sorted_groups(key, ngroups, h * s)
         del key
-        # Group offsets from the sorted keys (bincount would sync to size its output).
-        bounds = torch.arange(ngroups + 1, device=dev, dtype=skey.dtype)
-        offs = torch.searchsorted(skey, bounds)
-        del skey, bounds
-        self.pair_t = torch.div(perm, h * s, rounding_mode="floor").to(torch.int32)
-        del perm
         counts = offs[1:] - offs[:-1]
         self.group_off = offs[:-1].to(torch.int32)
         self.group_cnt = counts.to(torch.int32)
@@ -693,14 +723,14 @@ def _dkdv_inner(dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, base, 
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["NB", "NSUB", "SLOTS"])
+@triton.jit(do_not_specialize=["NB", "NSUB"])
 def _bwd_dkdv_kernel(
     Q, K, V, DO, LSE, DELTA, DK, DV, DQ,
     PAIR_T, GROUP_OFF, GROUP_CNT, BS, BE,
     qk_scale, sm_scale,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_dqt, stride_dqh,
-    H: tl.constexpr, NB, NSUB, SLOTS, G: tl.constexpr, D: tl.constexpr,
+    H: tl.constexpr, NB, NSUB, G: tl.constexpr, D: tl.constexpr,
     EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PREC: tl.constexpr, FUSED_DQ: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -720,23 +750,24 @@ def _bwd_dkdv_kernel(
         dv = tl.zeros([BLOCK_N, D], tl.float32)
         for hh in range(G):
             h = hk * G + hh
-            # Slot 0 is the block's own queries, in token order: those before this key tile see none of it
-            # (causality), so start at the first query tile that can, and mask.
-            g = h * NB + j
+            # The block's own queries (BwdLists), in token order: those before this key tile see none of it
+            # (causality), so start at the first query tile that can, and mask. Right after them in the
+            # list: every query that chose the block as a past block, all of whose keys it sees.
+            g = (h * NB + j) * 2
+            off = tl.load(GROUP_OFF + g)
+            n_own = tl.load(GROUP_CNT + g)
             dk, dv = _dkdv_inner(
-                dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, tl.load(GROUP_OFF + g),
-                ((ks - ks_blk) // BLOCK_M) * BLOCK_M, tl.load(GROUP_CNT + g), h, qk_scale, sm_scale,
+                dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, off,
+                ((ks - ks_blk) // BLOCK_M) * BLOCK_M, n_own, h, qk_scale, sm_scale,
                 stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, H, D, BLOCK_M, PREC, True,
                 FUSED_DQ,
             )
-            for s in range(1, SLOTS):
-                g = (s * H + h) * NB + j
-                dk, dv = _dkdv_inner(
-                    dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, tl.load(GROUP_OFF + g),
-                    0, tl.load(GROUP_CNT + g), h, qk_scale, sm_scale,
-                    stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, H, D, BLOCK_M, PREC,
-                    not EVEN, FUSED_DQ,
-                )
+            dk, dv = _dkdv_inner(
+                dk, dv, kb, vb, kn, kmask, Q, DO, LSE, DELTA, DQ, PAIR_T, off + n_own,
+                0, tl.load(GROUP_CNT + g + 1), h, qk_scale, sm_scale,
+                stride_qt, stride_qh, stride_dot, stride_doh, stride_dqt, stride_dqh, H, D, BLOCK_M, PREC,
+                not EVEN, FUSED_DQ,
+            )
         dk = dk * sm_scale
         tl.store(
             DK + kn64[:, None] * stride_dkt + hk * stride_dkh + d[None, :], dk.to(DK.dtype.element_ty),
@@ -970,7 +1001,9 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float, out: t
     return out, lse
 
 
-def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, scale: float, fused: bool):
+def _backward(q, k, v, out, dout, lse, layout: BlockLayout, lists: BwdLists, sched: Schedule | None, scale: float,
+              fused: bool):
+    """dQ, dK, dV. ``lists``: the dK/dV kernels' query lists; ``sched``: the dQ pass's tiles (not fused)."""
     t_total, hq, d = q.shape
     hkv = k.shape[1]
     g = hq // hkv
@@ -983,11 +1016,11 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
         out, dout, delta, t_total, out.stride(0), out.stride(1), dout.stride(0), dout.stride(1),
         H=hq, D=d, BLOCK_M=bm,
     )
-    if not fused and sched.block_m != cfg["BLOCK_M"]:
-        raise RuntimeError("schedule tile size does not match the backward tile size")
+    if not fused and (sched is None or sched.block_m != cfg["BLOCK_M"]):
+        raise RuntimeError("the dQ pass needs a schedule of the backward's tile size")
     # Fused: dQ gathers atomic adds from the dK/dV kernel, so it starts at zero.
     dq_acc = (torch.zeros if fused else _empty)(t_total, hq, d, dtype=torch.float32, device=q.device)
-    for s in range(0 if fused or not sched.tiles_bound else sched.slots):
+    for s in range(0 if fused or sched is None or not sched.tiles_bound else sched.slots):
         _bwd_dq_kernel[(sched.tiles_bound,)](
             q, k, v, dout, lse, delta, dq_acc,
             sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off, sched.slot_first,
@@ -1005,16 +1038,16 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, sched: Schedule, sca
     if layout.num_blocks and fused and bwd_gluon(q):
         from . import gluon_bwd
 
-        gluon_bwd.launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, sched, layout, scale, LOG2E)
+        gluon_bwd.launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, lists, layout, scale, LOG2E)
     elif layout.num_blocks:
         _bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
             q, k, v, dout, lse, delta, dk, dv, dq_acc,
-            sched.pair_t, sched.group_off, sched.group_cnt, layout.block_start, layout.block_end,
+            lists.pair_t, lists.group_off, lists.group_cnt, layout.block_start, layout.block_end,
             scale * LOG2E, scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
             dq_acc.stride(0), dq_acc.stride(1),
-            H=hq, NB=layout.num_blocks, NSUB=nsub, SLOTS=sched.slots, G=g, D=d,
+            H=hq, NB=layout.num_blocks, NSUB=nsub, G=g, D=d,
             EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), FUSED_DQ=fused,
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
@@ -1074,12 +1107,14 @@ class MobaFunction(torch.autograd.Function):
             out, lse, state = _forward_with_prefix(q, k, v, layout, sched, scale, prefix, need_grad)
         sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
         if need_grad:
-            # The fused backward needs only the per-block query lists, which do not depend on the tile size.
-            if bm_b != bm_f and not fused:
-                sched = Schedule(block_idx, layout.num_blocks, bm_b, skip)
-                sched.block_idx = None
+            lists = BwdLists(block_idx, layout.num_blocks, skip)
+            # The separate dQ pass (not fused) walks tiles like the forward's, of the backward's size.
+            dq_sched = None
+            if not fused:
+                dq_sched = sched if bm_b == bm_f else Schedule(block_idx, layout.num_blocks, bm_b, skip)
+                dq_sched.block_idx = None
             ctx.save_for_backward(q, k, v, out, lse)
-            ctx.sched, ctx.layout, ctx.scale, ctx.fused = sched, layout, scale, fused
+            ctx.lists, ctx.dq_sched, ctx.layout, ctx.scale, ctx.fused = lists, dq_sched, layout, scale, fused
             ctx.prefix, ctx.prefix_state = prefix, state
         return out
 
@@ -1088,7 +1123,7 @@ class MobaFunction(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         if dout.stride(-1) != 1 or (ctx.prefix is not None and not dout.is_contiguous()):
             dout = dout.contiguous()
-        dq, dk, dv = _backward(q, k, v, out, dout, lse, ctx.layout, ctx.sched, ctx.scale, ctx.fused)
+        dq, dk, dv = _backward(q, k, v, out, dout, lse, ctx.layout, ctx.lists, ctx.dq_sched, ctx.scale, ctx.fused)
         if ctx.prefix is not None:
             # After the sparse part, whose float32 dQ buffer is freed by now: the dense part's gradients
             # then fit in that memory and the peak does not grow.
