@@ -1,8 +1,9 @@
 """The dense-prefix split (ops/moba/dense_prefix.py) against the float32 reference.
 
-On CPU the cuDNN call is replaced by the module's float32 causal attention, so these tests check the
-split itself: which queries leave the sparse schedule, the prefix rows of the output, and the dK/dV sums
-over both parts. The GPU suite (tests/test_gpu_suite.py) runs it through cuDNN.
+The cuDNN call is replaced by the module's float32 causal attention (``USE_REFERENCE``: there is no cuDNN
+on CPU, and these inputs are float32), so these tests check the split itself: which queries leave the
+sparse schedule, the prefix rows of the output, and the dK/dV sums over both parts. The GPU suite
+(tests/test_gpu_suite.py) runs it through cuDNN.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def split_on_cpu(monkeypatch):
     monkeypatch.setattr(triton_moba, "POISON_OUTPUTS", True)
     monkeypatch.setattr(dense_prefix, "DENSE_PREFIX", True)
     monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
-    monkeypatch.setattr(dense_prefix, "ALLOW_CPU", True)
+    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", True)
 
 
 @pytest.fixture
@@ -101,9 +102,9 @@ def test_plan_off_switches(monkeypatch):
     monkeypatch.setattr(dense_prefix, "MIN_ROWS", 33)
     assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None  # 32 rows: too short to be worth a call
     monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
-    monkeypatch.setattr(dense_prefix, "ALLOW_CPU", False)
+    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", False)
     assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None  # CPU tensors: no cuDNN
-    monkeypatch.setattr(dense_prefix, "ALLOW_CPU", True)
+    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", True)
     monkeypatch.setattr(dense_prefix, "DENSE_PREFIX", None)
     monkeypatch.setenv("MOBA_DENSE_PREFIX", "0")
     assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None

@@ -26,8 +26,8 @@ DENSE_PREFIX: bool | None = None
 DENSE_PREFIX_DEFAULT = True
 # Shorter prefixes cost the sparse kernels little, while the split adds two launches and row copies.
 MIN_ROWS = 16384
-# Tests: take the split on CPU too, with the float32 reference below in place of cuDNN.
-ALLOW_CPU = False
+# Tests: the float32 reference below in place of cuDNN, on any device (so the split runs on CPU too).
+USE_REFERENCE = False
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def plan(q: torch.Tensor, k: torch.Tensor, cu_host: list[int], chunk_size: int, 
     rows = topk * chunk_size
     if rows >= seqlen or rows < MIN_ROWS:
         return None
-    if not (_cudnn_ok(q, k) or (ALLOW_CPU and not q.is_cuda)):
+    if not (USE_REFERENCE or _cudnn_ok(q, k)):
         return None
     return Prefix(batch=len(cu_host) - 1, seqlen=seqlen, rows=rows)
 
@@ -84,7 +84,7 @@ def forward(q, k, v, out, pre: Prefix, scale: float, need_lse: bool) -> tuple:
     """Dense causal attention of the prefix rows, written into ``out``'s prefix rows. Returns what
     :func:`backward` needs (cuDNN's log-sum-exp and bookkeeping)."""
     qv, kv, vv = view(q, pre), view(k, pre), view(v, pre)
-    if q.is_cuda:
+    if not USE_REFERENCE:
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             qv, kv, vv, None, need_lse, 0.0, True, False, scale=scale
         )
@@ -100,7 +100,7 @@ def backward(dout, q, k, v, out, dq, dk, dv, pre: Prefix, scale: float, state: t
     """Adds the prefix rows' gradients: dQ of those rows is theirs alone (the sparse part left them out),
     dK/dV of the prefix keys add to what later queries gave them."""
     args = [view(x, pre) for x in (dout, q, k, v, out)]
-    if q.is_cuda:
+    if not USE_REFERENCE:
         lse, cu_q, cu_k, max_q, max_k, seed, offset = state
         dqd, dkd, dvd = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
             *args, lse, seed, offset, None, cu_q, cu_k, max_q, max_k, 0.0, True, scale=scale
