@@ -50,7 +50,8 @@ def write_summary():
 
 
 def sdpa_bf16_error(q, k, v, grads: bool):
-    """PyTorch's own bf16 error (dense causal SDPA) against float32 on the same inputs."""
+    """PyTorch's own low-precision error (dense causal SDPA in the inputs' dtype, bf16 or fp16) against
+    float32 on the same inputs."""
     if q.shape[1] != k.shape[1]:
         # The baseline only: expand K/V so float32 SDPA can use a memory-efficient kernel (its GQA path
         # falls back to the O(S^2) math kernel).
@@ -64,7 +65,7 @@ def sdpa_bf16_error(q, k, v, grads: bool):
     errs = {"out": rel_rms(ob, of)}
     if grads:
         do = torch.randn_like(of)
-        ob.backward(do.bfloat16())
+        ob.backward(do.to(ob.dtype))
         of.backward(do)
         for n, a, b in (("dq", qb, qf), ("dk", kb, kf), ("dv", vb, vf)):
             errs[n] = rel_rms(a.grad, b.grad)
@@ -149,19 +150,24 @@ BWD_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("lens", "hq", "hkv", "chunk", "topk"), BWD_CASES)
-def test_hopper_backward_kernels_agree(lens, hq, hkv, chunk, topk, monkeypatch):
+@pytest.mark.parametrize(("lens", "hq", "hkv", "chunk", "topk", "dtype"), [
+    *((*c, torch.bfloat16) for c in BWD_CASES),
+    # fp16 (added in v9, to run the Gluon kernel in fp16 before making it fp16's default)
+    ((3000, 5000, 777), 8, 2, 1000, 3, torch.float16),
+    ((8192,), 4, 4, 512, 4, torch.float16),
+])
+def test_hopper_backward_kernels_agree(lens, hq, hkv, chunk, topk, dtype, monkeypatch):
     """The Gluon backward (Hopper) and the Triton one give the same dK and dV (same summation order) and
     dQ to float32 atomics' rounding; both meet the tolerance rule against the float32 reference."""
     dev = torch.device("cuda")
-    if not triton_moba._gluon_bwd_usable(torch.empty(1, 1, 128, device=dev, dtype=torch.bfloat16)):
+    if not triton_moba._gluon_bwd_usable(torch.empty(1, 1, 128, device=dev, dtype=dtype)):
         pytest.skip("the Gluon backward needs a Hopper GPU and Triton with Gluon")
     monkeypatch.setattr(triton_moba, "DENSE_WHEN_FULL", False)
     torch.manual_seed(sum(lens) + hq)
     t = sum(lens)
-    q = torch.randn(t, hq, 128, device=dev, dtype=torch.bfloat16)
-    k = torch.randn(t, hkv, 128, device=dev, dtype=torch.bfloat16)
-    v = torch.randn(t, hkv, 128, device=dev, dtype=torch.bfloat16)
+    q = torch.randn(t, hq, 128, device=dev, dtype=dtype)
+    k = torch.randn(t, hkv, 128, device=dev, dtype=dtype)
+    v = torch.randn(t, hkv, 128, device=dev, dtype=dtype)
     do = torch.randn(t, hq, 128, device=dev, dtype=torch.float32)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
     layout = make_layout(cu, chunk)
@@ -173,7 +179,7 @@ def test_hopper_backward_kernels_agree(lens, hq, hkv, chunk, topk, monkeypatch):
     for name, flag in (("gluon", True), ("triton", False)):
         monkeypatch.setattr(triton_moba, "BWD_GLUON", flag)
         qk = [x.detach().requires_grad_(True) for x in (q, k, v)]
-        triton_moba.moba_attention_triton(*qk, layout, topk).backward(do.bfloat16())
+        triton_moba.moba_attention_triton(*qk, layout, topk).backward(do.to(dtype))
         grads[name] = [x.grad for x in qk]
         assert not any(g.isnan().any().item() for g in grads[name]), name
     base = sdpa_bf16_error(q, k, v, True)
@@ -181,7 +187,8 @@ def test_hopper_backward_kernels_agree(lens, hq, hkv, chunk, topk, monkeypatch):
             for name, gs in grads.items()}
     agree = {n: rel_rms(a, b) for n, a, b in zip(("dq", "dk", "dv"), grads["gluon"], grads["triton"], strict=True)}
     ok = all(e[n] <= 2 * base[n] + 1e-4 for e in errs.values() for n in e) and agree["dk"] == agree["dv"] == 0.0
-    RECORDS.append({"what": "hopper-backward", "lens": list(lens), "heads": hq, "kv_heads": hkv, "chunk": chunk,
+    RECORDS.append({"what": "hopper-backward", "dtype": str(dtype).removeprefix("torch."), "lens": list(lens),
+                    "heads": hq, "kv_heads": hkv, "chunk": chunk,
                     "topk": topk, "errors": errs, "gluon_vs_triton": agree, "sdpa_bf16_errors": base,
                     "passed": bool(ok and agree["dq"] < 1e-4)})
     for name, e in errs.items():

@@ -880,9 +880,8 @@ def _gluon_available() -> bool:
 
 
 def _gluon_bwd_usable(q: torch.Tensor) -> bool:
-    # bf16 only: the kernel also compiles for fp16 (tests/compile_sm90.py) but has only run on the GPU in
-    # bf16 (the GPU suite and benches), so fp16 stays on the Triton kernel until it has.
-    if _is_interp() or not q.is_cuda or not _hopper(q.device) or q.dtype != torch.bfloat16:
+    # bf16 and fp16: both run in the GPU suite against the Triton kernel and the float32 reference.
+    if _is_interp() or not q.is_cuda or not _hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
         return False
     return q.shape[-1] == 128 and _gluon_available()
 
