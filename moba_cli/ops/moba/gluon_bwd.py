@@ -12,12 +12,13 @@ tile pair. What Gluon lets us order by hand, and Triton 3.6 does not:
   (M = head dim: full-height MMAs); the dK and dV products take P^T and dS^T from registers;
 * dQ^T goes to a layout of 4 consecutive head-dim values a thread and is added with 16-byte atomics.
 
-Measured on the H200 against the Triton kernel (docs/perf-notes.md, v8): paper preset 1M x 1 head
-159 vs 192 ms, 128K x 8 heads 135 vs 158 ms, dK and dV bit-identical.
+Measured on the H200 against the Triton kernel (docs/perf-notes.md, v8, with the slot-major lists of
+then): paper preset 1M x 1 head 159 vs 192 ms, 128K x 8 heads 135 vs 158 ms, dK and dV bit-identical.
 
-Written for sm_90, head dim 128 and ``BLOCK_N`` = 128 keys; it compiles for bf16 and fp16, and
-``triton_moba`` runs it for bf16 (the dtype it has run in on the GPU; ``MOBA_BWD_GLUON=0`` turns it off)
-and keeps its own kernel for everything else. Shapes: q, dO ``[T, Hq, D]``; k, v
+Written for sm_90, head dim 128 and ``BLOCK_N`` = 128 keys; ``triton_moba`` runs it for bf16 and fp16
+(both checked in the GPU suite; ``MOBA_BWD_GLUON=0`` turns it off) and keeps its own kernel for everything
+else. The queries come from ``triton_moba.BwdLists``: per head and block, the block's own queries, then
+the ones that chose it as a past block. Shapes: q, dO ``[T, Hq, D]``; k, v
 ``[T, Hkv, D]``; lse, delta ``[T, Hq]`` float32 (lse in base 2, scaled); dQ ``[T, Hq, D]`` float32.
 """
 

@@ -16,11 +16,15 @@ Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :
    every query has, runs last and writes the normalised output.
 5. Backward: ``_bwd_dkdv_kernel`` owns one key tile of one block and loops over every query (of every
    head in its KV group) that chose the block, so dK/dV stay in registers and K/V are never copied per
-   query head; by default it also adds each query's dQ share with float32 atomics. Without that
-   (``MOBA_BWD_FUSED=0``), ``_bwd_dq_kernel`` walks the forward's tiles and merges dQ slot by slot,
-   deterministically. On Hopper with bf16 and head dim 128 the same work runs in the Gluon kernel of
-   :mod:`.gluon_bwd` (``MOBA_BWD_GLUON=0``: this one), which orders its asynchronous products and row
-   copies by hand.
+   query head; the queries come from :class:`BwdLists` (per head and block: its own queries, then the
+   ones that chose it as a past block, two runs instead of one per slot). By default it also adds each
+   query's dQ share with float32 atomics. Without that (``MOBA_BWD_FUSED=0``), ``_bwd_dq_kernel`` walks
+   the forward's tiles and merges dQ slot by slot, deterministically. On Hopper with bf16 or fp16 and
+   head dim 128 the same work runs in the Gluon kernel of :mod:`.gluon_bwd` (``MOBA_BWD_GLUON=0``: this
+   one), which orders its asynchronous products and row copies by hand.
+
+With a dense prefix (:mod:`.dense_prefix`: the first ``topk`` blocks of equal-length sequences, where
+every past block is kept), those queries are left out of steps 3-5 and run through cuDNN instead.
 """
 
 from __future__ import annotations
@@ -859,7 +863,7 @@ BWD_FUSED_DEFAULT = True
 
 
 # Backward on Hopper: the Gluon kernel (gluon_bwd.py: hand-ordered asynchronous MMAs and row copies) for
-# bf16 with head dim 128, else the Triton kernel below (H200, paper 1M: 159 vs 192 ms; 128K x 8 heads
+# bf16 or fp16 with head dim 128, else the Triton kernel below (H200, paper 1M: 159 vs 192 ms; 128K x 8 heads
 # 135 vs 158 ms; results/kernel-dev/v8-bwd-gluon.json). None: the default; MOBA_BWD_GLUON=0/1 overrides.
 BWD_GLUON: bool | None = None
 BWD_GLUON_DEFAULT = True
