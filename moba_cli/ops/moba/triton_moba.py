@@ -367,17 +367,30 @@ def _persistent_programs(kernel, device: torch.device, ntiles: int, per_sm: int 
 # Schedule: gather the queries of each (slot, head, block)
 
 
-def _sorted_groups(key: torch.Tensor, ngroups: int, per_token: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stable sort of the flat ``(token, head, slot)`` pairs by group ``key`` (``ngroups`` marks a pair left
-    out). Returns each sorted pair's token (int32) and the ``[ngroups + 1]`` group offsets."""
+def _sorted_groups(key: torch.Tensor, block_idx: torch.Tensor, skip: torch.Tensor | None,
+                   ngroups: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable sort of the ``(token, head, slot)`` pairs by their group ``key [T, H, S]``; pairs without a
+    block (``block_idx < 0``) or whose token is in ``skip [T]`` are left out. Returns each sorted pair's
+    token (int32, the kept pairs first) and the ``[ngroups + 1]`` group offsets."""
+    valid = block_idx >= 0
+    if skip is not None:
+        valid &= ~skip[:, None, None]
+    key = torch.where(valid, key, torch.full_like(key, ngroups)).reshape(-1)
+    del valid
     # Radix sort time grows with the key's width: 16-bit keys take half the passes of 32-bit ones.
     if ngroups < 2**15 - 1:
         key = key.to(torch.int16)
     skey, perm = torch.sort(key, stable=True)
+    del key
     # Group offsets from the sorted keys (bincount would sync to size its output).
-    offs = torch.searchsorted(skey, torch.arange(ngroups + 1, device=key.device, dtype=skey.dtype))
+    offs = torch.searchsorted(skey, torch.arange(ngroups + 1, device=skey.device, dtype=skey.dtype))
     del skey
+    per_token = block_idx.shape[1] * block_idx.shape[2]
     return torch.div(perm, per_token, rounding_mode="floor").to(torch.int32), offs
+
+
+def _key_dtype(ngroups: int) -> torch.dtype:
+    return torch.int32 if ngroups < 2**31 - 1 else torch.int64
 
 
 class BwdLists:
@@ -392,17 +405,10 @@ class BwdLists:
         t_total, h, s = block_idx.shape
         ngroups = 2 * h * num_blocks
         dev = block_idx.device
-        kdt = torch.int32 if ngroups < 2**31 - 1 else torch.int64
+        kdt = _key_dtype(ngroups)
         head = torch.arange(h, device=dev, dtype=kdt)[None, :, None] * num_blocks
         past = (torch.arange(s, device=dev) > 0).to(kdt)[None, None, :]
-        key = (block_idx.to(kdt) + head) * 2 + past
-        valid = block_idx >= 0
-        if skip is not None:
-            valid &= ~skip[:, None, None]
-        key = torch.where(valid, key, torch.full_like(key, ngroups)).reshape(-1)
-        del valid, head
-        self.pair_t, offs = _sorted_groups(key, ngroups, h * s)
-        del key
+        self.pair_t, offs = _sorted_groups((block_idx.to(kdt) + head) * 2 + past, block_idx, skip, ngroups)
         self.group_off = offs[:-1].to(torch.int32)
         self.group_cnt = (offs[1:] - offs[:-1]).to(torch.int32)
 
@@ -427,16 +433,10 @@ class Schedule:
         ngroups = s * h * num_blocks
         dev = block_idx.device
         # A group's key is its place in (slot, head, block) order; the slot/head part is a [H, S] table.
-        kdt = torch.int32 if ngroups < 2**31 - 1 else torch.int64
+        kdt = _key_dtype(ngroups)
         sh = torch.arange(s, device=dev, dtype=kdt)[None, :] * h + torch.arange(h, device=dev, dtype=kdt)[:, None]
-        key = block_idx.to(kdt) + sh[None] * num_blocks
-        valid = block_idx >= 0
-        if skip is not None:
-            valid &= ~skip[:, None, None]
-        key = torch.where(valid, key, torch.full_like(key, ngroups)).reshape(-1)
-        del valid, sh
-        self.pair_t, offs = _sorted_groups(key, ngroups, h * s)
-        del key
+        self.pair_t, offs = _sorted_groups(block_idx.to(kdt) + sh[None] * num_blocks, block_idx, skip, ngroups)
+        del sh
         counts = offs[1:] - offs[:-1]
         self.group_off = offs[:-1].to(torch.int32)
         self.group_cnt = counts.to(torch.int32)
