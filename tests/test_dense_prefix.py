@@ -121,3 +121,12 @@ def test_knob_rejects_bad_value(monkeypatch):
 def test_cudnn_rule_needs_cuda():
     q = torch.empty(8, 4, 128, dtype=torch.bfloat16)
     assert not dense_prefix._cudnn_ok(q, q)  # CPU tensors
+
+
+def test_cudnn_failure_is_one_clear_error(monkeypatch):
+    # The cuDNN ops refuse CPU tensors; whatever they raise comes out as one MobaError naming the way out.
+    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", False)
+    q, k, v, _ = make_inputs([64], 2, 2, 32, "cpu")
+    pre = dense_prefix.Prefix(1, 64, 32)
+    with pytest.raises(MobaError, match="MOBA_DENSE_PREFIX=0"):
+        dense_prefix.forward(q, k, v, torch.empty_like(q), pre, 0.1, True)

@@ -14,7 +14,9 @@ the prefixes form one ``[B, H, P, D]`` strided view and one cuDNN call covers th
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,8 @@ def _cudnn_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
     # 32/8 heads: results/kernel-dev/v9-cudnn-gqa.json).
     if not (q.is_cuda and torch.backends.cudnn.is_available()):
         return False
+    if torch.cuda.get_device_capability(q.device)[0] < 8:  # cuDNN's fused attention starts at Ampere
+        return False
     if q.dtype not in (torch.bfloat16, torch.float16) or q.shape[-1] % 8 or q.shape[-1] > 128:
         return False
     return hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention_backward")
@@ -85,9 +89,10 @@ def forward(q, k, v, out, pre: Prefix, scale: float, need_lse: bool) -> tuple:
     :func:`backward` needs (cuDNN's log-sum-exp and bookkeeping)."""
     qv, kv, vv = view(q, pre), view(k, pre), view(v, pre)
     if not USE_REFERENCE:
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            qv, kv, vv, None, need_lse, 0.0, True, False, scale=scale
-        )
+        with _clear_errors():
+            res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                qv, kv, vv, None, need_lse, 0.0, True, False, scale=scale
+            )
         od, state = res[0], tuple(res[1:8])
     else:
         od, lse = _reference_fwd(qv, kv, vv, scale)
@@ -102,14 +107,29 @@ def backward(dout, q, k, v, out, dq, dk, dv, pre: Prefix, scale: float, state: t
     args = [view(x, pre) for x in (dout, q, k, v, out)]
     if not USE_REFERENCE:
         lse, cu_q, cu_k, max_q, max_k, seed, offset = state
-        dqd, dkd, dvd = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
-            *args, lse, seed, offset, None, cu_q, cu_k, max_q, max_k, 0.0, True, scale=scale
-        )
+        with _clear_errors():
+            dqd, dkd, dvd = torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+                *args, lse, seed, offset, None, cu_q, cu_k, max_q, max_k, 0.0, True, scale=scale
+            )
     else:
         dqd, dkd, dvd = _reference_bwd(*args, state[0], scale)
     view(dq, pre).copy_(dqd)
     view(dk, pre).add_(dkd)
     view(dv, pre).add_(dvd)
+
+
+@contextlib.contextmanager
+def _clear_errors() -> Iterator[None]:
+    # The cuDNN ops are PyTorch-internal (their signatures are not a public API) and cuDNN refuses some
+    # inputs at run time: say what failed and how to go on, instead of a stack trace from deep inside.
+    try:
+        yield
+    except (RuntimeError, TypeError) as e:
+        msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise MobaError(
+            f"the dense prefix's cuDNN call failed ({msg}); MOBA_DENSE_PREFIX=0 runs the whole call in the "
+            "sparse kernels"
+        ) from None
 
 
 def _reference_fwd(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
