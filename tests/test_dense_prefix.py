@@ -130,3 +130,16 @@ def test_cudnn_failure_is_one_clear_error(monkeypatch):
     pre = dense_prefix.Prefix(1, 64, 32)
     with pytest.raises(MobaError, match="MOBA_DENSE_PREFIX=0"):
         dense_prefix.forward(q, k, v, torch.empty_like(q), pre, 0.1, True)
+
+
+def test_bench_record_says_which_part_is_dense():
+    # moba bench writes into each moba-triton record which part of the call a dense kernel ran.
+    from moba_cli.bench.presets import Case
+    from moba_cli.bench.providers import _dense_parts
+
+    q, k, _, _ = make_inputs([128], 2, 2, 32, "cpu")
+    shaped = [x.view(1, 128, 2, 32) for x in (q, k)]
+    case = Case("fwd", 1, 128, 2, 2, 32, 16, 2, "float32", "cuda")
+    assert "first 32 tokens" in _dense_parts(case, *shaped)
+    assert "covers every block" in _dense_parts(Case("fwd", 1, 128, 2, 2, 32, 16, 8, "float32", "cuda"), *shaped)
+    assert _dense_parts(Case("fwd", 1, 128, 2, 2, 32, 16, 2, "float32", "cpu"), *shaped) is None

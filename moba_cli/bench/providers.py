@@ -140,7 +140,25 @@ class MobaOurs(Provider):
         return Op(
             forward=lambda: moba_attention(q, k, v, chunk_size=case.chunk, topk=case.topk, backend=backend),
             grad_inputs=(q, k, v),
+            note=_dense_parts(case, q, k) if backend == "triton" else None,
         )
+
+
+def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor) -> str | None:
+    """Which part of a moba-triton call runs through a dense kernel (same function, exact), for the record."""
+    from moba_cli.ops.moba import dense_prefix, triton_moba
+
+    if not case.device.startswith("cuda"):
+        return None
+    if triton_moba.DENSE_WHEN_FULL and case.topk >= -(-case.seq // case.chunk):
+        return "top-k covers every block: the whole call is dense causal attention through SDPA (cuDNN first)"
+    b, s = q.shape[:2]
+    pre = dense_prefix.plan(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
+                            [i * s for i in range(b + 1)], case.chunk, case.topk)
+    if pre is None:
+        return None
+    return (f"dense prefix: the first {pre.rows} tokens of each sequence (its first {case.topk} blocks, where "
+            "every past block is kept) through cuDNN, the rest in the sparse kernels")
 
 
 class FlexMoba(Provider):
