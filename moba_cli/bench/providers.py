@@ -150,7 +150,7 @@ def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor) -> str | None:
 
     if not case.device.startswith("cuda"):
         return None
-    if triton_moba.DENSE_WHEN_FULL and case.topk >= -(-case.seq // case.chunk):
+    if triton_moba.DENSE_WHEN_FULL and triton_moba.covers_all(case.seq, case.chunk, case.topk):
         return "top-k covers every block: the whole call is dense causal attention through SDPA (cuDNN first)"
     b, s = q.shape[:2]
     pre = dense_prefix.plan(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),

@@ -60,7 +60,7 @@ def moba_attention(
         # kernel before any block bookkeeping (no layout, no host syncs), so full coverage costs nothing.
         cu_host = None if cu_seqlens is None else cu_seqlens.tolist()
         longest = q.shape[1] if cu_host is None else max(b - a for a, b in zip(cu_host[:-1], cu_host[1:], strict=True))
-        if triton_moba.DENSE_WHEN_FULL and q.is_cuda and topk >= -(-longest // chunk_size):
+        if triton_moba.DENSE_WHEN_FULL and q.is_cuda and triton_moba.covers_all(longest, chunk_size, topk):
             scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
             return triton_moba._dense_causal(q, k, v, cu_host, float(scale))
         # The layout comes from host offsets (the padded shape, or the list read above), so it is built

@@ -15,13 +15,14 @@ the prefixes form one ``[B, H, P, D]`` strided view and one cuDNN call covers th
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 
 from moba_cli.errors import MobaError
+
+from .knobs import env_flag
 
 # None: the default below; MOBA_DENSE_PREFIX=0/1 overrides (probes, benchmarks), tests set the flag.
 DENSE_PREFIX: bool | None = None
@@ -41,13 +42,6 @@ class Prefix:
     rows: int
 
 
-def env_flag() -> bool | None:
-    val = os.environ.get("MOBA_DENSE_PREFIX") or None
-    if val not in (None, "0", "1"):
-        raise MobaError(f"MOBA_DENSE_PREFIX must be 0 or 1, got {val!r}")
-    return None if val is None else val == "1"
-
-
 def _cudnn_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
     # The cuDNN fused kernel as PyTorch exposes it: half precision, head dim a multiple of 8 up to 128.
     # Grouped heads (GQA/MQA) go in as they are: cuDNN reads each K/V head for its whole group (H200,
@@ -64,7 +58,7 @@ def _cudnn_ok(q: torch.Tensor, k: torch.Tensor) -> bool:
 def plan(q: torch.Tensor, k: torch.Tensor, cu_host: list[int], chunk_size: int, topk: int) -> Prefix | None:
     """The dense prefix of a call on packed q ``[T, Hq, D]``, k ``[T, Hkv, D]`` with host offsets
     ``cu_host``, or None where it does not apply (or is switched off)."""
-    want = DENSE_PREFIX if DENSE_PREFIX is not None else env_flag()
+    want = DENSE_PREFIX if DENSE_PREFIX is not None else env_flag("MOBA_DENSE_PREFIX")
     if not (DENSE_PREFIX_DEFAULT if want is None else want):
         return None
     lens = {b - a for a, b in zip(cu_host[:-1], cu_host[1:], strict=True)}

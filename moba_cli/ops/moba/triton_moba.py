@@ -40,6 +40,7 @@ import triton.language as tl
 from moba_cli.errors import MobaError
 
 from . import dense_prefix
+from .knobs import env_flag, env_str
 from .layout import BlockLayout, num_slots
 from .triton_keys import pack_keys
 
@@ -803,20 +804,8 @@ def _env_config(name: str, sizes: tuple[int, ...] = (4,)) -> list[int] | None:
     return cfg
 
 
-def _env_str(name: str) -> str | None:
-    return os.environ.get(name) or None
-
-
-def _env_flag(name: str) -> bool | None:
-    """An on/off knob: ``1`` / ``0``, None when unset; any other value is an error."""
-    val = _env_str(name)
-    if val not in (None, "0", "1"):
-        raise MobaError(f"{name} must be 0 or 1, got {val!r}")
-    return None if val is None else val == "1"
-
-
 def _env_gate_kind() -> str | None:
-    kind = _env_str("MOBA_GATE_KIND")
+    kind = env_str("MOBA_GATE_KIND")
     if kind not in (None, "grouped", "sort"):
         raise MobaError(f"MOBA_GATE_KIND must be 'grouped' or 'sort', got {kind!r}")
     return kind
@@ -893,14 +882,14 @@ def _gluon_bwd_usable(q: torch.Tensor) -> bool:
 def bwd_gluon(q: torch.Tensor) -> bool:
     """Whether the backward of ``q``'s call runs the Gluon kernel: where it applies (Hopper, bf16, head
     dim 128, Triton >= 3.6), unless ``BWD_GLUON`` or ``MOBA_BWD_GLUON=0`` turns it off."""
-    want = BWD_GLUON if BWD_GLUON is not None else _env_flag("MOBA_BWD_GLUON")
+    want = BWD_GLUON if BWD_GLUON is not None else env_flag("MOBA_BWD_GLUON")
     return (BWD_GLUON_DEFAULT if want is None else want) and _gluon_bwd_usable(q)
 
 
 def bwd_fused() -> bool:
     if BWD_FUSED is not None:
         return BWD_FUSED
-    env = _env_flag("MOBA_BWD_FUSED")
+    env = env_flag("MOBA_BWD_FUSED")
     return BWD_FUSED_DEFAULT if env is None else env
 
 
@@ -912,7 +901,7 @@ def check_env_knobs() -> None:
     _env_config("MOBA_GATE_CFG", (3, 4, 5))
     _env_gate_kind()
     for name in ("MOBA_FWD_DESC", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON", "MOBA_DENSE_PREFIX"):
-        _env_flag(name)
+        env_flag(name)
 
 
 def _prec(dtype: torch.dtype) -> str:
@@ -932,7 +921,7 @@ def _kv_descriptors(k: torch.Tensor, v: torch.Tensor, cfg: dict):
     By default only for the 128-row, 8-warp tiles (large chunks): H200, paper preset at 1M, attention
     61.3 -> 59.0 ms; the 64-row, 4-warp tiles of small chunks were slower with it (57 -> 85 ms).
     """
-    env = _env_flag("MOBA_FWD_DESC")
+    env = env_flag("MOBA_FWD_DESC")
     if FWD_DESC is not None:
         want = FWD_DESC
     elif env is not None:
@@ -1124,8 +1113,8 @@ class MobaFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
-        if dout.stride(-1) != 1 or (ctx.prefix is not None and not dout.is_contiguous()):
-            dout = dout.contiguous()
+        if ctx.prefix is not None and not dout.is_contiguous():
+            dout = dout.contiguous()  # cuDNN's backward takes dO in the layout of the saved output
         dq, dk, dv = _backward(q, k, v, out, dout, lse, ctx.layout, ctx.lists, ctx.dq_sched, ctx.scale, ctx.fused)
         if ctx.prefix is not None:
             # After the sparse part, whose float32 dQ buffer is freed by now: the dense part's gradients
@@ -1142,6 +1131,11 @@ def _contig_last(x: torch.Tensor) -> torch.Tensor:
 # (cuDNN first) then do the same arithmetic faster than a block-sparse schedule could. Tests switch this
 # off to exercise the sparse kernels on that case too.
 DENSE_WHEN_FULL = True
+
+
+def covers_all(longest: int, chunk_size: int, topk: int) -> bool:
+    """Whether top-k covers every block of a sequence of ``longest`` tokens (MoBA is then dense)."""
+    return topk >= -(-longest // chunk_size)
 
 
 def _dense_causal(q, k, v, cu_seqlens: list[int] | None, scale: float) -> torch.Tensor:
