@@ -212,6 +212,51 @@ def gather_backward(dout, q, k, v, out, m, g, kcu, layout, scale):
     return dq, dk, dv
 
 
+def gather_forward_dense(q, k, v, layout, block_idx, scale, streams=1, times=None):
+    """Own blocks as one batched causal cuDNN call (equal full blocks), past blocks as one dense non-causal
+    call per key block on the gathered rows. No merge (timing of the attention work)."""
+    t, hq, d = q.shape
+    hkv = k.shape[1]
+    c = layout.chunk_size
+    nbk = t // c
+    g = Gathered(block_idx, layout, hq)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
+    ev[0].record()
+    qv, kv, vv = (x[: nbk * c].view(nbk, c, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+    res = dense(qv, kv, vv, None, True, 0.0, True, False, scale=scale)
+    ev[1].record()
+    qg = torch.zeros(g.total, hq, d, device=DEV, dtype=q.dtype)
+    qg[g.row, g.h] = q[g.tok, g.h]
+    og = torch.empty(g.total, hq, d, device=DEV, dtype=q.dtype)
+    lg = torch.empty(hq, g.total, device=DEV, dtype=torch.float32)
+    ev[2].record()
+    main = torch.cuda.current_stream()
+    side = [torch.cuda.Stream() for _ in range(streams - 1)]
+    for st in side:
+        st.wait_stream(main)
+    for j in range(g.nb):
+        n = g.rows_host[j]
+        if not n:
+            continue
+        r0 = g.base_host[j]
+        k0, k1 = g.kcu[j], g.kcu[j + 1]
+        qj = qg[r0:r0 + n].transpose(0, 1)[None]
+        kj, vj = (x[k0:k1].transpose(0, 1)[None] for x in (k, v))
+        st = main if not side or j % streams == 0 else side[j % streams - 1]
+        with torch.cuda.stream(st):
+            r = dense(qj, kj, vj, None, True, 0.0, False, False, scale=scale)
+            og[r0:r0 + n] = r[0][0].transpose(0, 1)
+            lg[:, r0:r0 + n] = r[1].view(hq, n)
+    for st in side:
+        main.wait_stream(st)
+    ev[3].record()
+    if times is not None:
+        torch.cuda.synchronize()
+        times.update(own=ev[0].elapsed_time(ev[1]), gather=ev[1].elapsed_time(ev[2]),
+                     past=ev[2].elapsed_time(ev[3]), calls=sum(1 for x in g.rows_host if x))
+    return res, og, lg, g
+
+
 def rel(a, b) -> float:
     a, b = a.float(), b.float()
     return float((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30))
@@ -300,6 +345,30 @@ def whole(name, t, hq, hkv, chunk, topk, dense_ms_per_S2=None, max_rows=None, n=
         emit(what="whole_fwd_merge", name=name, torch_merge_ms=ms_m, rel_vs_triton=rel(outs["o"][0], tri))
 
 
+def whole_dense(name, t, hq, hkv, chunk, topk, n=1, streams=(1, 2)):
+    torch.manual_seed(1)
+    scale = D ** -0.5
+    q, k, v = rnd(t, hq, D), rnd(t, hkv, D), rnd(t, hkv, D)
+    layout = cached_layout([0, t], chunk, DEV)
+    bi = triton_moba.select_blocks(q, k, layout, topk)
+    nb = layout.num_blocks
+    pairs = nb * chunk * (chunk + 1) / 2 + float((bi[:, :, 1:] >= 0).sum()) * chunk
+    ms_tri = timed(lambda: triton_moba.moba_attention_triton(q, k, v, layout, topk, scale), n)
+    rec = dict(what="whole_dense", name=name, shape=[t, hq, hkv, chunk, topk], pairs=pairs, triton_ms=ms_tri,
+               triton_tflops=tflops(pairs * hq, ms_tri))
+    for ns in streams:
+        times = {}
+        gather_forward_dense(q, k, v, layout, bi, scale, ns)  # warm-up: graph builds
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        gather_forward_dense(q, k, v, layout, bi, scale, ns, times=times)
+        rec[f"s{ns}_wall_ms"] = (time.perf_counter() - t0) * 1e3
+        rec[f"s{ns}_parts"] = times
+        rec[f"s{ns}_tflops_attn"] = tflops(pairs * hq, times["own"] + times["past"])
+        rec[f"s{ns}_ms"] = times["own"] + times["past"] + times["gather"]
+    emit(**rec)
+
+
 def main():
     which = sys.argv[1:] or ["check", "rates", "whole"]
     emit(what="env", torch=torch.__version__, cudnn=torch.backends.cudnn.version(),
@@ -314,6 +383,19 @@ def main():
                 whole("paper-128k-h8", 1 << 17, 8, 8, 4096, 12)
                 whole("paper-1m-h1", 1 << 20, 1, 1, 4096, 12)
                 whole("10m", 10 << 20, 1, 1, (10 << 20) // 64, 3, n=1)
+            elif w == "dense":
+                q = rnd(1, 1, 1 << 20, D)
+                ms = timed(lambda: dense(q, q, q, None, False, 0.0, True, False, scale=D**-0.5), 2)
+                emit(what="dense_causal_fwd", S=1 << 20, ms=ms, tflops=tflops((1 << 40) / 2, ms))
+                del q
+                whole_dense("10m", 10 << 20, 1, 1, (10 << 20) // 64, 3)
+                whole_dense("4m-c65536-k3", 4 << 20, 1, 1, 65536, 3)
+                whole_dense("2m-c32768-k4-h4", 2 << 20, 4, 4, 32768, 4)
+                whole_dense("2m-c16384-k8-h2", 2 << 20, 2, 2, 16384, 8)
+                q = rnd(1, 1, 2 << 20, D)
+                ms = timed(lambda: dense(q, q, q, None, False, 0.0, True, False, scale=D**-0.5), 1)
+                emit(what="dense_causal_fwd", S=2 << 20, ms=ms, tflops=tflops((4 << 40) / 2, ms))
+                del q
             elif w == "whole10m":
                 whole("10m", 10 << 20, 1, 1, (10 << 20) // 64, 3, n=1)
         except Exception as e:  # noqa: BLE001 - a probe: record and go on
