@@ -244,3 +244,55 @@ def test_dense_prefix_through_cudnn(batch, seq, heads, kv_heads, chunk, topk, mo
     for n in errs:
         assert errs[n] <= 2 * base[n] + 1e-4, (n, errs[n], base[n])
     assert ok
+
+
+BLOCKS_CASES = [
+    # lens, heads, kv heads, chunk, topk, lower MIN_CHUNK: one sequence of whole blocks; packed sequences
+    # with partial last blocks and grouped heads; one case at the default threshold (32768-key blocks,
+    # the last one partial)
+    ([32768], 4, 4, 4096, 3, True),
+    ([12000, 9001], 8, 2, 2048, 4, True),
+    ([70000], 1, 1, 32768, 2, False),
+]
+
+
+@pytest.mark.parametrize(("lens", "heads", "kv_heads", "chunk", "topk", "lower"), BLOCKS_CASES)
+def test_long_block_forward_through_cudnn(lens, heads, kv_heads, chunk, topk, lower, monkeypatch):
+    """The public call with the long-block forward (own blocks and each chosen key block through cuDNN,
+    the backward sparse) against the float32 reference, forward and gradients."""
+    from moba_cli import moba_attention
+    from moba_cli.ops.moba import cudnn_blocks
+
+    dev = torch.device("cuda")
+    if lower:
+        monkeypatch.setattr(cudnn_blocks, "MIN_CHUNK", 0)
+    torch.manual_seed(sum(lens) + heads)
+    t = sum(lens)
+    q, k, v = (torch.randn(t, h, 128, device=dev, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    cu_host = [0]
+    for n in lens:
+        cu_host.append(cu_host[-1] + n)
+    assert cudnn_blocks.plan(q, k, cu_host, chunk) is not None, "the path must apply to this case"
+    cu = torch.tensor(cu_host, dtype=torch.int32, device=dev)
+    qk = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    out = moba_attention(*qk, chunk_size=chunk, topk=topk, cu_seqlens=cu)
+    layout = make_layout(cu, chunk)
+    sel = triton_moba.select_blocks(q, k, layout, topk)
+    ref_in = [x.float().detach().requires_grad_(True) for x in (q, k, v)]
+    ref, _ = naive.moba_attention_naive(*ref_in, layout, topk, block_idx=sel)
+    do = torch.randn_like(ref)
+    out.backward(do.bfloat16())
+    ref.backward(do)
+    got = {"out": out, "dq": qk[0].grad, "dk": qk[1].grad, "dv": qk[2].grad}
+    want = {"out": ref, "dq": ref_in[0].grad, "dk": ref_in[1].grad, "dv": ref_in[2].grad}
+    errs = {n: rel_rms(got[n], want[n]) for n in got}
+    n0 = lens[0]
+    base = sdpa_bf16_error(q[:n0], k[:n0], v[:n0], True)
+    ok = all(errs[n] <= 2 * base[n] + 1e-4 for n in errs)
+    ok = ok and not any(g.isnan().any().item() for g in got.values())
+    RECORDS.append({"what": "long-block-forward", "lens": lens, "heads": heads, "kv_heads": kv_heads,
+                    "chunk": chunk, "topk": topk, "min_chunk": cudnn_blocks.MIN_CHUNK, "errors": errs,
+                    "sdpa_bf16_errors": base, "passed": bool(ok)})
+    for n in errs:
+        assert errs[n] <= 2 * base[n] + 1e-4, (n, errs[n], base[n])
+    assert ok

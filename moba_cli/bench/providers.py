@@ -146,15 +146,19 @@ class MobaOurs(Provider):
 
 def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor) -> str | None:
     """Which part of a moba-triton call runs through a dense kernel (same function, exact), for the record."""
-    from moba_cli.ops.moba import dense_prefix, triton_moba
+    from moba_cli.ops.moba import cudnn_blocks, dense_prefix, triton_moba
 
     if not case.device.startswith("cuda"):
         return None
     if triton_moba.DENSE_WHEN_FULL and triton_moba.covers_all(case.seq, case.chunk, case.topk):
         return "top-k covers every block: the whole call is dense causal attention through SDPA (cuDNN first)"
     b, s = q.shape[:2]
-    pre = dense_prefix.plan(q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]),
-                            [i * s for i in range(b + 1)], case.chunk, case.topk)
+    qp, kp, cu_host = q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), [i * s for i in range(b + 1)]
+    if cudnn_blocks.plan(qp, kp, cu_host, case.chunk) is not None:
+        return (f"long blocks ({case.chunk} keys >= {cudnn_blocks.MIN_CHUNK}): the forward is dense cuDNN calls, "
+                "causal over the own blocks and one per key block over the queries that chose it; the backward "
+                "runs in the sparse kernels")
+    pre = dense_prefix.plan(qp, kp, cu_host, case.chunk, case.topk)
     if pre is None:
         return None
     return (f"dense prefix: the first {pre.rows} tokens of each sequence (its first {case.topk} blocks, where "

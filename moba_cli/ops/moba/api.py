@@ -47,14 +47,15 @@ def moba_attention(
     Each query scores every complete past block of its sequence by ``q . mean(block keys)`` and keeps
     the ``topk - 1`` best (ties: the earlier block wins), plus its own block. No gradient flows through
     the choice. On CUDA, the first ``topk`` blocks of equal-length sequences (dense causal attention, as
-    every past block is kept there) run through cuDNN's dense kernel (:mod:`.dense_prefix`). Returns a
-    tensor shaped like ``q`` in ``q``'s dtype; differentiable in q, k, v.
+    every past block is kept there) run through cuDNN's dense kernel (:mod:`.dense_prefix`); with blocks
+    of 32768 keys or more the whole forward is cuDNN calls, one per key block (:mod:`.cudnn_blocks`).
+    Returns a tensor shaped like ``q`` in ``q``'s dtype; differentiable in q, k, v.
     """
     check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     check_moba_params(chunk_size, topk)
     backend = resolve_backend(backend, q)
     if backend == "triton":
-        from . import dense_prefix, triton_moba
+        from . import cudnn_blocks, dense_prefix, triton_moba
 
         # With top-k covering every block MoBA is dense causal attention: hand it to PyTorch's fused
         # kernel before any block bookkeeping (no layout, no host syncs), so full coverage costs nothing.
@@ -71,7 +72,8 @@ def moba_attention(
             cu_host = [i * s for i in range(b + 1)]
             qp, kp, vp = (x.reshape(b * s, *x.shape[2:]) for x in (q, k, v))
         layout = cached_layout(cu_host, chunk_size, q.device)
-        prefix = dense_prefix.plan(qp, kp, cu_host, chunk_size, topk)
+        blocks = cudnn_blocks.plan(qp, kp, cu_host, chunk_size)
+        prefix = None if blocks is not None else dense_prefix.plan(qp, kp, cu_host, chunk_size, topk)
     else:
         qp, kp, vp, cu = _pack(q, k, v, cu_seqlens)
         layout = make_layout(cu, chunk_size)
@@ -83,7 +85,7 @@ def moba_attention(
     else:
         from .triton_moba import moba_attention_triton
 
-        out = moba_attention_triton(qp, kp, vp, layout, topk, softmax_scale, prefix)
+        out = moba_attention_triton(qp, kp, vp, layout, topk, softmax_scale, prefix, blocks)
     return out.view(q.shape)
 
 

@@ -113,28 +113,26 @@ def backward(dout, q, k, v, out, dq, dk, dv, pre: Prefix, scale: float, state: t
 
 
 @contextlib.contextmanager
-def _clear_errors() -> Iterator[None]:
+def _clear_errors(part: str = "the dense prefix's", knob: str = "MOBA_DENSE_PREFIX=0") -> Iterator[None]:
     # The cuDNN ops are PyTorch-internal (their signatures are not a public API) and cuDNN refuses some
     # inputs at run time: say what failed and how to go on, instead of a stack trace from deep inside.
     try:
         yield
     except (RuntimeError, TypeError) as e:
         msg = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise MobaError(
-            f"the dense prefix's cuDNN call failed ({msg}); MOBA_DENSE_PREFIX=0 runs the whole call in the "
-            "sparse kernels"
-        ) from None
+        raise MobaError(f"{part} cuDNN call failed ({msg}); {knob} runs it in the sparse kernels") from None
 
 
-def _reference_fwd(q, k, v, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 causal attention, q ``[B, H, P, D]``, k/v ``[B, Hkv, P, D]`` -> (out in q's dtype, lse
-    ``[B, H, P]``). Stands in for cuDNN in CPU tests of the split."""
+def _reference_fwd(q, k, v, scale: float, causal: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 attention, q ``[B, H, P, D]``, k/v ``[B, Hkv, N, D]`` -> (out in q's dtype, natural-log lse
+    ``[B, H, P]``); causal needs ``P == N``. Stands in for cuDNN in CPU tests of the cuDNN paths."""
     g = q.shape[1] // k.shape[1]
     kf, vf = (x.float().repeat_interleave(g, 1) for x in (k, v))
     s = (q.float() @ kf.transpose(-1, -2)) * scale
-    p_len = q.shape[2]
-    mask = torch.ones(p_len, p_len, dtype=torch.bool, device=q.device).triu(1)
-    s = s.masked_fill(mask, float("-inf"))
+    if causal:
+        p_len = q.shape[2]
+        mask = torch.ones(p_len, p_len, dtype=torch.bool, device=q.device).triu(1)
+        s = s.masked_fill(mask, float("-inf"))
     lse = torch.logsumexp(s, -1)
     return (torch.exp(s - lse[..., None]) @ vf).to(q.dtype), lse
 

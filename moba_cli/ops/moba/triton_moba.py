@@ -24,7 +24,9 @@ Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :
    one), which orders its asynchronous products and row copies by hand.
 
 With a dense prefix (:mod:`.dense_prefix`: the first ``topk`` blocks of equal-length sequences, where
-every past block is kept), those queries are left out of steps 3-5 and run through cuDNN instead.
+every past block is kept), those queries are left out of steps 3-5 and run through cuDNN instead. With
+long blocks (:mod:`.cudnn_blocks`) the whole forward (steps 3-4) is dense cuDNN calls, one per key block,
+and the backward stays here.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import triton.language as tl
 
 from moba_cli.errors import MobaError
 
-from . import dense_prefix
+from . import cudnn_blocks, dense_prefix
 from .knobs import env_flag, env_str
 from .layout import BlockLayout, num_slots
 from .triton_keys import pack_keys
@@ -900,7 +902,7 @@ def check_env_knobs() -> None:
         _env_config(name)
     _env_config("MOBA_GATE_CFG", (3, 4, 5))
     _env_gate_kind()
-    for name in ("MOBA_FWD_DESC", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON", "MOBA_DENSE_PREFIX"):
+    for name in ("MOBA_FWD_DESC", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON", "MOBA_DENSE_PREFIX", "MOBA_CUDNN_BLOCKS"):
         env_flag(name)
 
 
@@ -1082,28 +1084,36 @@ class MobaFunction(torch.autograd.Function):
     """Autograd wrapper: forward runs the gate and the sparse attention; backward reuses the schedule."""
 
     @staticmethod
-    def forward(ctx, q, k, v, layout: BlockLayout, topk: int, scale: float, prefix: dense_prefix.Prefix | None):
+    def forward(ctx, q, k, v, layout: BlockLayout, topk: int, scale: float, prefix: dense_prefix.Prefix | None,
+                blocks: cudnn_blocks.Plan | None = None):
         block_idx = select_blocks(q, k, layout, topk)
         need_grad = any(ctx.needs_input_grad[:3])
         bm_f = _fwd_config(q.shape[-1], q.dtype, layout.chunk_size)["BLOCK_M"]
         # The backward path is decided once here, so the schedule kept for it always fits.
         fused = bwd_fused()
         bm_b = _bwd_config(q.shape[-1], q.dtype, fused)["BLOCK_M"]
+        if blocks is not None:
+            prefix = None  # the long-block forward does the prefix's work in its own calls
         # Dense-prefix queries (their first topk blocks) are block rank < topk within their sequence.
         skip = None if prefix is None else (layout.token_block - layout.token_first_block) < topk
-        sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
-        if prefix is None:
-            out, lse = _forward(q, k, v, layout, sched, scale)
-            state = None
+        sched = None
+        state = None
+        if blocks is not None:
+            out, lse = cudnn_blocks.forward(q, k, v, layout, block_idx, scale, blocks)
         else:
-            out, lse, state = _forward_with_prefix(q, k, v, layout, sched, scale, prefix, need_grad)
-        sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
+            sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
+            if prefix is None:
+                out, lse = _forward(q, k, v, layout, sched, scale)
+            else:
+                out, lse, state = _forward_with_prefix(q, k, v, layout, sched, scale, prefix, need_grad)
+            sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
         if need_grad:
             lists = BwdLists(block_idx, layout.num_blocks, skip)
             # The separate dQ pass (not fused) walks tiles like the forward's, of the backward's size.
             dq_sched = None
             if not fused:
-                dq_sched = sched if bm_b == bm_f else Schedule(block_idx, layout.num_blocks, bm_b, skip)
+                dq_sched = sched if sched is not None and bm_b == bm_f else Schedule(
+                    block_idx, layout.num_blocks, bm_b, skip)
                 dq_sched.block_idx = None
             ctx.save_for_backward(q, k, v, out, lse)
             ctx.lists, ctx.dq_sched, ctx.layout, ctx.scale, ctx.fused = lists, dq_sched, layout, scale, fused
@@ -1120,7 +1130,7 @@ class MobaFunction(torch.autograd.Function):
             # After the sparse part, whose float32 dQ buffer is freed by now: the dense part's gradients
             # then fit in that memory and the peak does not grow.
             dense_prefix.backward(dout, q, k, v, out, dq, dk, dv, ctx.prefix, ctx.scale, ctx.prefix_state)
-        return dq, dk, dv, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None
 
 
 def _contig_last(x: torch.Tensor) -> torch.Tensor:
@@ -1168,13 +1178,15 @@ def moba_attention_triton(
     topk: int,
     softmax_scale: float | None = None,
     prefix: dense_prefix.Prefix | None = None,
+    blocks: cudnn_blocks.Plan | None = None,
 ) -> torch.Tensor:
     """MoBA with the Triton kernels. q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> ``[T, Hq, D]``.
 
-    The sparse kernels, with the dense prefix ``prefix`` (:func:`.dense_prefix.plan`) through cuDNN;
-    :func:`moba_cli.moba_attention` decides beforehand whether the dense shortcut (``DENSE_WHEN_FULL``)
-    applies and plans the prefix.
+    The sparse kernels, with the dense prefix ``prefix`` (:func:`.dense_prefix.plan`) through cuDNN, or
+    with the forward in per-block cuDNN calls (``blocks``, :func:`.cudnn_blocks.plan`; then ``prefix`` is
+    not used); :func:`moba_cli.moba_attention` decides beforehand whether the dense shortcut
+    (``DENSE_WHEN_FULL``) applies and plans both.
     """
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     q, k, v = _contig_last(q), _contig_last(k), _contig_last(v)
-    return MobaFunction.apply(q, k, v, layout, topk, float(scale), prefix)
+    return MobaFunction.apply(q, k, v, layout, topk, float(scale), prefix, blocks)

@@ -1,0 +1,221 @@
+"""Long blocks: MoBA's forward as dense cuDNN calls, one per key block.
+
+With long blocks (``chunk_size >= MIN_CHUNK``; 10M tokens cut into 64 blocks of 163840 keys, say) every
+part of MoBA's forward is a large dense attention problem:
+
+- own blocks: causal attention inside each block, one batched causal call over a strided
+  ``[blocks, H, C, D]`` view of q, k, v (no copy);
+- past blocks: the queries that chose key block ``j``, gathered into a dense ``[n_j, H, D]`` buffer,
+  attend all of block ``j`` without a mask, one non-causal call per block.
+
+cuDNN's fused kernels run this dense work faster than the gathered Triton schedule (H200: ~600 against
+~485 TFLOP/s at 10M tokens, docs/perf-notes.md v10). Each call's partial result merges into a float32
+accumulator by its log-sum-exp, block after block (the order does not matter: the merge is an exact
+online softmax). Blocks that start after a query are never in its list, so no call needs a causal mask
+except the own-block one. The backward stays in the sparse kernels, which need only the merged output
+and log-sum-exp.
+
+Each head gathers its own choosers: block ``j``'s buffer has ``max_h n_{j,h}`` rows, head ``h`` fills its
+first ``n_{j,h}``; the other rows are zeros whose results are never merged. K/V are read in place, grouped
+heads (GQA/MQA) as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from . import dense_prefix, triton_moba
+from .knobs import env_flag
+from .layout import BlockLayout
+
+# None: the default below; MOBA_CUDNN_BLOCKS=0/1 overrides (probes, benchmarks), tests set the flag.
+CUDNN_BLOCKS: bool | None = None
+CUDNN_BLOCKS_DEFAULT = True
+# Below this a block's call is too small to pay for its launch, its gather and cuDNN's per-shape plan,
+# and the Triton schedule is as fast (H200, v10 probe: +3% at 16384 keys, +6% at 32768, +14% at 65536).
+MIN_CHUNK = 32768
+# Tests: float32 attention in place of cuDNN, on any device (so the path runs on CPU too).
+USE_REFERENCE = False
+LOG2E = 1.4426950408889634
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A call's host offsets ``cu_host`` (to cut the own-block views) and its ``chunk_size``."""
+
+    cu_host: tuple[int, ...]
+    chunk_size: int
+
+
+def plan(q: torch.Tensor, k: torch.Tensor, cu_host: list[int], chunk_size: int) -> Plan | None:
+    """Whether the forward of packed q ``[T, Hq, D]``, k ``[T, Hkv, D]`` goes through per-block cuDNN
+    calls: long blocks, CUDA on Ampere or newer, bf16/fp16, head dim a multiple of 8 up to 128; None
+    where it does not apply or is switched off."""
+    want = CUDNN_BLOCKS if CUDNN_BLOCKS is not None else env_flag("MOBA_CUDNN_BLOCKS")
+    if not (CUDNN_BLOCKS_DEFAULT if want is None else want):
+        return None
+    if chunk_size < MIN_CHUNK:
+        return None
+    if not (USE_REFERENCE or dense_prefix._cudnn_ok(q, k)):
+        return None
+    return Plan(cu_host=tuple(cu_host), chunk_size=chunk_size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row gather and merge
+
+
+@triton.jit
+def _gather_kernel(Q, QG, PAIR_T, OFF, CNT, grp, n,
+                   stride_qt, stride_qh, stride_gt, stride_gh,
+                   H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Row ``r`` of head ``h`` in the buffer ``QG [n, H, D]`` = q of the ``r``-th query of head ``h`` that chose
+    this block, zero past that head's count."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cnt = tl.load(CNT + grp * H + h)
+    off = tl.load(OFF + grp * H + h)
+    chosen = rows < cnt
+    t = tl.load(PAIR_T + off + rows, mask=chosen, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    dm = d < D
+    x = tl.load(Q + t[:, None] * stride_qt + h * stride_qh + d[None, :], mask=chosen[:, None] & dm[None, :],
+                other=0.0)
+    tl.store(QG + rows.to(tl.int64)[:, None] * stride_gt + h * stride_gh + d[None, :], x,
+             mask=(rows < n)[:, None] & dm[None, :])
+
+
+@triton.jit
+def _merge_kernel(ACC, LSE, PO, PL, PAIR_T, OFF, CNT, grp,
+                  stride_at, stride_ah, stride_oh, stride_or, stride_lh, stride_lr,
+                  H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Merges one block's call (rows ``PO``, natural-log ``PL``) into its choosers' float32 ``ACC [T, H, D]``
+    and ``LSE [T, H]``. A (query, head) chooses a block at most once, so no two rows of one launch meet."""
+    h = tl.program_id(1)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cnt = tl.load(CNT + grp * H + h)
+    off = tl.load(OFF + grp * H + h)
+    chosen = rows < cnt
+    t = tl.load(PAIR_T + off + rows, mask=chosen, other=0).to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m2 = chosen[:, None] & (d < D)[None, :]
+    pa = ACC + t[:, None] * stride_at + h * stride_ah + d[None, :]
+    a = tl.load(pa, mask=m2, other=0.0)
+    la = tl.load(LSE + t * H + h, mask=chosen, other=0.0)
+    b = tl.load(PO + h * stride_oh + rows.to(tl.int64)[:, None] * stride_or + d[None, :], mask=m2,
+                other=0.0).to(tl.float32)
+    lb = tl.load(PL + h * stride_lh + rows * stride_lr, mask=chosen, other=0.0)
+    m = tl.maximum(la, lb)
+    wa = tl.exp(la - m)
+    wb = tl.exp(lb - m)
+    s = wa + wb
+    tl.store(pa, (a * wa[:, None] + b * wb[:, None]) / s[:, None], mask=m2)
+    tl.store(LSE + t * H + h, m + tl.log(s), mask=chosen)
+
+
+class PastLists:
+    """The (query, head) pairs that chose each key block as a past block, from ``block_idx [T, H, S]``
+    (slot 0 is the own block): sorted by (block, head), then token. ``group_off``/``group_cnt``
+    ``[NB * H]``; ``rows[j]`` (host) = the most choosers any head has for block ``j``."""
+
+    def __init__(self, block_idx: torch.Tensor, num_blocks: int):
+        t, h, s = block_idx.shape
+        past = block_idx[:, :, 1:]
+        ngroups = num_blocks * h
+        kdt = triton_moba._key_dtype(ngroups)
+        key = past.to(kdt) * h + torch.arange(h, device=past.device, dtype=kdt)[None, :, None]
+        self.pair_t, offs = triton_moba._sorted_groups(key, past, None, ngroups)
+        cnt = offs[1:] - offs[:-1]
+        self.group_off = offs[:-1].to(torch.int32)
+        self.group_cnt = cnt.to(torch.int32)
+        # One host sync: the calls' shapes. The forward is long here (large blocks), so it costs nothing.
+        self.rows: list[int] = cnt.view(num_blocks, h).amax(1).tolist() if ngroups else []
+
+
+# --------------------------------------------------------------------------------------------------
+# Dense calls
+
+
+def _attend(q4, k4, v4, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense attention of ``[B, Hq, S, D]`` queries on ``[B, Hkv, N, D]`` keys (strided views) ->
+    (out ``[B, Hq, S, D]`` in q's dtype, natural-log log-sum-exp ``[B, Hq, S]`` float32)."""
+    if USE_REFERENCE:
+        return dense_prefix._reference_fwd(q4, k4, v4, scale, causal=causal)
+    with dense_prefix._clear_errors("the long-block forward's", "MOBA_CUDNN_BLOCKS=0"):
+        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q4, k4, v4, None, True, 0.0, causal, False, scale=scale
+        )
+    return res[0], res[1].reshape(q4.shape[:3])
+
+
+def _own_segments(cu_host: tuple[int, ...], chunk: int) -> list[tuple[int, int, int]]:
+    """``(start, n_blocks, block_len)`` runs of equal-length own blocks, contiguous in the packed tokens."""
+    lens = [b - a for a, b in zip(cu_host[:-1], cu_host[1:], strict=True)]
+    if all(n % chunk == 0 for n in lens):
+        return [(cu_host[0], (cu_host[-1] - cu_host[0]) // chunk, chunk)] if cu_host[-1] > cu_host[0] else []
+    segs = []
+    for a, n in zip(cu_host[:-1], lens, strict=True):
+        full, rest = divmod(n, chunk)
+        if full:
+            segs.append((a, full, chunk))
+        if rest:
+            segs.append((a + full * chunk, 1, rest))
+    return segs
+
+
+def _blocks_view(x: torch.Tensor, start: int, nb: int, size: int) -> torch.Tensor:
+    """Tokens ``start .. start + nb*size`` of ``x [T, H, ...]`` as ``[nb, H, size, ...]`` (no copy)."""
+    return x[start:start + nb * size].view(nb, size, *x.shape[1:]).transpose(1, 2)
+
+
+def _block_ranges(cu_host: tuple[int, ...], chunk: int) -> list[tuple[int, int]]:
+    """Key range of every global block, in the layout's numbering, from host offsets (no sync)."""
+    out = []
+    for a, b in zip(cu_host[:-1], cu_host[1:], strict=True):
+        out.extend((s, min(s + chunk, b)) for s in range(a, b, chunk))
+    return out
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_idx: torch.Tensor,
+            scale: float, pl: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoBA's forward for packed q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` and the gate's ``block_idx
+    [T, Hq, S]``. Returns (out ``[T, Hq, D]`` in q's dtype, lse ``[T, Hq]`` float32 in base 2, as the
+    Triton kernels keep it)."""
+    t_total, hq, d = q.shape
+    acc = triton_moba._empty(t_total, hq, d, dtype=torch.float32, device=q.device)
+    lse = triton_moba._empty(t_total, hq, dtype=torch.float32, device=q.device)
+    for start, nb, size in _own_segments(pl.cu_host, pl.chunk_size):
+        o, l_ = _attend(*(_blocks_view(x, start, nb, size) for x in (q, k, v)), True, scale)
+        _blocks_view(acc, start, nb, size).copy_(o)
+        _blocks_view(lse, start, nb, size).copy_(l_)
+        del o, l_
+    if block_idx.shape[2] > 1 and layout.num_blocks:
+        lists = PastLists(block_idx, layout.num_blocks)
+        nmax = max(lists.rows)
+        if nmax:
+            buf = torch.empty(nmax * hq * d, dtype=q.dtype, device=q.device)
+            ranges = _block_ranges(pl.cu_host, pl.chunk_size)
+            bm = 16 if triton_moba._is_interp() else 64
+            bd = triton.next_power_of_2(d)
+            for j, n in enumerate(lists.rows):
+                if not n:
+                    continue
+                grid = (triton.cdiv(n, bm), hq)
+                qg = buf[: n * hq * d].view(n, hq, d)
+                _gather_kernel[grid](q, qg, lists.pair_t, lists.group_off, lists.group_cnt, j, n,
+                                     q.stride(0), q.stride(1), qg.stride(0), qg.stride(1),
+                                     H=hq, D=d, BLOCK_D=bd, BLOCK_M=bm)
+                a, b = ranges[j]
+                kv = [x[a:b].transpose(0, 1)[None] for x in (k, v)]
+                o, l_ = _attend(qg.transpose(0, 1)[None], *kv, False, scale)
+                o, l_ = o[0], l_[0]
+                _merge_kernel[grid](acc, lse, o, l_, lists.pair_t, lists.group_off, lists.group_cnt, j,
+                                    acc.stride(0), acc.stride(1), o.stride(0), o.stride(1),
+                                    l_.stride(0), l_.stride(1), H=hq, D=d, BLOCK_D=bd, BLOCK_M=bm)
+                del o, l_
+    return acc.to(q.dtype), lse.mul_(LOG2E)
+

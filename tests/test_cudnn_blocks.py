@@ -1,0 +1,158 @@
+"""The long-block forward (ops/moba/cudnn_blocks.py) against the float32 reference.
+
+On CPU the cuDNN calls are replaced by float32 attention (``USE_REFERENCE``) and ``MIN_CHUNK`` is lowered, so
+these tests check the path itself under the Triton interpreter: the own-block views, the gather of each
+key block's choosers, the merge by log-sum-exp, and the backward that the sparse kernels run on its output.
+The GPU suite (tests/test_gpu_suite.py) runs it through cuDNN.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from test_triton_moba import make_inputs, rel_rms
+
+from moba_cli import moba_attention
+from moba_cli.errors import MobaError
+from moba_cli.ops.moba import cudnn_blocks, dense_prefix, naive, triton_moba
+from moba_cli.ops.moba.layout import make_layout
+
+
+@pytest.fixture(autouse=True)
+def path_on_cpu(monkeypatch):
+    monkeypatch.setattr(triton_moba, "POISON_OUTPUTS", True)
+    monkeypatch.setattr(cudnn_blocks, "CUDNN_BLOCKS", True)
+    monkeypatch.setattr(cudnn_blocks, "MIN_CHUNK", 0)
+    monkeypatch.setattr(cudnn_blocks, "USE_REFERENCE", True)
+    # the dense prefix would apply to some of these shapes too: it must give way
+    monkeypatch.setattr(dense_prefix, "DENSE_PREFIX", True)
+    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
+    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", True)
+
+
+@pytest.fixture
+def calls(monkeypatch) -> dict:
+    """Counts the long-block forwards, the dense-prefix forwards and the dense calls made."""
+    seen = {"blocks": 0, "prefix": 0, "attend": []}
+    fwd, pre, att = cudnn_blocks.forward, dense_prefix.forward, cudnn_blocks._attend
+
+    def spy_fwd(*a, **kw):
+        seen["blocks"] += 1
+        return fwd(*a, **kw)
+
+    def spy_pre(*a, **kw):
+        seen["prefix"] += 1
+        return pre(*a, **kw)
+
+    def spy_att(q4, k4, v4, causal, scale):
+        seen["attend"].append((tuple(q4.shape), tuple(k4.shape), causal))
+        return att(q4, k4, v4, causal, scale)
+
+    monkeypatch.setattr(cudnn_blocks, "forward", spy_fwd)
+    monkeypatch.setattr(dense_prefix, "forward", spy_pre)
+    monkeypatch.setattr(cudnn_blocks, "_attend", spy_att)
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("lens", "hq", "hkv", "chunk", "topk", "padded"),
+    [
+        ([64], 4, 4, 16, 2, True),  # MHA, whole blocks: one batched own-block call
+        ([64, 64], 4, 2, 16, 3, True),  # GQA, padded batch of equal lengths
+        ([50, 37, 16], 2, 1, 8, 3, False),  # MQA, packed, partial last blocks
+        ([77], 2, 2, 16, 4, False),  # odd length
+        ([40, 40], 2, 2, 20, 1, True),  # topk 1: own blocks only
+    ],
+)
+def test_path_matches_reference(lens, hq, hkv, chunk, topk, padded, device, calls):
+    q, k, v, cu = make_inputs(lens, hq, hkv, 32, device, seed=sum(lens))
+    layout = make_layout(cu, chunk)
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    if padded:
+        b, s = len(lens), lens[0]
+        shaped = [x.view(b, s, *x.shape[1:]) for x in (qt, kt, vt)]
+        out = moba_attention(*shaped, chunk_size=chunk, topk=topk, backend="triton").view(q.shape)
+    else:
+        out = moba_attention(qt, kt, vt, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton")
+    assert calls["blocks"] == 1 and calls["prefix"] == 0
+    causal = [c for c in calls["attend"] if c[2]]
+    whole = all(n % chunk == 0 for n in lens)
+    assert len(causal) == (1 if whole else sum(1 + (n % chunk > 0) - (n < chunk) for n in lens))
+    if topk == 1:
+        assert len(calls["attend"]) == len(causal)
+    qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
+    ref, _ = naive.moba_attention_naive(qr, kr, vr, layout, topk)
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) < 1e-4
+    do = torch.randn_like(ref)
+    out.backward(do)
+    ref.backward(do)
+    for name, a, b in (("dq", qt.grad, qr.grad), ("dk", kt.grad, kr.grad), ("dv", vt.grad, vr.grad)):
+        assert not a.isnan().any(), name
+        assert rel_rms(a, b) < 1e-4, name
+
+
+def test_past_lists_match_the_gate(device):
+    q, k, _, cu = make_inputs([70, 45], 3, 1, 16, device, seed=5)
+    layout = make_layout(cu, 8)
+    sel = triton_moba.select_blocks(q, k, layout, 4)
+    lists = cudnn_blocks.PastLists(sel, layout.num_blocks)
+    t, h, _ = sel.shape
+    for j in range(layout.num_blocks):
+        per_head = []
+        for hh in range(h):
+            want = [tok for tok in range(t) if j in sel[tok, hh, 1:].tolist()]
+            g = j * h + hh
+            off, cnt = int(lists.group_off[g]), int(lists.group_cnt[g])
+            assert lists.pair_t[off:off + cnt].tolist() == want, (j, hh)
+            per_head.append(len(want))
+        assert lists.rows[j] == max(per_head)
+
+
+def test_own_segments():
+    assert cudnn_blocks._own_segments((0, 64, 128), 16) == [(0, 8, 16)]
+    assert cudnn_blocks._own_segments((0, 50, 87), 16) == [(0, 3, 16), (48, 1, 2), (50, 2, 16), (82, 1, 5)]
+    assert cudnn_blocks._own_segments((0, 10), 16) == [(0, 1, 10)]
+    assert cudnn_blocks._block_ranges((0, 50, 87), 16) == [(0, 16), (16, 32), (32, 48), (48, 50), (50, 66),
+                                                         (66, 82), (82, 87)]
+
+
+def test_plan_rules(monkeypatch):
+    q, k, _, cu = make_inputs([64], 2, 2, 32, "cpu")
+    plan = cudnn_blocks.Plan((0, 64), 16)
+    assert cudnn_blocks.plan(q, k, cu.tolist(), 16) == plan
+    monkeypatch.setattr(cudnn_blocks, "MIN_CHUNK", 32)
+    assert cudnn_blocks.plan(q, k, cu.tolist(), 16) is None  # blocks too short to be worth a call each
+    monkeypatch.setattr(cudnn_blocks, "MIN_CHUNK", 0)
+    monkeypatch.setattr(cudnn_blocks, "USE_REFERENCE", False)
+    assert cudnn_blocks.plan(q, k, cu.tolist(), 16) is None  # CPU tensors: no cuDNN
+    monkeypatch.setattr(cudnn_blocks, "USE_REFERENCE", True)
+    monkeypatch.setattr(cudnn_blocks, "CUDNN_BLOCKS", None)
+    monkeypatch.setenv("MOBA_CUDNN_BLOCKS", "0")
+    assert cudnn_blocks.plan(q, k, cu.tolist(), 16) is None
+    monkeypatch.setenv("MOBA_CUDNN_BLOCKS", "1")
+    assert cudnn_blocks.plan(q, k, cu.tolist(), 16) == plan
+
+
+def test_knob_rejects_bad_value(monkeypatch):
+    monkeypatch.setenv("MOBA_CUDNN_BLOCKS", "on")
+    with pytest.raises(MobaError, match="MOBA_CUDNN_BLOCKS must be 0 or 1"):
+        triton_moba.check_env_knobs()
+
+
+def test_cudnn_failure_is_one_clear_error(monkeypatch):
+    # The cuDNN op refuses CPU tensors; whatever it raises comes out as one MobaError naming the way out.
+    monkeypatch.setattr(cudnn_blocks, "USE_REFERENCE", False)
+    q = torch.randn(1, 2, 16, 32)
+    with pytest.raises(MobaError, match="MOBA_CUDNN_BLOCKS=0"):
+        cudnn_blocks._attend(q, q, q, True, 0.1)
+
+
+def test_bench_record_names_the_long_block_forward():
+    from moba_cli.bench.presets import Case
+    from moba_cli.bench.providers import _dense_parts
+
+    q, k, _, _ = make_inputs([128], 2, 2, 32, "cpu")
+    shaped = [x.view(1, 128, 2, 32) for x in (q, k)]
+    note = _dense_parts(Case("fwd", 1, 128, 2, 2, 32, 16, 2, "float32", "cuda"), *shaped)
+    assert "one per key block" in note
