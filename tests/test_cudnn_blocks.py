@@ -156,3 +156,15 @@ def test_bench_record_names_the_long_block_forward():
     shaped = [x.view(1, 128, 2, 32) for x in (q, k)]
     note = _dense_parts(Case("fwd", 1, 128, 2, 2, 32, 16, 2, "float32", "cuda"), *shaped)
     assert "one per key block" in note
+
+
+def test_bucket_rows_bounds_the_padding():
+    assert cudnn_blocks.bucket_rows(0) == 0
+    assert cudnn_blocks.bucket_rows(1) == 128
+    assert cudnn_blocks.bucket_rows(128) == 128
+    seen = set()
+    for n in range(1, 3_000_000, 997):
+        b = cudnn_blocks.bucket_rows(n)
+        assert n <= b <= max(128, n + n / 32), n
+        seen.add(b)
+    assert len(seen) < 400  # shapes recur: at most 32 per power of two
