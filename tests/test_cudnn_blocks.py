@@ -24,6 +24,9 @@ def path_on_cpu(monkeypatch):
     monkeypatch.setattr(cudnn_blocks, "CUDNN_BLOCKS", True)
     monkeypatch.setattr(cudnn_blocks, "MIN_CHUNK", 0)
     monkeypatch.setattr(cudnn_blocks, "USE_REFERENCE", True)
+    # small row tiles, so a block's choosers span several calls and the last one is padded
+    monkeypatch.setattr(cudnn_blocks, "PAD_ROWS", 8)
+    monkeypatch.setattr(cudnn_blocks, "TILE_ROWS", 16)
     # the dense prefix would apply to some of these shapes too: it must give way
     monkeypatch.setattr(dense_prefix, "DENSE_PREFIX", True)
     monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
@@ -158,13 +161,15 @@ def test_bench_record_names_the_long_block_forward():
     assert "one per key block" in note
 
 
-def test_bucket_rows_bounds_the_padding():
+def test_call_shapes_recur(monkeypatch):
+    monkeypatch.setattr(cudnn_blocks, "PAD_ROWS", 4096)
+    monkeypatch.setattr(cudnn_blocks, "TILE_ROWS", 131072)
     assert cudnn_blocks.bucket_rows(0) == 0
-    assert cudnn_blocks.bucket_rows(1) == 128
-    assert cudnn_blocks.bucket_rows(128) == 128
-    seen = set()
+    assert cudnn_blocks.bucket_rows(1) == 4096
+    assert cudnn_blocks.bucket_rows(4096) == 4096
+    shapes = set()
     for n in range(1, 3_000_000, 997):
         b = cudnn_blocks.bucket_rows(n)
-        assert n <= b <= max(128, n + n / 32), n
-        seen.add(b)
-    assert len(seen) < 400  # shapes recur: at most 32 per power of two
+        assert n <= b < n + 4096 and b % 4096 == 0, n
+        shapes.update(min(131072, b - r0) for r0 in range(0, b, 131072))
+    assert len(shapes) == 32  # every call is one of 32 row counts, whatever the gate chose

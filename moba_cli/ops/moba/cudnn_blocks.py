@@ -90,17 +90,18 @@ def _gather_kernel(Q, QG, PAIR_T, OFF, CNT, grp, n,
 
 
 @triton.jit
-def _merge_kernel(ACC, LSE, PO, PL, PAIR_T, OFF, CNT, grp,
+def _merge_kernel(ACC, LSE, PO, PL, PAIR_T, OFF, CNT, grp, row0,
                   stride_at, stride_ah, stride_oh, stride_or, stride_lh, stride_lr,
                   H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
-    """Merges one block's call (rows ``PO``, natural-log ``PL``) into its choosers' float32 ``ACC [T, H, D]``
-    and ``LSE [T, H]``. A (query, head) chooses a block at most once, so no two rows of one launch meet."""
+    """Merges one call (rows ``row0 ..`` of a block's choosers: ``PO``, natural-log ``PL``) into their float32
+    ``ACC [T, H, D]`` and ``LSE [T, H]``. A (query, head) chooses a block at most once, so no two rows of
+    one launch meet."""
     h = tl.program_id(1)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cnt = tl.load(CNT + grp * H + h)
     off = tl.load(OFF + grp * H + h)
-    chosen = rows < cnt
-    t = tl.load(PAIR_T + off + rows, mask=chosen, other=0).to(tl.int64)
+    chosen = row0 + rows < cnt
+    t = tl.load(PAIR_T + off + row0 + rows, mask=chosen, other=0).to(tl.int64)
     d = tl.arange(0, BLOCK_D)
     m2 = chosen[:, None] & (d < D)[None, :]
     pa = ACC + t[:, None] * stride_at + h * stride_ah + d[None, :]
@@ -140,15 +141,17 @@ class PastLists:
 # Dense calls
 
 
+# cuDNN plans every new call shape once (~40 ms on the H200), and the gate's counts change every step:
+# exact counts would plan ~60 new shapes per call. Each block's rows are rounded up to a multiple of
+# PAD_ROWS and cut into calls of at most TILE_ROWS, so every call has one of 32 row counts, planned in the
+# first steps and reused after. The padding rows are zeros whose results are never merged.
+TILE_ROWS = 131072
+PAD_ROWS = 4096
+
+
 def bucket_rows(n: int) -> int:
-    """Rows of a block's call for ``n`` choosers: ``n`` rounded up to 1/32 of its power of two (at least
-    128). cuDNN plans each new shape once (~40 ms on the H200) and the gate's counts change every step,
-    so exact counts would plan ~60 new shapes per call; rounded ones recur, for at most 3% more rows
-    (zeros, never merged)."""
-    if n <= 0:
-        return 0
-    gran = max(128, 1 << max(0, n.bit_length() - 6))
-    return -(-n // gran) * gran
+    """Rows of a block's calls for ``n`` choosers (``n`` rounded up to a multiple of ``PAD_ROWS``)."""
+    return -(-n // PAD_ROWS) * PAD_ROWS
 
 
 def _attend(q4, k4, v4, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,18 +219,22 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
                 if not cnt:
                     continue
                 n = bucket_rows(cnt)
-                grid = (triton.cdiv(n, bm), hq)
                 qg = buf[: n * hq * d].view(n, hq, d)
-                _gather_kernel[grid](q, qg, lists.pair_t, lists.group_off, lists.group_cnt, j, n,
-                                     q.stride(0), q.stride(1), qg.stride(0), qg.stride(1),
-                                     H=hq, D=d, BLOCK_D=bd, BLOCK_M=bm)
+                _gather_kernel[(triton.cdiv(n, bm), hq)](
+                    q, qg, lists.pair_t, lists.group_off, lists.group_cnt, j, n,
+                    q.stride(0), q.stride(1), qg.stride(0), qg.stride(1), H=hq, D=d, BLOCK_D=bd, BLOCK_M=bm)
                 a, b = ranges[j]
                 kv = [x[a:b].transpose(0, 1)[None] for x in (k, v)]
-                o, l_ = _attend(qg.transpose(0, 1)[None], *kv, False, scale)
-                o, l_ = o[0], l_[0]
-                _merge_kernel[grid](acc, lse, o, l_, lists.pair_t, lists.group_off, lists.group_cnt, j,
-                                    acc.stride(0), acc.stride(1), o.stride(0), o.stride(1),
-                                    l_.stride(0), l_.stride(1), H=hq, D=d, BLOCK_D=bd, BLOCK_M=bm)
-                del o, l_
+                for r0 in range(0, n, TILE_ROWS):
+                    r1 = min(n, r0 + TILE_ROWS)
+                    if r0 >= cnt:
+                        break  # padding only
+                    o, l_ = _attend(qg[r0:r1].transpose(0, 1)[None], *kv, False, scale)
+                    o, l_ = o[0], l_[0]
+                    _merge_kernel[(triton.cdiv(r1 - r0, bm), hq)](
+                        acc, lse, o, l_, lists.pair_t, lists.group_off, lists.group_cnt, j, r0,
+                        acc.stride(0), acc.stride(1), o.stride(0), o.stride(1), l_.stride(0), l_.stride(1),
+                        H=hq, D=d, BLOCK_D=bd, BLOCK_M=bm)
+                    del o, l_
     return acc.to(q.dtype), lse.mul_(LOG2E)
 
