@@ -76,8 +76,16 @@ def case(name, t, hq, hkv, chunk, topk, reps=2, bwd=False):
     emit(**rec)
 
 
+CASES = {
+    "2m-c32768-k4-h4": ((2 << 20, 4, 4, 32768, 4), dict(reps=4, bwd=True)),
+    "4m-c65536-k3": ((4 << 20, 1, 1, 65536, 3), dict(reps=4, bwd=True)),
+    "10m-c163840-k3": ((10 << 20, 1, 1, 163840, 3), dict(reps=3)),
+}
+
 if __name__ == "__main__":
+    import sys
+
     emit(torch=torch.__version__, cudnn=torch.backends.cudnn.version(), gpu=torch.cuda.get_device_name())
-    case("2m-c32768-k4-h4", 2 << 20, 4, 4, 32768, 4, reps=4, bwd=True)
-    case("4m-c65536-k3", 4 << 20, 1, 1, 65536, 3, reps=4, bwd=True)
-    case("10m-c163840-k3", 10 << 20, 1, 1, 163840, 3, reps=3)
+    for name in sys.argv[1:] or list(CASES):
+        args, kw = CASES[name]
+        case(name, *args, **kw)
