@@ -163,7 +163,7 @@ def test_bench_record_names_the_long_block_forward():
 
 def test_call_shapes_recur(monkeypatch):
     monkeypatch.setattr(cudnn_blocks, "PAD_ROWS", 4096)
-    monkeypatch.setattr(cudnn_blocks, "TILE_ROWS", 524288)
+    monkeypatch.setattr(cudnn_blocks, "TILE_ROWS", 131072)
     assert cudnn_blocks.bucket_rows(0) == 0
     assert cudnn_blocks.bucket_rows(1) == 4096
     assert cudnn_blocks.bucket_rows(4096) == 4096
@@ -171,5 +171,5 @@ def test_call_shapes_recur(monkeypatch):
     for n in range(1, 3_000_000, 997):
         b = cudnn_blocks.bucket_rows(n)
         assert n <= b < n + 4096 and b % 4096 == 0, n
-        shapes.update(min(524288, b - r0) for r0 in range(0, b, 524288))
-    assert len(shapes) == 128  # every call is one of 128 row counts, whatever the gate chose
+        shapes.update(min(131072, b - r0) for r0 in range(0, b, 131072))
+    assert len(shapes) == 32  # every call is one of 32 row counts, whatever the gate chose

@@ -143,11 +143,11 @@ class PastLists:
 
 # cuDNN plans every new call shape once (~40 ms on the H200), and the gate's counts change every step:
 # exact counts would plan ~60 new shapes per call. Each block's rows are rounded up to a multiple of
-# PAD_ROWS and cut into calls of at most TILE_ROWS, so every call has one of TILE_ROWS / PAD_ROWS = 128 row
-# counts, planned in the first steps and reused after (H200, 4M tokens: 644 ms on the first fresh inputs,
-# ~600 after). The padding rows are zeros whose results are never merged (10M: 0.5% more rows). Long
-# calls leave less of a partial last wave: 131072-row calls took 1.3% longer at 10M than one call per block.
-TILE_ROWS = 524288
+# PAD_ROWS and cut into calls of at most TILE_ROWS, so every call has one of 32 row counts, planned in the
+# first steps and reused after (H200, 4M tokens, new inputs each call: 644 ms the first time, ~600 after;
+# with exact counts 1888 -> 994 ms over four calls). The padding rows are zeros whose results are never
+# merged (10M: 0.5% more rows). Calls of up to 524288 rows were no faster at 10M (3743 vs 3740 ms).
+TILE_ROWS = 131072
 PAD_ROWS = 4096
 
 
