@@ -145,8 +145,8 @@ class PastLists:
 # exact counts would plan ~60 new shapes per call. Each block's rows are rounded up to a multiple of
 # PAD_ROWS and cut into calls of at most TILE_ROWS, so every call has one of 32 row counts, planned in the
 # first steps and reused after (H200, 4M tokens, new inputs each call: 644 ms the first time, ~600 after;
-# with exact counts 1888 -> 994 ms over four calls). The padding rows are zeros whose results are never
-# merged (10M: 0.5% more rows). Calls of up to 524288 rows were no faster at 10M (3743 vs 3740 ms).
+# exact counts: 3030-3782 ms every call). The padding rows are zeros whose results are never merged (10M:
+# 0.5% more rows). Calls of up to 524288 rows were no faster at 10M (3743 vs 3740 ms).
 TILE_ROWS = 131072
 PAD_ROWS = 4096
 
