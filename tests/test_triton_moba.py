@@ -33,6 +33,21 @@ def make_inputs(lens, hq, hkv, d, device, dtype=torch.float32, seed=0):
     return q, k, v, cu
 
 
+def assert_matches_naive(out, leaves, inputs, layout, topk, tol=1e-4):
+    """``out``, computed by the op from ``leaves`` (q, k, v requiring grad), against the float32 reference
+    on copies of ``inputs``: the output and dq/dk/dv, none of them NaN."""
+    ref_in = [x.clone().requires_grad_() for x in inputs]
+    ref, _ = naive.moba_attention_naive(*ref_in, layout, topk)
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) < tol
+    do = torch.randn_like(ref)
+    out.backward(do)
+    ref.backward(do)
+    for name, a, b in zip(("dq", "dk", "dv"), leaves, ref_in, strict=True):
+        assert not a.grad.isnan().any(), name
+        assert rel_rms(a.grad, b.grad) < tol, name
+
+
 def check_against_reference(lens, hq, hkv, d, chunk, topk, device, tol=1e-4):
     q, k, v, cu = make_inputs(lens, hq, hkv, d, device)
     layout = make_layout(cu, chunk)
