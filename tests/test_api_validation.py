@@ -141,3 +141,17 @@ def test_empty_sequences_in_cu_seqlens_are_valid():
     assert out.shape == (10, 2, 16)
     # topk 2 with chunk 4: the 7-token sequence has 2 blocks, so this is full attention.
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_interpreter_refuses_bfloat16(monkeypatch):
+    # Triton 3.6's interpreter misreads bfloat16 matrix-product operands: explicit triton is an error,
+    # auto takes the float32 reference instead of returning garbage.
+    from moba_cli.ops.moba.validate import resolve_backend
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    q = torch.zeros(4, 2, 32, dtype=torch.bfloat16)
+    with pytest.raises(MobaError, match="bfloat16"):
+        resolve_backend("triton", q)
+    assert resolve_backend("auto", q) == "naive"
+    assert resolve_backend("auto", q.float()) == "triton"
+    assert resolve_backend("triton", q.half()) == "triton"

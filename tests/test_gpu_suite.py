@@ -207,44 +207,56 @@ PREFIX_CASES = [
 ]
 
 
-@pytest.mark.parametrize(("batch", "seq", "heads", "kv_heads", "chunk", "topk"), PREFIX_CASES)
-def test_dense_prefix_through_cudnn(batch, seq, heads, kv_heads, chunk, topk, monkeypatch):
-    """The public call with the dense prefix (first topk blocks through cuDNN, the rest sparse) against
-    the float32 reference, forward and gradients."""
+def check_public_call(record: dict, q, k, v, cu_host: list[int], chunk: int, topk: int, batch: int | None = None):
+    """``moba_attention`` on packed bf16 q/k/v ``[T, H, D]`` (as a padded ``[batch, S, H, D]`` batch when
+    ``batch`` is given, else with ``cu_seqlens``) against the float32 reference on the blocks the gate chose,
+    forward and gradients, by the tolerance rule; appends ``record`` with the errors to the summary."""
     from moba_cli import moba_attention
-    from moba_cli.ops.moba import dense_prefix
 
-    dev = torch.device("cuda")
-    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
-    torch.manual_seed(seq + heads)
-    q, k, v = (torch.randn(batch, seq, h, 128, device=dev, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
-    cu_host = [i * seq for i in range(batch + 1)]
-    packed = [x.view(batch * seq, *x.shape[2:]) for x in (q, k, v)]
-    pre = dense_prefix.plan(*packed[:2], cu_host, chunk, topk)
-    assert pre == dense_prefix.Prefix(batch, seq, chunk * topk), "the split must apply to this case"
-    qk = [x.detach().requires_grad_(True) for x in (q, k, v)]
-    out = moba_attention(*qk, chunk_size=chunk, topk=topk)
-    layout = make_layout(torch.tensor(cu_host, dtype=torch.int32, device=dev), chunk)
-    sel = triton_moba.select_blocks(*packed[:2], layout, topk)
-    ref_in = [x.float().detach().requires_grad_(True) for x in packed]
+    cu = torch.tensor(cu_host, dtype=torch.int32, device=q.device)
+    leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+    if batch is not None:
+        shaped = [x.view(batch, -1, *x.shape[1:]) for x in leaves]
+        out = moba_attention(*shaped, chunk_size=chunk, topk=topk).view(q.shape)
+    else:
+        out = moba_attention(*leaves, chunk_size=chunk, topk=topk, cu_seqlens=cu)
+    layout = make_layout(cu, chunk)
+    sel = triton_moba.select_blocks(q, k, layout, topk)
+    ref_in = [x.float().detach().requires_grad_(True) for x in (q, k, v)]
     ref, _ = naive.moba_attention_naive(*ref_in, layout, topk, block_idx=sel)
     do = torch.randn_like(ref)
-    out.backward(do.bfloat16().view(out.shape))
+    out.backward(do.bfloat16())
     ref.backward(do)
-    got = {"out": out.view(ref.shape), "dq": qk[0].grad, "dk": qk[1].grad, "dv": qk[2].grad}
+    got = {"out": out, "dq": leaves[0].grad, "dk": leaves[1].grad, "dv": leaves[2].grad}
     want = {"out": ref, "dq": ref_in[0].grad, "dk": ref_in[1].grad, "dv": ref_in[2].grad}
-    errs = {n: rel_rms(got[n].reshape(want[n].shape), want[n]) for n in got}
-    base = sdpa_bf16_error(packed[0][:seq], packed[1][:seq], packed[2][:seq], True)
+    errs = {n: rel_rms(got[n], want[n]) for n in got}
+    n0 = cu_host[1] - cu_host[0]
+    base = sdpa_bf16_error(q[:n0], k[:n0], v[:n0], True)
     ok = all(errs[n] <= 2 * base[n] + 1e-4 for n in errs)
     ok = ok and not any(g.isnan().any().item() for g in got.values())
-    RECORDS.append({"what": "dense-prefix", "batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads,
-                    "chunk": chunk,
-                    "topk": topk, "prefix_rows": pre.rows, "errors": errs, "sdpa_bf16_errors": base,
+    RECORDS.append({**record, "chunk": chunk, "topk": topk, "errors": errs, "sdpa_bf16_errors": base,
                     "passed": bool(ok)})
     for n in errs:
         assert errs[n] <= 2 * base[n] + 1e-4, (n, errs[n], base[n])
     assert ok
 
+
+@pytest.mark.parametrize(("batch", "seq", "heads", "kv_heads", "chunk", "topk"), PREFIX_CASES)
+def test_dense_prefix_through_cudnn(batch, seq, heads, kv_heads, chunk, topk, monkeypatch):
+    """The public call with the dense prefix (first topk blocks through cuDNN, the rest sparse) against
+    the float32 reference, forward and gradients."""
+    from moba_cli.ops.moba import dense_prefix
+
+    dev = torch.device("cuda")
+    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
+    torch.manual_seed(seq + heads)
+    q, k, v = (torch.randn(batch * seq, h, 128, device=dev, dtype=torch.bfloat16)
+               for h in (heads, kv_heads, kv_heads))
+    cu_host = [i * seq for i in range(batch + 1)]
+    pre = dense_prefix.plan(q, k, cu_host, chunk, topk)
+    assert pre == dense_prefix.Prefix(batch, seq, chunk * topk), "the split must apply to this case"
+    check_public_call({"what": "dense-prefix", "batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads,
+                       "prefix_rows": pre.rows}, q, k, v, cu_host, chunk, topk, batch=batch)
 
 BLOCKS_CASES = [
     # lens, heads, kv heads, chunk, topk, lower MIN_CHUNK: one sequence of whole blocks; packed sequences
@@ -260,39 +272,14 @@ BLOCKS_CASES = [
 def test_long_block_forward_through_cudnn(lens, heads, kv_heads, chunk, topk, lower, monkeypatch):
     """The public call with the long-block forward (own blocks and each chosen key block through cuDNN,
     the backward sparse) against the float32 reference, forward and gradients."""
-    from moba_cli import moba_attention
     from moba_cli.ops.moba import cudnn_blocks
 
     dev = torch.device("cuda")
     if lower:
         monkeypatch.setattr(cudnn_blocks, "MIN_CHUNK", 0)
     torch.manual_seed(sum(lens) + heads)
-    t = sum(lens)
-    q, k, v = (torch.randn(t, h, 128, device=dev, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
-    cu_host = [0]
-    for n in lens:
-        cu_host.append(cu_host[-1] + n)
+    q, k, v = (torch.randn(sum(lens), h, 128, device=dev, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
+    cu_host = [0, *torch.tensor(lens).cumsum(0).tolist()]
     assert cudnn_blocks.plan(q, k, cu_host, chunk) is not None, "the path must apply to this case"
-    cu = torch.tensor(cu_host, dtype=torch.int32, device=dev)
-    qk = [x.detach().requires_grad_(True) for x in (q, k, v)]
-    out = moba_attention(*qk, chunk_size=chunk, topk=topk, cu_seqlens=cu)
-    layout = make_layout(cu, chunk)
-    sel = triton_moba.select_blocks(q, k, layout, topk)
-    ref_in = [x.float().detach().requires_grad_(True) for x in (q, k, v)]
-    ref, _ = naive.moba_attention_naive(*ref_in, layout, topk, block_idx=sel)
-    do = torch.randn_like(ref)
-    out.backward(do.bfloat16())
-    ref.backward(do)
-    got = {"out": out, "dq": qk[0].grad, "dk": qk[1].grad, "dv": qk[2].grad}
-    want = {"out": ref, "dq": ref_in[0].grad, "dk": ref_in[1].grad, "dv": ref_in[2].grad}
-    errs = {n: rel_rms(got[n], want[n]) for n in got}
-    n0 = lens[0]
-    base = sdpa_bf16_error(q[:n0], k[:n0], v[:n0], True)
-    ok = all(errs[n] <= 2 * base[n] + 1e-4 for n in errs)
-    ok = ok and not any(g.isnan().any().item() for g in got.values())
-    RECORDS.append({"what": "long-block-forward", "lens": lens, "heads": heads, "kv_heads": kv_heads,
-                    "chunk": chunk, "topk": topk, "min_chunk": cudnn_blocks.MIN_CHUNK, "errors": errs,
-                    "sdpa_bf16_errors": base, "passed": bool(ok)})
-    for n in errs:
-        assert errs[n] <= 2 * base[n] + 1e-4, (n, errs[n], base[n])
-    assert ok
+    check_public_call({"what": "long-block-forward", "lens": lens, "heads": heads, "kv_heads": kv_heads,
+                       "min_chunk": cudnn_blocks.MIN_CHUNK}, q, k, v, cu_host, chunk, topk)

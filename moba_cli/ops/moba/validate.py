@@ -86,16 +86,24 @@ def check_moba_params(chunk_size: int, topk: int) -> None:
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
-    """Pick the backend: ``auto`` is triton on CUDA (or under the Triton interpreter), naive elsewhere."""
+    """Pick the backend: ``auto`` is triton on CUDA (or under the Triton interpreter, except for bfloat16),
+    naive elsewhere."""
     if backend not in BACKENDS:
         raise MobaError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    # Triton 3.6's interpreter reads bfloat16 dot operands as raw integers: its results would be garbage.
+    interp_ok = triton_interpreting() and q.device.type == "cpu" and q.dtype != torch.bfloat16
     if backend == "auto":
-        return "triton" if (q.is_cuda or (triton_interpreting() and q.device.type == "cpu")) else "naive"
+        return "triton" if (q.is_cuda or interp_ok) else "naive"
     if backend == "triton":
         if not q.is_cuda and not triton_interpreting():
             raise MobaError(
                 "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); "
                 f"got tensors on {q.device}. Use backend='naive' on CPU."
+            )
+        if not q.is_cuda and not interp_ok:
+            raise MobaError(
+                "the triton backend under TRITON_INTERPRET=1 cannot compute in bfloat16 (the interpreter's "
+                "matrix products misread it); use float32 or float16 inputs on CPU, or backend='naive'"
             )
         d = q.shape[-1]
         if d not in TRITON_HEAD_DIMS:
