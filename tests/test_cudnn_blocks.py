@@ -164,3 +164,35 @@ def test_call_shapes_recur(monkeypatch):
         assert n <= b < n + 4096 and b % 4096 == 0, n
         shapes.update(min(131072, b - r0) for r0 in range(0, b, 131072))
     assert len(shapes) == 32  # every call is one of 32 row counts, whatever the gate chose
+
+
+@pytest.mark.parametrize(
+    ("lens", "chunk", "splits", "halves"),
+    [
+        ([64], 32, 1, [16]),  # one level: the halves causal, one non-causal call
+        ([128], 32, 2, [16, 8]),  # two levels
+        ([64, 64], 32, 4, [16, 8]),  # stops at MIN_OWN_PIECE
+        ([70, 45], 16, 2, [8]),  # packed, partial blocks (14 and 13 tokens) are not split
+    ],
+)
+def test_own_blocks_split(lens, chunk, splits, halves, device, calls, monkeypatch):
+    monkeypatch.setattr(cudnn_blocks, "OWN_SPLITS", splits)
+    monkeypatch.setattr(cudnn_blocks, "MIN_OWN_PIECE", 8)
+    q, k, v, cu = make_inputs(lens, 4, 2, 32, device, seed=len(lens) + chunk)
+    layout = make_layout(cu, chunk)
+    qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
+    out = moba_attention(qt, kt, vt, chunk_size=chunk, topk=2, cu_seqlens=cu, backend="triton")
+    own = [c for c in calls["attend"] if c[0][0] > 1 or c[2]]
+    noncausal_own = sorted({c[0][2] for c in own if not c[2]}, reverse=True)
+    assert noncausal_own == halves
+    assert min(c[0][2] for c in own if c[2]) <= halves[-1]
+    assert_matches_naive(out, (qt, kt, vt), (q, k, v), layout, 2)
+
+
+def test_own_splits_knob(monkeypatch):
+    monkeypatch.setattr(cudnn_blocks, "OWN_SPLITS", None)
+    monkeypatch.setenv("MOBA_OWN_SPLITS", "2")
+    assert cudnn_blocks.own_splits() == 2
+    monkeypatch.setenv("MOBA_OWN_SPLITS", "9")
+    with pytest.raises(MobaError, match="MOBA_OWN_SPLITS must be an integer from 0 to 4"):
+        triton_moba.check_env_knobs()

@@ -259,17 +259,19 @@ def test_dense_prefix_through_cudnn(batch, seq, heads, kv_heads, chunk, topk, mo
                        "prefix_rows": pre.rows}, q, k, v, cu_host, chunk, topk, batch=batch)
 
 BLOCKS_CASES = [
-    # lens, heads, kv heads, chunk, topk, lower MIN_CHUNK: one sequence of whole blocks; packed sequences
-    # with partial last blocks and grouped heads; one case at the default threshold (32768-key blocks,
-    # the last one partial)
-    ([32768], 4, 4, 4096, 3, True),
-    ([12000, 9001], 8, 2, 2048, 4, True),
-    ([70000], 1, 1, 32768, 2, False),
+    # lens, heads, kv heads, chunk, topk, lower MIN_CHUNK, own-block split levels (None: the default):
+    # one sequence of whole blocks; packed sequences with partial last blocks and grouped heads; one case at
+    # the default threshold (32768-key blocks, the last one partial); own blocks halved twice and three times
+    ([32768], 4, 4, 4096, 3, True, None),
+    ([12000, 9001], 8, 2, 2048, 4, True, None),
+    ([70000], 1, 1, 32768, 2, False, None),
+    ([32768, 20000], 4, 2, 4096, 3, True, 2),
+    ([70000], 2, 1, 32768, 2, False, 3),
 ]
 
 
-@pytest.mark.parametrize(("lens", "heads", "kv_heads", "chunk", "topk", "lower"), BLOCKS_CASES)
-def test_long_block_forward_through_cudnn(lens, heads, kv_heads, chunk, topk, lower, monkeypatch):
+@pytest.mark.parametrize(("lens", "heads", "kv_heads", "chunk", "topk", "lower", "splits"), BLOCKS_CASES)
+def test_long_block_forward_through_cudnn(lens, heads, kv_heads, chunk, topk, lower, splits, monkeypatch):
     """The public call with the long-block forward (own blocks and each chosen key block through cuDNN,
     the backward sparse) against the float32 reference, forward and gradients."""
     from moba_cli.ops.moba import cudnn_blocks
@@ -277,9 +279,13 @@ def test_long_block_forward_through_cudnn(lens, heads, kv_heads, chunk, topk, lo
     dev = torch.device("cuda")
     if lower:
         monkeypatch.setattr(cudnn_blocks, "MIN_CHUNK", 0)
+    if splits is not None:
+        monkeypatch.setattr(cudnn_blocks, "OWN_SPLITS", splits)
+        monkeypatch.setattr(cudnn_blocks, "MIN_OWN_PIECE", 1024)
     torch.manual_seed(sum(lens) + heads)
     q, k, v = (torch.randn(sum(lens), h, 128, device=dev, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     cu_host = [0, *torch.tensor(lens).cumsum(0).tolist()]
     assert cudnn_blocks.plan(q, k, cu_host, chunk) is not None, "the path must apply to this case"
     check_public_call({"what": "long-block-forward", "lens": lens, "heads": heads, "kv_heads": kv_heads,
-                       "min_chunk": cudnn_blocks.MIN_CHUNK}, q, k, v, cu_host, chunk, topk)
+                       "min_chunk": cudnn_blocks.MIN_CHUNK, "own_splits": cudnn_blocks.own_splits()}, q, k, v, cu_host,
+                      chunk, topk)

@@ -29,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import dense_prefix, triton_moba
-from .knobs import env_flag
+from .knobs import env_flag, env_int
 from .layout import BlockLayout
 
 # None: the default below; MOBA_CUDNN_BLOCKS=0/1 overrides (probes, benchmarks), tests set the flag.
@@ -40,6 +40,21 @@ CUDNN_BLOCKS_DEFAULT = True
 MIN_CHUNK = 32768
 # Tests: float32 attention in place of cuDNN, on any device (so the path runs on CPU too).
 USE_REFERENCE = False
+# Own blocks: causal attention runs slower than non-causal in cuDNN (H200: ~470-550 against ~600-670
+# TFLOP/s). Each split level halves the own blocks: the later half's queries attend the earlier half's
+# keys in one non-causal batched call, and only the halves stay causal. None: OWN_SPLITS_DEFAULT;
+# MOBA_OWN_SPLITS=0..4 overrides (probes), tests set it. Pieces never go below MIN_OWN_PIECE keys.
+OWN_SPLITS: int | None = None
+OWN_SPLITS_DEFAULT = 0
+MIN_OWN_PIECE = 8192
+
+
+def own_splits() -> int:
+    """How many times own blocks are halved (``OWN_SPLITS``, else ``MOBA_OWN_SPLITS``, else the default)."""
+    env = env_int("MOBA_OWN_SPLITS", 0, 4)
+    if OWN_SPLITS is not None:
+        return OWN_SPLITS
+    return OWN_SPLITS_DEFAULT if env is None else env
 
 
 @dataclass(frozen=True)
@@ -117,6 +132,34 @@ def _merge_kernel(ACC, LSE, PO, PL, PAIR_T, OFF, CNT, grp, row0,
     tl.store(LSE + t * H + h, m + tl.log(s), mask=chosen)
 
 
+@triton.jit
+def _merge_dense_kernel(ACC, LSE, PO, PL, n,
+                        s_ab, s_ah, s_ar, s_lb, s_lh, s_lr, s_ob, s_oh, s_or, s_pb, s_ph, s_pr,
+                        H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Merges a batched call's ``PO [B, H, n, D]``, natural-log ``PL [B, H, n]`` into the float32 views
+    ``ACC [B, H, n, D]`` and ``LSE [B, H, n]`` (any strides), row for row."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    live = rows < n
+    r64 = rows.to(tl.int64)
+    d = tl.arange(0, BLOCK_D)
+    m2 = live[:, None] & (d < D)[None, :]
+    pa = ACC + b * s_ab + h * s_ah + r64[:, None] * s_ar + d[None, :]
+    pla = LSE + b * s_lb + h * s_lh + r64 * s_lr
+    a = tl.load(pa, mask=m2, other=0.0)
+    la = tl.load(pla, mask=live, other=0.0)
+    o = tl.load(PO + b * s_ob + h * s_oh + r64[:, None] * s_or + d[None, :], mask=m2, other=0.0).to(tl.float32)
+    lb = tl.load(PL + b * s_pb + h * s_ph + r64 * s_pr, mask=live, other=0.0)
+    m = tl.maximum(la, lb)
+    wa = tl.exp(la - m)
+    wb = tl.exp(lb - m)
+    s = wa + wb
+    tl.store(pa, (a * wa[:, None] + o * wb[:, None]) / s[:, None], mask=m2)
+    tl.store(pla, m + tl.log(s), mask=live)
+
+
 class PastLists:
     """The (query, head) pairs that chose each key block as a past block, from ``block_idx [T, H, S]``
     (slot 0 is the own block): sorted by (block, head), then token. ``group_off``/``group_cnt``
@@ -183,9 +226,35 @@ def _own_segments(cu_host: tuple[int, ...], chunk: int) -> list[tuple[int, int, 
     return segs
 
 
-def _blocks_view(x: torch.Tensor, start: int, nb: int, size: int) -> torch.Tensor:
-    """Tokens ``start .. start + nb*size`` of ``x [T, H, ...]`` as ``[nb, H, size, ...]`` (no copy)."""
-    return x[start:start + nb * size].view(nb, size, *x.shape[1:]).transpose(1, 2)
+def _blocks_view(x: torch.Tensor, start: int, nb: int, size: int, part: slice = slice(None)) -> torch.Tensor:
+    """Tokens ``start .. start + nb*size`` of ``x [T, H, ...]`` as ``[nb, H, size, ...]`` (no copy); ``part``
+    keeps those positions of each block."""
+    return x[start:start + nb * size].view(nb, size, *x.shape[1:])[:, part].transpose(1, 2)
+
+
+def _own_blocks(q, k, v, acc, lse, start: int, nb: int, size: int, scale: float, splits: int) -> None:
+    """Causal attention inside ``nb`` blocks of ``size`` tokens from ``start``, written to ``acc [T, H, D]``
+    and natural-log ``lse [T, H]``. With ``splits`` left and even blocks of at least ``2 * MIN_OWN_PIECE``,
+    the blocks are halved: each half attends itself causally (recursively), then the later half's queries
+    attend the earlier half's keys without a mask, merged by log-sum-exp."""
+    if splits <= 0 or size % 2 or size < 2 * MIN_OWN_PIECE:
+        o, l_ = _attend(*(_blocks_view(x, start, nb, size) for x in (q, k, v)), True, scale)
+        _blocks_view(acc, start, nb, size).copy_(o)
+        _blocks_view(lse, start, nb, size).copy_(l_)
+        return
+    half = size // 2
+    _own_blocks(q, k, v, acc, lse, start, 2 * nb, half, scale, splits - 1)
+    late, early = slice(half, None), slice(None, half)
+    o, l_ = _attend(_blocks_view(q, start, nb, size, late), _blocks_view(k, start, nb, size, early),
+                    _blocks_view(v, start, nb, size, early), False, scale)
+    o = o if o.stride(3) == 1 else o.contiguous()
+    a = _blocks_view(acc, start, nb, size, late)
+    la = _blocks_view(lse, start, nb, size, late)
+    hq, d = a.shape[1], a.shape[3]
+    bm = 16 if triton_moba._is_interp() else 64
+    _merge_dense_kernel[(triton.cdiv(half, bm), nb * hq)](
+        a, la, o, l_, half, *a.stride()[:3], *la.stride(), *o.stride()[:3], *l_.stride(),
+        H=hq, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=bm)
 
 
 def _block_ranges(cu_host: tuple[int, ...], chunk: int) -> list[tuple[int, int]]:
@@ -204,11 +273,9 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayo
     t_total, hq, d = q.shape
     acc = triton_moba._empty(t_total, hq, d, dtype=torch.float32, device=q.device)
     lse = triton_moba._empty(t_total, hq, dtype=torch.float32, device=q.device)
+    splits = own_splits()
     for start, nb, size in _own_segments(pl.cu_host, pl.chunk_size):
-        o, l_ = _attend(*(_blocks_view(x, start, nb, size) for x in (q, k, v)), True, scale)
-        _blocks_view(acc, start, nb, size).copy_(o)
-        _blocks_view(lse, start, nb, size).copy_(l_)
-        del o, l_
+        _own_blocks(q, k, v, acc, lse, start, nb, size, scale, splits)
     if block_idx.shape[2] > 1 and layout.num_blocks:
         lists = PastLists(block_idx, layout.num_blocks)
         nmax = bucket_rows(max(lists.rows))

@@ -18,3 +18,13 @@ def env_flag(name: str) -> bool | None:
     if val not in (None, "0", "1"):
         raise MobaError(f"{name} must be 0 or 1, got {val!r}")
     return None if val is None else val == "1"
+
+
+def env_int(name: str, lo: int, hi: int) -> int | None:
+    """A small integer knob in ``lo .. hi``, None when unset; anything else is an error."""
+    val = env_str(name)
+    if val is None:
+        return None
+    if not val.isdigit() or not lo <= int(val) <= hi:
+        raise MobaError(f"{name} must be an integer from {lo} to {hi}, got {val!r}")
+    return int(val)
