@@ -173,10 +173,12 @@ def test_call_shapes_recur(monkeypatch):
         ([128], 32, 2, [16, 8]),  # two levels
         ([64, 64], 32, 4, [16, 8]),  # stops at MIN_OWN_PIECE
         ([70, 45], 16, 2, [8]),  # packed, partial blocks (14 and 13 tokens) are not split
+        ([96], 32, None, [16, 8]),  # the default levels, down to MIN_OWN_PIECE
     ],
 )
 def test_own_blocks_split(lens, chunk, splits, halves, device, calls, monkeypatch):
     monkeypatch.setattr(cudnn_blocks, "OWN_SPLITS", splits)
+    monkeypatch.delenv("MOBA_OWN_SPLITS", raising=False)
     monkeypatch.setattr(cudnn_blocks, "MIN_OWN_PIECE", 8)
     q, k, v, cu = make_inputs(lens, 4, 2, 32, device, seed=len(lens) + chunk)
     layout = make_layout(cu, chunk)

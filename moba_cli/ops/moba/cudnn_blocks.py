@@ -4,7 +4,8 @@ With long blocks (``chunk_size >= MIN_CHUNK``; 10M tokens cut into 64 blocks of 
 part of MoBA's forward is a large dense attention problem:
 
 - own blocks: causal attention inside each block, one batched causal call over a strided
-  ``[blocks, H, C, D]`` view of q, k, v (no copy);
+  ``[blocks, H, C, D]`` view of q, k, v (no copy); blocks of 131072 keys or more are halved first (the
+  halves causal, the later half on the earlier one in one batched non-causal call);
 - past blocks: the queries that chose key block ``j``, gathered into a dense ``[n_j, H, D]`` buffer,
   attend all of block ``j`` without a mask, one non-causal call per block.
 
@@ -40,13 +41,15 @@ CUDNN_BLOCKS_DEFAULT = True
 MIN_CHUNK = 32768
 # Tests: float32 attention in place of cuDNN, on any device (so the path runs on CPU too).
 USE_REFERENCE = False
-# Own blocks: causal attention runs slower than non-causal in cuDNN (H200: ~470-550 against ~600-670
-# TFLOP/s). Each split level halves the own blocks: the later half's queries attend the earlier half's
-# keys in one non-causal batched call, and only the halves stay causal. None: OWN_SPLITS_DEFAULT;
-# MOBA_OWN_SPLITS=0..4 overrides (probes), tests set it. Pieces never go below MIN_OWN_PIECE keys.
+# Own blocks: cuDNN's causal kernel runs 163840-key blocks at ~540 TFLOP/s but 81920-key ones at ~600, as
+# fast as its non-causal work (H200, sustained, v11 probe). Each split level halves the own blocks: the
+# halves stay causal and the later half's queries attend the earlier half's keys in one batched non-causal
+# call, merged by log-sum-exp. Halves shorter than MIN_OWN_PIECE gain nothing (10M, 163840-key blocks:
+# own part 831 -> 741 ms at one level, 739 at two; 65536-key blocks: 117 -> 118 ms), so they are not split.
+# None: OWN_SPLITS_DEFAULT; MOBA_OWN_SPLITS=0..4 overrides (probes), tests set it.
 OWN_SPLITS: int | None = None
-OWN_SPLITS_DEFAULT = 0
-MIN_OWN_PIECE = 8192
+OWN_SPLITS_DEFAULT = 4
+MIN_OWN_PIECE = 65536
 
 
 def own_splits() -> int:
