@@ -156,8 +156,8 @@ def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor) -> str | None:
     qp, kp, cu_host = q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), [i * s for i in range(b + 1)]
     if cudnn_blocks.plan(qp, kp, cu_host, case.chunk) is not None:
         return (f"long blocks ({case.chunk} keys >= {cudnn_blocks.MIN_CHUNK}): the forward is dense cuDNN calls, "
-                "causal over the own blocks and one per key block over the queries that chose it; the backward "
-                "runs in the sparse kernels")
+                f"causal over the own blocks (halved from {2 * cudnn_blocks.MIN_OWN_PIECE} keys) and one per key "
+                "block over the queries that chose it; the backward runs in the sparse kernels")
     pre = dense_prefix.plan(qp, kp, cu_host, case.chunk, case.topk)
     if pre is None:
         return None
