@@ -7,40 +7,15 @@ training step sees), forward+backward time and peak memory. JSON lines to $OUT/v
 
 from __future__ import annotations
 
-import json
 import os
-import time
 
 import torch
+from probe_lib import JsonLines, inputs, wall
 
 from moba_cli import moba_attention
 from moba_cli.ops.moba import cudnn_blocks
 
-OUT = os.path.join(os.environ.get("OUT", "/tmp"), "v10b")
-os.makedirs(OUT, exist_ok=True)
-LOG = open(os.path.join(OUT, "probe.jsonl"), "a")
-DEV = torch.device("cuda")
-
-
-def emit(**kw) -> None:
-    line = json.dumps(kw)
-    print(line, flush=True)
-    LOG.write(line + "\n")
-    LOG.flush()
-
-
-def inputs(t, hq, hkv, seed, grad=False):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    return [torch.randn(1, t, h, 128, device=DEV, dtype=torch.bfloat16, generator=g).requires_grad_(grad)
-            for h in (hq, hkv, hkv)]
-
-
-def wall(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
+emit = JsonLines("v10b")
 
 
 def case(name, t, hq, hkv, chunk, topk, reps=2, bwd=False):

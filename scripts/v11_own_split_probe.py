@@ -8,40 +8,17 @@ part alone, and the output's difference from level 0. Then a CUDA-kernel breakdo
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-import time
 
 import torch
+from probe_lib import JsonLines, inputs, wall
 
 from moba_cli import moba_attention
 from moba_cli.ops.moba import cudnn_blocks, triton_moba
 
-OUT = os.path.join(os.environ.get("OUT", "/tmp"), "v11a")
-os.makedirs(OUT, exist_ok=True)
-LOG = open(os.path.join(OUT, "probe.jsonl"), "a")
+emit = JsonLines("v11a")
 DEV = torch.device("cuda")
-
-
-def emit(**kw) -> None:
-    line = json.dumps(kw)
-    print(line, flush=True)
-    LOG.write(line + "\n")
-    LOG.flush()
-
-
-def inputs(t, hq, hkv, seed):
-    g = torch.Generator(device=DEV).manual_seed(seed)
-    return [torch.randn(1, t, h, 128, device=DEV, dtype=torch.bfloat16, generator=g) for h in (hq, hkv, hkv)]
-
-
-def wall(fn) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    fn()
-    torch.cuda.synchronize()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def own_part(x, chunk, splits):

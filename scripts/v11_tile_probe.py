@@ -8,25 +8,15 @@ block repeated (stride 0). JSON lines to $OUT/v11b/probe.jsonl.
 
 from __future__ import annotations
 
-import json
-import os
 import time
 
 import torch
+from probe_lib import JsonLines
 
-OUT = os.path.join(os.environ.get("OUT", "/tmp"), "v11b")
-os.makedirs(OUT, exist_ok=True)
-LOG = open(os.path.join(OUT, "probe.jsonl"), "a")
+emit = JsonLines("v11b")
 DEV = torch.device("cuda")
 D, C = 128, 163840
 SDPA = torch.ops.aten._scaled_dot_product_cudnn_attention
-
-
-def emit(**kw) -> None:
-    line = json.dumps(kw)
-    print(line, flush=True)
-    LOG.write(line + "\n")
-    LOG.flush()
 
 
 def sustained(fn, pairs: float, secs: float = 1.5) -> dict:

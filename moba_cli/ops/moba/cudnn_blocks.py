@@ -52,11 +52,16 @@ OWN_SPLITS_DEFAULT = 4
 MIN_OWN_PIECE = 65536
 
 
+def env_splits() -> int | None:
+    """``MOBA_OWN_SPLITS``, None when unset; a bad value is a MobaError."""
+    return env_int("MOBA_OWN_SPLITS", 0, 4)
+
+
 def own_splits() -> int:
     """How many times own blocks are halved (``OWN_SPLITS``, else ``MOBA_OWN_SPLITS``, else the default)."""
-    env = env_int("MOBA_OWN_SPLITS", 0, 4)
     if OWN_SPLITS is not None:
         return OWN_SPLITS
+    env = env_splits()
     return OWN_SPLITS_DEFAULT if env is None else env
 
 
@@ -107,6 +112,17 @@ def _gather_kernel(Q, QG, PAIR_T, OFF, CNT, grp, n,
 
 
 @triton.jit
+def _lse_merge(a, la, b, lb):
+    """Two partial attention results ``a``, ``b`` ``[M, D]`` over disjoint keys, with natural-log
+    log-sum-exps ``la``, ``lb`` ``[M]`` -> (their exact combination, its log-sum-exp)."""
+    m = tl.maximum(la, lb)
+    wa = tl.exp(la - m)
+    wb = tl.exp(lb - m)
+    s = wa + wb
+    return (a * wa[:, None] + b * wb[:, None]) / s[:, None], m + tl.log(s)
+
+
+@triton.jit
 def _merge_kernel(ACC, LSE, PO, PL, PAIR_T, OFF, CNT, grp, row0,
                   stride_at, stride_ah, stride_oh, stride_or, stride_lh, stride_lr,
                   H: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
@@ -127,12 +143,9 @@ def _merge_kernel(ACC, LSE, PO, PL, PAIR_T, OFF, CNT, grp, row0,
     b = tl.load(PO + h * stride_oh + rows.to(tl.int64)[:, None] * stride_or + d[None, :], mask=m2,
                 other=0.0).to(tl.float32)
     lb = tl.load(PL + h * stride_lh + rows * stride_lr, mask=chosen, other=0.0)
-    m = tl.maximum(la, lb)
-    wa = tl.exp(la - m)
-    wb = tl.exp(lb - m)
-    s = wa + wb
-    tl.store(pa, (a * wa[:, None] + b * wb[:, None]) / s[:, None], mask=m2)
-    tl.store(LSE + t * H + h, m + tl.log(s), mask=chosen)
+    out, lse = _lse_merge(a, la, b, lb)
+    tl.store(pa, out, mask=m2)
+    tl.store(LSE + t * H + h, lse, mask=chosen)
 
 
 @triton.jit
@@ -155,12 +168,9 @@ def _merge_dense_kernel(ACC, LSE, PO, PL, n,
     la = tl.load(pla, mask=live, other=0.0)
     o = tl.load(PO + b * s_ob + h * s_oh + r64[:, None] * s_or + d[None, :], mask=m2, other=0.0).to(tl.float32)
     lb = tl.load(PL + b * s_pb + h * s_ph + r64 * s_pr, mask=live, other=0.0)
-    m = tl.maximum(la, lb)
-    wa = tl.exp(la - m)
-    wb = tl.exp(lb - m)
-    s = wa + wb
-    tl.store(pa, (a * wa[:, None] + o * wb[:, None]) / s[:, None], mask=m2)
-    tl.store(pla, m + tl.log(s), mask=live)
+    out, lse = _lse_merge(a, la, o, lb)
+    tl.store(pa, out, mask=m2)
+    tl.store(pla, lse, mask=live)
 
 
 class PastLists:

@@ -904,7 +904,7 @@ def check_env_knobs() -> None:
     _env_gate_kind()
     for name in ("MOBA_FWD_DESC", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON", "MOBA_DENSE_PREFIX", "MOBA_CUDNN_BLOCKS"):
         env_flag(name)
-    cudnn_blocks.own_splits()
+    cudnn_blocks.env_splits()
 
 
 def _prec(dtype: torch.dtype) -> str:
