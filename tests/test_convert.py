@@ -10,12 +10,12 @@ import torch
 
 pytest.importorskip("transformers")
 
+from hf_tiny import save_random_checkpoint, tiny_config  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from moba_cli.cli import app  # noqa: E402
 from moba_cli.integrations import hf_convert  # noqa: E402
 from moba_cli.integrations.hf_convert import attended_pairs, expected_sparsity  # noqa: E402
-from moba_cli.integrations.hf_tiny import save_random_checkpoint, tiny_config  # noqa: E402
 from moba_cli.ops.moba.layout import make_layout  # noqa: E402
 from moba_cli.ops.moba.naive import select_blocks  # noqa: E402
 from moba_cli.results import read_result  # noqa: E402

@@ -14,6 +14,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
+from hf_tiny import TINY_TYPES, save_random_checkpoint, tiny_config  # noqa: E402
+
 from moba_cli.errors import MobaError  # noqa: E402
 from moba_cli.integrations.hf import (  # noqa: E402
     attention_mode,
@@ -24,7 +26,6 @@ from moba_cli.integrations.hf import (  # noqa: E402
     reset_moba_stats,
 )
 from moba_cli.integrations.hf_convert import check_attention_interface, convert_checkpoint  # noqa: E402
-from moba_cli.integrations.hf_tiny import TINY_TYPES, save_random_checkpoint, tiny_config  # noqa: E402
 
 CHUNK = 8
 VOCAB = 128

@@ -6,12 +6,12 @@ import pytest
 
 pytest.importorskip("transformers")
 
+from hf_tiny import save_random_checkpoint, tiny_config  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from moba_cli.cli import app  # noqa: E402
 from moba_cli.integrations.hf_compare import generated_text  # noqa: E402
 from moba_cli.integrations.hf_convert import convert_checkpoint  # noqa: E402
-from moba_cli.integrations.hf_tiny import save_random_checkpoint, tiny_config  # noqa: E402
 from moba_cli.results import read_result  # noqa: E402
 
 runner = CliRunner()
