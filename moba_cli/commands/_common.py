@@ -1,68 +1,84 @@
-"""What every command shares: one-line errors with exit code 1, option parsing helpers, the console."""
+"""What every command shares: the console, the option types that recur, and one place that turns errors into
+one ``error:`` line.
+
+Commands raise :class:`~moba_cli.errors.MobaError` for bad input; :func:`user_errors` (wrapped around every
+command by the ``moba`` group in :mod:`moba_cli.cli`) prints it once as ``error: ...`` and exits with code 1.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.console import Console
 
 from moba_cli.errors import MobaError
+from moba_cli.utils.devices import DTYPES, parse_dtype, resolve_device
+
+__all__ = [
+    "DTYPES", "SEED_MAX", "DeviceOpt", "DtypeOpt", "OutOpt", "SeedOpt", "console", "err_console", "fail",
+    "parse_dtype", "print_error", "resolve_device", "user_errors",
+]
 
 console = Console()
 err_console = Console(stderr=True)
 
-DTYPES = ("bfloat16", "float16", "float32")
-_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+# numpy's and torch's seeds both accept [0, 2**32); a larger one would fail (numpy) or wrap (cuRAND) later.
+SEED_MAX = 2**32 - 1
+EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
+
+# Option types shared by the commands. Help texts say what the option does in every command; a command with a
+# different default says so in its own HELP.
+OutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", metavar="DIR|FILE.json", show_default=False,
+        help="Where the result JSON goes: a folder (each run adds a new file, never overwriting one) or a .json "
+             "file name.",
+    ),
+]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto (cuda when available), cpu, cuda or cuda:N.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="bfloat16 (bf16), float16 (fp16) or float32 (fp32).")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=SEED_MAX, help="Seed of the random inputs.")]
 
 
-def fail(message: str) -> typer.Exit:
-    """Print ``error: message`` on stderr and return the Exit to raise (code 1)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code=1)
+def print_error(message: str) -> None:
+    """``error: message`` on stderr, on one line (rich markup in ``message`` is not interpreted)."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def fail(message: str, code: int = 1) -> typer.Exit:
+    """Print ``error: message`` and return the Exit to raise."""
+    print_error(message)
+    return typer.Exit(code=code)
 
 
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """Turn the errors a user can cause into one line and exit code 1, never a traceback."""
+    """Turn the errors a user can cause into one ``error:`` line and a non-zero exit, never a traceback.
+
+    MobaError -> code 1; Ctrl-C -> code 130; a missing file, an unwritable folder or a full disk (OSError)
+    and CUDA out-of-memory -> code 1. Anything else is a bug and keeps its traceback.
+    """
     try:
         yield
     except MobaError as e:
         raise fail(str(e)) from None
+    except KeyboardInterrupt:
+        raise fail("interrupted", code=EXIT_INTERRUPTED) from None
     except FileNotFoundError as e:
         raise fail(f"file not found: {e.filename or e}") from None
     except OSError as e:  # a folder that is a file, a read-only disk, no space left: the user's to fix
         where = f" {e.filename}" if e.filename else ""
         raise fail(f"cannot access{where}: {e.strerror or e}") from None
-    except Exception as e:  # noqa: BLE001 - only the known user-facing kinds below get one line
-        import torch
-
-        if isinstance(e, torch.cuda.OutOfMemoryError):
+    except Exception as e:
+        torch = sys.modules.get("torch")  # never import torch just to look at an error
+        if torch is not None and isinstance(e, torch.cuda.OutOfMemoryError):
             raise fail("the GPU ran out of memory; try a shorter --seq or fewer --heads") from None
         raise
-
-
-def parse_dtype(name: str):
-    import torch
-
-    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
-    if key not in DTYPES:
-        raise MobaError(f"unknown dtype {name!r}; choose bfloat16 (bf16), float16 (fp16) or float32 (fp32)")
-    return getattr(torch, key)
-
-
-def resolve_device(name: str):
-    """``auto`` is cuda when available, else cpu. Asking for cuda without a GPU is an error."""
-    import torch
-
-    name = name.lower()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise MobaError("no CUDA GPU is available on this machine; use --device cpu for a small run")
-        return torch.device(name)
-    if name == "cpu":
-        return torch.device("cpu")
-    raise MobaError(f"unknown device {name!r}; use auto, cpu or cuda")
