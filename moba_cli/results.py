@@ -12,6 +12,10 @@ Layout (``schema: "moba-result/1"``)::
       "records": [{... one flat row per measured case, ready for a DataFrame ...}],
       "summary": {... the headline numbers ...}
     }
+
+Files are strict JSON (a non-finite number is null plus a ``non_finite`` note in its dict). A run writing
+into a folder always adds a file of its own (``<kind>-<time>-<pid>-<random>.json``), so parallel runs with
+the same ``--out`` folder never overwrite each other.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ import contextlib
 import datetime as _dt
 import importlib.metadata
 import json
+import math
+import os
 import platform
+import secrets
 import shlex
 import subprocess
 import sys
@@ -43,8 +50,6 @@ def git_commit() -> str | None:
 
     Outside a git checkout (a copied tree on a GPU machine) it reads ``MOBA_GIT_COMMIT``; else None.
     """
-    import os
-
     if os.environ.get("MOBA_GIT_COMMIT"):
         return os.environ["MOBA_GIT_COMMIT"]
     try:
@@ -130,28 +135,120 @@ def make_result(
     }
 
 
-def write_result(result: dict[str, Any], out: Path | str | None, default_dir: Path | str) -> Path:
-    """Write ``result`` as JSON. ``out`` may be a ``.json`` file or a folder; default ``default_dir``.
+def is_json_file(target: Path | str) -> bool:
+    """Whether ``--out`` names a file (``r.json``, ``r.JSON``) rather than a folder."""
+    return Path(target).suffix.lower() == ".json"
 
-    Returns the file's path. Names are ``<kind>-<UTC time>.json`` so runs never overwrite each other.
-    A place that cannot be written is a :class:`~moba_cli.errors.MobaError` naming the file.
+
+def result_path(kind: str, out: Path | str | None, default_dir: Path | str, created: str | None = None) -> Path:
+    """The file a result goes to: ``out`` itself when it is a .json name, else a new name in the folder.
+
+    New names are ``<kind>-<UTC time>-<pid>-<random>.json``: two runs started in the same second (same or
+    different machines sharing the folder) never pick the same one. Nothing is created here.
+    """
+    target = Path(out) if out is not None else Path(default_dir)
+    if is_json_file(target):
+        return target
+    stamp = (created or utc_now()).replace(":", "").replace("-", "")
+    return target / f"{kind}-{stamp}-{os.getpid()}-{secrets.token_hex(3)}.json"
+
+
+def write_result(result: dict[str, Any], out: Path | str | None, default_dir: Path | str) -> Path:
+    """Write ``result`` as strict JSON and return the file's path.
+
+    ``out`` is a .json file (replaced atomically if it exists: the user named it) or a folder (default
+    ``default_dir``), where each call adds a new file (see :func:`result_path`) and never replaces one.
+    Non-finite numbers become null with a note (see :func:`strict_json`). The text goes to a temporary file
+    of its own first, so readers never see half a file. A place that cannot be written is a
+    :class:`~moba_cli.errors.MobaError` naming the file.
     """
     from moba_cli.errors import MobaError
 
-    target = Path(out) if out is not None else Path(default_dir)
-    if target.suffix != ".json":
-        stamp = result["created"].replace(":", "").replace("-", "")
-        target = target / f"{result['kind']}-{stamp}.json"
-    tmp = target.with_suffix(".json.tmp")
+    text = json.dumps(strict_json(result), indent=2, allow_nan=False) + "\n"
+    named = is_json_file(out if out is not None else default_dir)  # a file the caller named, not a folder
+    target = result_path(result["kind"], out, default_dir, result.get("created"))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps(result, indent=2, default=_json_default) + "\n")
-        tmp.replace(target)
+        tmp = _write_temp(target.parent, target.name, text)
+        try:
+            if named:
+                os.replace(tmp, target)
+            else:
+                target = _publish_new(tmp, result["kind"], target, result.get("created"))
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
         raise MobaError(f"cannot write the result {target}: {_os_reason(e, target)}") from None
     return target
+
+
+def _write_temp(folder: Path, name: str, text: str) -> Path:
+    """``text`` in a new hidden file of this process in ``folder`` (created exclusively, mode from the umask)."""
+    while True:
+        tmp = folder / f".{name}.{os.getpid()}-{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        except FileExistsError:
+            continue
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return tmp
+
+
+def _publish_new(tmp: Path, kind: str, target: Path, created: str | None) -> Path:
+    """Give ``tmp`` the name ``target`` without replacing any file; on a clash, pick another new name."""
+    for _ in range(100):
+        try:
+            os.link(tmp, target)  # fails if target exists: no run ever replaces another's file
+            return target
+        except FileExistsError:
+            pass
+        except OSError:  # no hard links on this filesystem: claim the name exclusively, then fill it
+            try:
+                os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            except FileExistsError:
+                pass
+            else:
+                os.replace(tmp, target)
+                return target
+        target = result_path(kind, target.parent, target.parent, created)
+    raise FileExistsError(17, "no free result name", str(target))
+
+
+def strict_json(value: Any) -> Any:
+    """A copy of ``value`` that strict JSON parsers accept.
+
+    NaN and +-Infinity become null, and the dict that held them gets ``"non_finite": {key: "NaN", ...}``
+    (list items are named ``key[i]``), so a reader can tell a missing number from a non-finite one.
+    numpy/torch scalars and arrays become numbers and lists, paths strings, tuples lists.
+    """
+    if isinstance(value, dict):
+        notes: dict[str, str] = {}
+        out = {k: _strict_item(v, str(k), notes) for k, v in value.items()}
+        if notes:
+            out["non_finite"] = {**(out.get("non_finite") or {}), **notes}
+        return out
+    return _strict_item(value, "value", {})
+
+
+def _strict_item(value: Any, where: str, notes: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return strict_json(value)
+    if isinstance(value, Path):
+        return str(value)
+    if not isinstance(value, (str, bytes, int, float, list, tuple)) and hasattr(value, "tolist"):
+        value = value.tolist()  # numpy/torch scalars and arrays
+    if isinstance(value, (list, tuple)):
+        return [_strict_item(v, f"{where}[{i}]", notes) for i, v in enumerate(value)]
+    if isinstance(value, float) and not math.isfinite(value):
+        notes[where] = "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+        return None
+    return value
 
 
 def check_out(out: Path | str | None, default_dir: Path | str, flag: str = "--out") -> None:
@@ -165,7 +262,7 @@ def check_out(out: Path | str | None, default_dir: Path | str, flag: str = "--ou
 
     target = Path(out) if out is not None else Path(default_dir)
     where = f"{flag} {target}" if out is not None else f"the results folder {target} (choose another with {flag})"
-    if target.suffix == ".json":
+    if is_json_file(target):
         if target.is_dir():
             raise MobaError(f"{where} is a folder; give a new .json file name or the folder without .json")
         folder = target.parent
@@ -189,14 +286,6 @@ def _os_reason(e: OSError, path: Path) -> str:
     """Why ``path`` could not be written: a parent that is a file, else the system's words."""
     blocker = next((a for a in path.parents if a.exists() and not a.is_dir()), None)
     return f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
-
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "item"):
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"cannot serialise {type(obj).__name__}")
 
 
 def read_result(path: Path | str) -> dict[str, Any]:

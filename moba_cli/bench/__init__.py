@@ -16,7 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from moba_cli.bench.presets import BenchConfig, build_config
 from moba_cli.bench.report import print_report, summarize, write_csv, write_plots
 from moba_cli.bench.runner import Runner, add_speedups
-from moba_cli.results import check_out, collect_env, make_result, slug, write_result
+from moba_cli.results import check_out, collect_env, make_result, result_path, slug, write_result
 
 __all__ = ["BenchConfig", "build_config", "default_dir", "run_bench"]
 
@@ -28,11 +28,7 @@ def default_dir(env: dict) -> Path:
 
 def _json_path(result: dict, out: str | None, folder: Path) -> Path:
     """The file :func:`write_result` will write, known in advance so CSV/PNG can share its stem."""
-    target = Path(out) if out is not None else folder
-    if target.suffix != ".json":
-        stamp = result["created"].replace(":", "").replace("-", "")
-        target = target / f"{result['kind']}-{stamp}.json"
-    return target
+    return result_path(result["kind"], out, folder, result["created"])
 
 
 def run_bench(config: BenchConfig, console: Console, progress_console: Console | None = None) -> Path:
