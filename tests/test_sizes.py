@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from moba_cli import MobaError
-from moba_cli.utils.sizes import format_size, parse_size, parse_size_list
+from moba_cli.utils.sizes import MAX_SIZE, format_size, parse_size, parse_size_list
 
 
 @pytest.mark.parametrize(
@@ -69,4 +70,32 @@ def test_format_size(n, text):
 
 @pytest.mark.parametrize("n", [1, 100, 1024, 4096, 5000, 65536, 98304, 131072, 1048576, 10 * 1048576, 2**31])
 def test_format_then_parse_round_trips(n):
-    assert parse_size(format_size(n)) == n
+    assert parse_size(format_size(n), limit=2**40) == n
+
+
+@pytest.mark.parametrize("text", ["2g", "3g", str(2**31), "1" * 40, "1" * 400 + ".5k", "9" * 25 + "m", 2**63,
+                                  np.int64(2**40)])
+def test_huge_sizes_are_one_clear_error(text):
+    # Used to be accepted (then NaN logits or an IndexError deep in a kernel) or an OverflowError traceback.
+    with pytest.raises(MobaError, match="too large"):
+        parse_size(text)
+
+
+def test_largest_size_and_a_caller_limit():
+    assert parse_size(MAX_SIZE) == MAX_SIZE and parse_size("1g") == 1024**3
+    assert parse_size("4k", limit=4096) == 4096
+    with pytest.raises(MobaError, match=r"at most 4096 \(4k\)"):
+        parse_size("8k", limit=4096)
+    with pytest.raises(MobaError, match="too large"):
+        parse_size_list("4k,1m", limit=65536)
+
+
+@pytest.mark.parametrize("value", [np.int64(4096), np.int32(4096), np.uint16(4096)])
+def test_numpy_integers_are_sizes(value):
+    assert parse_size(value) == 4096
+
+
+@pytest.mark.parametrize("value", [True, 4.0, np.float32(4), None, np.int64(0), np.int64(-3)])
+def test_non_integers_and_non_positive_numbers_are_refused(value):
+    with pytest.raises(MobaError):
+        parse_size(value)
