@@ -24,6 +24,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from moba_cli import __version__
 from moba_cli.commands._common import fail, user_errors
+from moba_cli.errors import MobaError
 
 
 @dataclass(frozen=True)
@@ -105,7 +106,13 @@ class MobaGroup(_FlagsWithoutType, TyperGroup):
 def load_command(name: str, lazy: Lazy) -> Any:
     """Import ``lazy.target`` and build its click command (a group for a ``typer.Typer``)."""
     module_name, _, attr = lazy.target.partition(":")
-    module = importlib.import_module(module_name)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:  # an optional dependency of that command (transformers, lm-eval, ...)
+        missing = (e.name or "").partition(".")[0]
+        if not missing or missing == module_name.partition(".")[0]:
+            raise
+        raise MobaError(f"'moba {name}' needs the Python package {missing!r}, which is not installed") from None
     obj = getattr(module, attr)
     if isinstance(obj, typer.Typer):
         _use_moba_classes(obj)

@@ -208,3 +208,12 @@ def test_loading_a_command_is_cached(fake_commands, monkeypatch):
     assert calls == ["single"]
     start = time.perf_counter()
     assert group.get_command(ctx, "nope") is None and time.perf_counter() - start < 1
+
+
+def test_a_missing_optional_package_is_one_line(monkeypatch, tmp_path):
+    (tmp_path / "moba_needs_pkg_cmd.py").write_text("import surely_not_installed_pkg_xyz\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "needy", cli.Lazy("moba_needs_pkg_cmd:run", "Needs a package."))
+    assert "needy" in runner.invoke(cli.app, ["--help"]).output  # listing does not import it
+    line = _error_line(runner.invoke(cli.app, ["needy", "--help"]), 1)
+    assert line == "error: 'moba needy' needs the Python package 'surely_not_installed_pkg_xyz', which is not installed"
