@@ -99,8 +99,11 @@ class MobaGroup(_FlagsWithoutType, TyperGroup):
             if type(e).__name__ == "NoArgsIsHelpError":  # `moba eval` alone: typer prints the help
                 raise
             where = getattr(e, "ctx", None)
-            hint = f" (see '{where.command_path} --help')" if where is not None else ""
-            raise fail(e.format_message() + hint, code=e.exit_code) from None
+            hint = ""
+            if where is not None:  # the usage line names the arguments, e.g. "moba convert [OPTIONS] SRC DST"
+                usage = " ".join(where.get_usage().split()).removeprefix("Usage: ")
+                hint = f" (usage: {usage}; see {where.command_path} --help)"
+            raise fail(e.format_message().rstrip(".") + hint, code=e.exit_code) from None
 
 
 def load_command(name: str, lazy: Lazy) -> Any:

@@ -175,6 +175,8 @@ def test_errors_become_one_line(fake_commands):
     assert _error_line(runner.invoke(cli.app, ["fake-eval", "needle", "--interrupt"]), 130) == "error: interrupted"
     assert "No space left" in _error_line(runner.invoke(cli.app, ["single", "--crash"]), 1)
     assert "--nope" in _error_line(runner.invoke(cli.app, ["single", "--nope"]), 2)
+    usage = _error_line(runner.invoke(cli.app, ["convert"]), 2)  # a missing argument names the usage
+    assert "Missing argument 'SRC'" in usage and "DST" in usage
     assert "Did you mean 'single'" in _error_line(runner.invoke(cli.app, ["singel"]), 2)
 
 
