@@ -122,6 +122,7 @@ def load_command(name: str, lazy: Lazy) -> Any:
         group = typer.main.get_group(obj)
         group.name = name
         group.short_help = group.short_help or lazy.short_help
+        group.help = group.help or lazy.short_help
         return group
     single = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
     single.command(name, cls=MobaCommand, help=getattr(module, "HELP", None), short_help=lazy.short_help)(obj)
