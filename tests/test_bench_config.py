@@ -1,6 +1,5 @@
 """`moba bench` options: sizes, presets, overrides, bad values (CPU only, no timing)."""
 
-import sys
 
 import pytest
 import torch
@@ -100,12 +99,6 @@ def test_bad_values_give_one_clear_error(kwargs, message):
 def test_cpu_runs_stay_small():
     with pytest.raises(MobaError, match="smoke run"):
         build_config(device="cpu", seq="1m")
-
-
-def test_decode_pass_without_the_decode_op_is_a_clear_error(monkeypatch):
-    monkeypatch.setitem(sys.modules, "moba_cli.ops.moba.decode", None)  # as if the module did not exist
-    with pytest.raises(MobaError, match="--pass decode needs the MoBA decode op"):
-        build_config(device="cpu", passes=["decode"])
 
 
 def test_presets_are_documented_in_help():

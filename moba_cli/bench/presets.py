@@ -271,8 +271,6 @@ def build_config(
         chunk_value = pick(chunk, pre.chunk if pre else None, base["chunk"])
     dtype_name = str(parse_dtype(dtype or base["dtype"])).replace("torch.", "")
     pass_list = parse_passes(passes) if passes is not None else list(pre.passes if pre and pre.passes else ["fwd"])
-    if "decode" in pass_list:
-        check_decode_available()
     providers = parse_providers(baselines, PROVIDER_NAMES, DEFAULT_PROVIDERS["cpu" if on_cpu else "cuda"])
     notes = [f"{b} is not in --baselines: no speedup_vs_{b.replace('-', '_')}" for b in ("sdpa-cudnn", "sdpa-flash")
              if b not in providers and not on_cpu]
@@ -299,20 +297,3 @@ def build_config(
         notes=notes,
     )
 
-
-def check_decode_available() -> None:
-    """``--pass decode`` needs the decode op; say so plainly when this build lacks it."""
-    import importlib
-
-    try:
-        mod = importlib.import_module("moba_cli.ops.moba.decode")
-    except ModuleNotFoundError as e:
-        if e.name and e.name.startswith("moba_cli"):
-            raise MobaError(
-                "--pass decode needs the MoBA decode op (moba_cli.ops.moba.decode), which this build does not "
-                "have yet; run fwd or fwd+bwd"
-            ) from None
-        raise
-    for fn in ("moba_decode", "cache_block_means"):
-        if not hasattr(mod, fn):
-            raise MobaError(f"--pass decode needs moba_cli.ops.moba.decode.{fn}, which this build lacks")
