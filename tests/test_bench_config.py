@@ -1,6 +1,5 @@
 """`moba bench` options: sizes, presets, overrides, bad values (CPU only, no timing)."""
 
-
 import pytest
 import torch
 from typer.testing import CliRunner
