@@ -19,13 +19,13 @@ _LAZY = {
     "moba_attention": "moba_cli.ops.moba",
     "full_attention": "moba_cli.ops.moba",
     "moba_decode": "moba_cli.ops.moba.decode",
-    "load_model": "moba_cli.integrations.hf",
+    "load_model": "moba_cli.integrations",  # the integrations' stable (lazy) surface
 }
 
 __all__ = ["MobaError", "__version__", "full_attention", "load_model", "moba_attention", "moba_decode"]
 
 if TYPE_CHECKING:  # static tools see the real signatures
-    from moba_cli.integrations.hf import load_model
+    from moba_cli.integrations import load_model
     from moba_cli.ops.moba import full_attention, moba_attention
     from moba_cli.ops.moba.decode import moba_decode
 
