@@ -106,13 +106,14 @@ def stage_times(fn: Callable[[], None], calls: int = 5) -> tuple[dict[str, float
         for _ in range(calls):
             fn()
         torch.cuda.synchronize()
+    from torch.autograd import DeviceType
+
     kernels: dict[str, float] = {}
     for evt in prof.key_averages():
-        us = getattr(evt, "device_time_total", None)
-        if us is None:  # older torch
-            us = evt.cuda_time_total
-        if us > 0:
-            kernels[evt.key] = kernels.get(evt.key, 0.0) + us / 1000 / calls
+        # device-side events only (kernels, copies, fills); a host op's device time would count them twice
+        if evt.device_type != DeviceType.CUDA or evt.self_device_time_total <= 0:
+            continue
+        kernels[evt.key] = kernels.get(evt.key, 0.0) + evt.self_device_time_total / 1000 / calls
     stages: dict[str, float] = {}
     for name, ms in kernels.items():
         stage = next((s for s, pattern in STAGES if pattern.search(name)), "other (layout, copies, fills)")
