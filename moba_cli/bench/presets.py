@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from moba_cli.bench.case import Case
 from moba_cli.errors import MobaError
 from moba_cli.utils.sizes import format_size, parse_size, parse_size_list
 
@@ -50,38 +51,6 @@ GPU_DEFAULTS = {"seq": "32k,128k", "batch": 1, "heads": (8,), "head_dim": 128, "
 CPU_DEFAULTS = {"seq": "256,512", "batch": 1, "heads": (2,), "head_dim": 32, "chunk": 64, "topk": 3,
                 "repeats": 3, "dtype": "fp32"}
 CPU_MAX_SEQ = 16384  # a CPU run is a smoke test of the bench itself, not a measurement
-
-# Reference providers that materialise large intermediates run only where they fit.
-NAIVE_MAX_TOKENS = {"cuda": 32768, "cpu": 4096}  # batch * seq, forward
-NAIVE_MAX_SCORES_BWD = {"cuda": 2**31, "cpu": 2**24}  # batch * heads * seq^2 kept for the float32 backward
-MATH_MAX_SCORES = {"cuda": 2**30, "cpu": 2**26}  # batch * heads * seq^2 float32 scores of SDPA's math kernel
-
-
-@dataclass(frozen=True)
-class Case:
-    """One measured shape: a provider runs it once per pass."""
-
-    pass_: str
-    batch: int
-    seq: int  # tokens per sequence; for ``decode`` the KV-cache length
-    heads: int
-    kv_heads: int
-    head_dim: int
-    chunk: int
-    topk: int
-    dtype: str
-    device: str
-
-    @property
-    def label(self) -> str:
-        heads = f"{self.heads}/{self.kv_heads}"
-        return f"{self.pass_} seq={format_size(self.seq)} B={self.batch} H={heads} D={self.head_dim}"
-
-    def with_seq(self, seq: int, chunk_divisor: int | None = None) -> Case:
-        chunk = max(1, seq // chunk_divisor) if chunk_divisor else self.chunk
-        return Case(self.pass_, self.batch, seq, self.heads, self.kv_heads, self.head_dim, chunk, self.topk,
-                    self.dtype, self.device)
-
 
 @dataclass
 class BenchConfig:
@@ -221,7 +190,7 @@ def build_config(
 ) -> BenchConfig:
     """Apply defaults, then the preset, then explicit options; check every value."""
     from moba_cli.bench.providers import DEFAULT_PROVIDERS, PROVIDER_NAMES
-    from moba_cli.commands._common import parse_dtype
+    from moba_cli.utils.devices import parse_dtype
 
     device = device.lower()
     if device not in ("cuda", "cpu") and not device.startswith("cuda:"):

@@ -19,7 +19,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moba_cli.bench.presets import MATH_MAX_SCORES, NAIVE_MAX_SCORES_BWD, NAIVE_MAX_TOKENS, Case
+from moba_cli.bench.case import Case
+
+# Reference providers that materialise large intermediates run only where they fit.
+NAIVE_MAX_TOKENS = {"cuda": 32768, "cpu": 4096}  # batch * seq, forward
+NAIVE_MAX_SCORES_BWD = {"cuda": 2**31, "cpu": 2**24}  # batch * heads * seq^2 kept for the float32 backward
+MATH_MAX_SCORES = {"cuda": 2**30, "cpu": 2**26}  # batch * heads * seq^2 float32 scores of SDPA's math kernel
 
 
 class Unsupported(Exception):

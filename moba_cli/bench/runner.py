@@ -34,8 +34,9 @@ from dataclasses import dataclass
 import torch
 
 from moba_cli.bench import flops as F
+from moba_cli.bench.case import Case
 from moba_cli.bench.check import Reference
-from moba_cli.bench.presets import BenchConfig, Case
+from moba_cli.bench.presets import BenchConfig
 from moba_cli.bench.providers import BY_NAME, Inputs, Op, Provider, Unsupported, make_inputs
 from moba_cli.errors import MobaError
 
