@@ -87,3 +87,12 @@ def test_the_walker_sees_lazy_and_relative_imports(tmp_path, line):
     src.write_text(f"def build():\n    {line}\n")
     found = _imports("moba_cli.bench.presets", src, known)
     assert found and found <= set(known)
+
+
+def test_bench_and_analysis_files_stay_small_and_names_are_unique():
+    files = [p for pkg in ("bench", "analysis") for p in (ROOT / pkg).glob("*.py")]
+    assert files
+    long = {str(p.relative_to(ROOT)): n for p in files if (n := len(p.read_text().splitlines())) > 500}
+    assert not long, long
+    # `moba compare` has a command module; the library behind it must not reuse the name.
+    assert not (ROOT / "analysis" / "compare.py").exists()

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from moba_cli.analysis import compare as cmp
+from moba_cli.analysis import equivalence, error_stats, inputs, recall, sparse_vs_full
 from moba_cli.cli import app
 from moba_cli.ops.moba import full_attention, make_layout
 from moba_cli.ops.moba.naive import block_means, select_blocks
@@ -77,7 +77,7 @@ def test_defaults_run_and_out_folder(tmp_path):
     files = list(tmp_path.glob("compare-*.json"))
     assert len(files) == 1
     data = read_json(files[0])
-    assert data["config"]["seq"] == cmp.DEFAULTS["cpu"]["seq"]
+    assert data["config"]["seq"] == inputs.DEFAULTS["cpu"]["seq"]
     assert data["summary"]["blocks_per_sequence"] >= 8  # a first run must show real sparsity
     assert data["summary"]["sparsity"] > 0.5
     assert data["summary"]["equivalence"]["passed"] is True
@@ -85,9 +85,9 @@ def test_defaults_run_and_out_folder(tmp_path):
 
 def test_qkv_file_round_trip(tmp_path):
     # Saving the random inputs of --seed 3 and loading them with --qkv must give the same numbers.
-    setup = cmp.CompareSetup(seq=96, batch=2, heads=4, kv_heads=2, head_dim=8, chunk=16, topk=2,
+    setup = inputs.CompareSetup(seq=96, batch=2, heads=4, kv_heads=2, head_dim=8, chunk=16, topk=2,
                              dtype=torch.float32, device=torch.device("cpu"), backend="naive", seed=3)
-    q, k, v = cmp.random_qkv(setup)
+    q, k, v = inputs.random_qkv(setup)
     save_file({"q": q, "k": k, "v": v}, str(tmp_path / "qkv.safetensors"))
     a = run("--qkv", str(tmp_path / "qkv.safetensors"), "--chunk", "16", "--topk", "2", "--device", "cpu",
             "--out", str(tmp_path / "a.json"))
@@ -207,23 +207,23 @@ def test_sparse_kernel_switch_is_restored():
     from moba_cli.ops.moba import triton_moba
 
     assert triton_moba.DENSE_WHEN_FULL is True
-    with pytest.raises(RuntimeError), cmp._sparse_kernels_always("triton"):
+    with pytest.raises(RuntimeError), equivalence._sparse_kernels_always("triton"):
         assert triton_moba.DENSE_WHEN_FULL is False
         raise RuntimeError("boom")
     assert triton_moba.DENSE_WHEN_FULL is True
-    with cmp._sparse_kernels_always("naive"):
+    with equivalence._sparse_kernels_always("naive"):
         assert triton_moba.DENSE_WHEN_FULL is True
 
 
 def test_equivalence_failure_exits_1_after_writing(monkeypatch, tmp_path):
-    real = cmp._run_moba
+    real = equivalence.run_moba
 
     def broken(q, k, v, chunk, topk, backend):
         out = real(q, k, v, chunk, topk, backend)
         blocks = math.ceil(q.shape[1] / chunk)
         return out + 1e-3 if topk >= blocks else out  # wrong only in the all-blocks run
 
-    monkeypatch.setattr(cmp, "_run_moba", broken)
+    monkeypatch.setattr(equivalence, "run_moba", broken)
     res = run(*TINY, "--out", str(tmp_path / "r.json"))
     assert res.exit_code == 1, res.output
     assert "equivalence check failed" in res.output and "Traceback" not in res.output
@@ -288,7 +288,7 @@ def test_unusable_out_fails_before_the_run(monkeypatch, tmp_path, out, needle):
     def never(*a, **k):
         raise AssertionError("the comparison must not start when --out cannot be written")
 
-    monkeypatch.setattr(cmp, "run_compare", never)
+    monkeypatch.setattr(sparse_vs_full, "run_compare", never)
     line = _one_line_error(run(*TINY, "--out", out), needle)
     assert line.startswith(f"error: --out {out}")
 
@@ -347,7 +347,7 @@ def test_tiled_selection_equals_the_reference_rule(hq, hkv):
             nb = math.ceil((s1 - s0) / 8)
             for r0 in range(0, s1 - s0, 13):  # ragged tiles
                 r1 = min(s1 - s0, r0 + 13)
-                got = cmp.select_tile(q[s0 + r0 : s0 + r1], means[first : first + nb], torch.arange(r0, r1), 8,
+                got = recall.select_tile(q[s0 + r0 : s0 + r1], means[first : first + nb], torch.arange(r0, r1), 8,
                                       slots, first)
                 assert torch.equal(got, want[s0 + r0 : s0 + r1]), (topk, s0, r0)
 
@@ -356,7 +356,7 @@ def test_reference_rows_is_dense_attention_and_mass_sums_to_one():
     q, k, v = rand(50, 4, 8, seed=3), rand(50, 2, 8, seed=4), rand(50, 2, 8, seed=5)
     ref = full_attention(q[None], k[None], v[None], backend="naive")[0]
     rows = torch.tensor([0, 7, 8, 31, 49])
-    out, mass = cmp.reference_rows(q[rows], k, v, rows, 8, 1 / math.sqrt(8))
+    out, mass = recall.reference_rows(q[rows], k, v, rows, 8, 1 / math.sqrt(8))
     torch.testing.assert_close(out, ref[rows], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mass.sum(-1), torch.ones(5, 4))
     # No mass on blocks after the query's own block.
@@ -369,7 +369,7 @@ def test_recall_equals_brute_force_and_sparsity_is_counted():
     lens = (45, 20)
     c = cu(*lens)
     q, k, v = rand(65, 2, 8, seed=6), rand(65, 1, 8, seed=7), rand(65, 1, 8, seed=8)
-    ana = cmp.analyse_selection(q, k, v, c, 8, 2)
+    ana = recall.analyse_selection(q, k, v, c, 8, 2)
     layout = make_layout(c, 8)
     idx = select_blocks(q, k, layout, 2)
     want_recall, attended = [], 0
@@ -392,7 +392,7 @@ def test_recall_equals_brute_force_and_sparsity_is_counted():
 
 def test_all_blocks_gives_full_recall_and_no_sparsity():
     q, k, v = rand(40, 2, 8, seed=9), rand(40, 2, 8, seed=10), rand(40, 2, 8, seed=11)
-    ana = cmp.analyse_selection(q, k, v, cu(40), 8, 5)
+    ana = recall.analyse_selection(q, k, v, cu(40), 8, 5)
     torch.testing.assert_close(ana.recall, torch.ones_like(ana.recall))
     assert ana.sparsity == 0.0
 
@@ -400,8 +400,8 @@ def test_all_blocks_gives_full_recall_and_no_sparsity():
 def test_sampled_rows_match_the_full_computation():
     q, k, v = rand(96, 2, 8, seed=12), rand(96, 2, 8, seed=13), rand(96, 2, 8, seed=14)
     c = cu(60, 36)
-    full = cmp.analyse_selection(q, k, v, c, 8, 2)
-    part = cmp.analyse_selection(q, k, v, c, 8, 2, max_rows=50, sample_rows=20, seed=1)
+    full = recall.analyse_selection(q, k, v, c, 8, 2)
+    part = recall.analyse_selection(q, k, v, c, 8, 2, max_rows=50, sample_rows=20, seed=1)
     assert part.sampled and not full.sampled and part.rows.numel() == 20
     assert part.rows.unique().numel() == 20
     assert part.rows.max() >= 60 and part.rows.min() < 48  # uniform over all rows, not the first ones
@@ -410,10 +410,10 @@ def test_sampled_rows_match_the_full_computation():
 
 
 def test_equivalence_on_a_prefix_when_all_blocks_is_too_big(monkeypatch, tmp_path):
-    assert cmp.equivalence_length(1, 256, 2, 32) == 256
-    monkeypatch.setattr(cmp, "EQUIV_MAX_ENTRIES", 2 * 64 * 2)  # fits 64 tokens x 2 blocks x 2 heads
-    assert cmp.equivalence_length(1, 256, 2, 32) == 64
-    assert cmp.equivalence_length(4, 256, 2, 32) == 32  # never below one block
+    assert equivalence.equivalence_length(1, 256, 2, 32) == 256
+    monkeypatch.setattr(equivalence, "EQUIV_MAX_ENTRIES", 2 * 64 * 2)  # fits 64 tokens x 2 blocks x 2 heads
+    assert equivalence.equivalence_length(1, 256, 2, 32) == 64
+    assert equivalence.equivalence_length(4, 256, 2, 32) == 32  # never below one block
     res = run(*TINY, "--out", str(tmp_path / "r.json"))
     assert res.exit_code == 0, res.output
     s = read_json(tmp_path / "r.json")["summary"]
@@ -427,18 +427,18 @@ def test_error_stats_and_percentile():
     ref[..., 0] = 1.0
     out = ref.clone()
     out[1, 1, 0] = 1.5
-    st = cmp.output_error(out, ref, rows_per_step=2)
+    st = error_stats.output_error(out, ref, rows_per_step=2)
     assert st.summary()["max_abs"] == pytest.approx(0.5)
     assert st.rel_l2() == pytest.approx(0.5 / math.sqrt(6))
     assert st.head_rel_l2() == pytest.approx([0.0, 0.5 / math.sqrt(3)])
     assert st.summary()["worst_row_rel_l2"] == pytest.approx(0.5)
     x = torch.arange(101, dtype=torch.float32)
-    assert cmp.percentile(x, 5) == pytest.approx(5.0)
-    assert cmp.percentile(torch.tensor([1.0, 2.0]), 50) == pytest.approx(1.5)
+    assert error_stats.percentile(x, 5) == pytest.approx(5.0)
+    assert error_stats.percentile(torch.tensor([1.0, 2.0]), 50) == pytest.approx(1.5)
 
 
 def test_equivalence_tolerance():
-    assert cmp.equivalence_tolerance(torch.bfloat16, 1e-3)["rel_l2"] == 2e-2  # the floor
-    assert cmp.equivalence_tolerance(torch.float32, 1e-3)["rel_l2"] == pytest.approx(2e-3)  # 2x SDPA's error
-    tol = cmp.equivalence_tolerance(torch.float16, 0.0)
-    assert tol["worst_row_rel_l2"] == pytest.approx(cmp.EQUIV_ROW_FACTOR * tol["rel_l2"])
+    assert equivalence.equivalence_tolerance(torch.bfloat16, 1e-3)["rel_l2"] == 2e-2  # the floor
+    assert equivalence.equivalence_tolerance(torch.float32, 1e-3)["rel_l2"] == pytest.approx(2e-3)  # 2x SDPA's error
+    tol = equivalence.equivalence_tolerance(torch.float16, 0.0)
+    assert tol["worst_row_rel_l2"] == pytest.approx(equivalence.EQUIV_ROW_FACTOR * tol["rel_l2"])

@@ -1,4 +1,4 @@
-"""`moba compare`: MoBA against full attention on the same inputs (logic in :mod:`moba_cli.analysis.compare`)."""
+"""`moba compare`: MoBA against full attention on the same inputs (logic in :mod:`moba_cli.analysis`)."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ def compare(
             return
         if text is not None:
             raise MobaError("--text needs --model (it is the text run through the model)")
-        from moba_cli.analysis.compare import run_compare
+        from moba_cli.analysis.sparse_vs_full import run_compare
         from moba_cli.results import check_out, make_result, write_result
 
         setup, qkv_tensors = _resolve(seq, batch, heads, kv_heads, head_dim, chunk, topk, dtype, device, backend,
@@ -115,7 +115,7 @@ def _size(flag: str, text: str) -> int:
 
 def _resolve(seq, batch, heads, kv_heads, head_dim, chunk, topk, dtype, device, backend, seed, qkv):
     """Options -> (CompareSetup, loaded qkv or None), with the device-dependent defaults filled in."""
-    from moba_cli.analysis.compare import (
+    from moba_cli.analysis.inputs import (
         DEFAULTS,
         CompareSetup,
         check_sizes,
