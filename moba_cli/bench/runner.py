@@ -6,7 +6,8 @@ Per (case, provider) the order is: build the op -> spot-check it against the flo
 Timing (:func:`time_call`): the spot-check call is the first warm-up (compilation, autotuning); then one
 call measured for memory and a first time, more warm-up (about 50 ms) for short calls, then ``runs``
 calls each timed with CUDA events after the L2 cache was flushed (a 256 MiB write), as
-``triton.testing.do_bench`` does. ``runs`` is ``--repeats``, raised to fill about 100 ms for short calls
+``triton.testing.do_bench`` does (on CPU, a smoke run: host wall clock, no flush; each record's ``timer``
+says which). ``runs`` is ``--repeats``, raised to fill about 100 ms for short calls
 (at most 100), lowered to about 10 s for long ones (at least 3, or ``--repeats`` if smaller). Median,
 min and max are reported.
 
@@ -46,8 +47,13 @@ RECORD_FIELDS = [
     "device", "status", "ms", "ms_min", "ms_max", "runs", "tflops", "flops", "attended_pairs", "sparsity",
     "peak_mem_bytes", "peak_mem_total_bytes", "speedup_vs_sdpa_cudnn", "speedup_vs_sdpa_flash",
     "baseline_estimated", "check_rows", "check_excluded", "check_out_err", "check_grad_err", "check_tol",
-    "estimated_from", "anchor_for", "reason", "note",
+    "estimated_from", "anchor_for", "reason", "note", "timer",
 ]
+# How ``ms`` was measured, per device kind: written in every timed record and in the summary.
+TIMERS = {
+    "cuda": "CUDA events, L2 cache flushed (a 256 MiB write) before each call",
+    "cpu": "host wall clock (time.perf_counter) around each call; no cache flush",
+}
 # Rough dense throughput used only to decide whether a dense call needs an anchor measurement first.
 _PESSIMISTIC_TFLOPS = {"cuda": {"float32": 20.0, "default": 150.0}, "cpu": {"float32": 0.02, "default": 0.02}}
 _SHORT_S, _LONG_S = 0.1, 10.0
@@ -62,6 +68,7 @@ class Timing:
     runs: int
     peak_mem_bytes: int | None
     peak_mem_total_bytes: int | None
+    timer: str  # how the times were taken: a value of TIMERS
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -126,7 +133,8 @@ def time_call(fn: Callable[[], object], device: str, repeats: int) -> Timing:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(times), min(times), max(times), runs, peak, total)
+    timer = TIMERS["cuda" if cuda else "cpu"]
+    return Timing(statistics.median(times), min(times), max(times), runs, peak, total, timer)
 
 
 def new_record(case: Case, provider: Provider) -> dict:
@@ -259,7 +267,7 @@ class Runner:
                 timing = time_call(self._timed_fn(case, op, inputs), case.device, self.config.repeats)
             rec.update(status="ok", ms=timing.ms, ms_min=timing.ms_min, ms_max=timing.ms_max, runs=timing.runs,
                        peak_mem_bytes=timing.peak_mem_bytes, peak_mem_total_bytes=timing.peak_mem_total_bytes,
-                       tflops=F.tflops(rec["flops"], timing.ms))
+                       tflops=F.tflops(rec["flops"], timing.ms), timer=timing.timer)
         except (Unsupported, MobaError) as e:
             failure = ("skipped", str(e))
         except KeyboardInterrupt:
