@@ -75,6 +75,28 @@ def test_check_rejects_wrong_outputs_and_gradients():
     assert not wrong.ok and "dk" in wrong.message and "dq" not in wrong.message
 
 
+@pytest.mark.parametrize("where", ["out", "dq", "dv"])
+def test_poisoned_outputs_fail_the_check_and_leave_no_nan_in_the_record(where):
+    """A NaN anywhere fails the check by name, and the record gets null, never a bare NaN (strict JSON)."""
+    import json
+
+    q, k, v = _qkv(1, 96, 2, 1, 16, seed=3, grad=True)
+    ref = Reference(q.detach(), k.detach(), v.detach(), chunk=32, topk=2, decode=False, n_rows=48, seed=0)
+    out = moba_attention(q, k, v, chunk_size=32, topk=2, backend="naive")
+    do = ref.grad_output("moba", q.shape, q.dtype)
+    dq, dk, dv = (g.detach().clone() for g in torch.autograd.grad(out, (q, k, v), do))
+    out = out.detach().clone()
+    row = int(ref.pos[len(ref.pos) // 2])
+    {"out": out, "dq": dq, "dv": dv}[where][0, row] = float("nan")
+    result = ref.check("moba", out, (dq, dk, dv))
+    assert not result.ok
+    assert ("NaN" in result.message) if where == "out" else (where in result.message)
+    fields = result.fields()
+    json.dumps(fields, allow_nan=False)  # raises on NaN/inf
+    key = "check_out_err" if where == "out" else "check_grad_err"
+    assert fields[key] is None
+
+
 def test_gate_ties_go_to_the_earlier_block_and_near_ties_are_flagged():
     # Blocks 0 and 2 are identical, so every query scores them equally: the earlier one must win.
     s, chunk, d = 128, 32, 8

@@ -470,3 +470,64 @@ def test_model_compare_kl_is_never_negative():
             assert stats["kl_full_moba_mean"] == 0.0 and "rounding" in stats["kl_note"]
             notes.append(stats["kl_note"])
     assert notes, "no seed rounded below zero: the test no longer exercises the clamp"
+
+
+def _strict_json(path) -> dict:
+    def refuse(name):
+        raise AssertionError(f"bare {name} in result JSON")
+
+    return json.loads(open(path).read(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("poison,flags,needle", [
+    (float("nan"), [], "1 NaN and 0 infinite"),
+    (float("inf"), [], "0 NaN and 1 infinite"),
+    (1e6, ["--dtype", "float16"], "0 NaN and 1 infinite"),  # finite in the file, past float16's range
+])
+def test_non_finite_qkv_input_is_one_error_line(tmp_path, poison, flags, needle):
+    q, k, v = rand(1, 64, 2, 8, seed=0), rand(1, 64, 1, 8, seed=1), rand(1, 64, 1, 8, seed=2)
+    k[0, 40, 0, 3] = poison
+    save_file({"q": q, "k": k, "v": v}, str(tmp_path / "f.safetensors"))
+    res = run("--qkv", str(tmp_path / "f.safetensors"), "--chunk", "16", "--device", "cpu", *flags,
+              "--out", str(tmp_path / "out"))
+    line = _one_line_error(res, needle)
+    assert "tensor k" in line and "(0, 40, 0, 3)" in line and "equivalence" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_stats_count_poisoned_rows_instead_of_hiding_them():
+    ref = rand(6, 2, 4, seed=0)
+    out = ref + 1e-3
+    out[2, 1, 0] = float("nan")
+    stats = error_stats.output_error(out, ref, rows_per_step=4)
+    s = stats.summary()
+    assert s["nonfinite_rows"] == 1
+    assert all(math.isfinite(s[k]) for k in ("max_abs", "rel_l2", "worst_row_rel_l2"))
+    assert s["worst_row_rel_l2"] > 0 and s["max_abs"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_poisoned_equivalence_run_fails_by_name_with_strict_json(monkeypatch, tmp_path):
+    real = equivalence.run_moba
+
+    def poisoned(q, k, v, chunk, topk, backend):
+        out = real(q, k, v, chunk, topk, backend)
+        if topk >= math.ceil(q.shape[1] / chunk):  # only the all-blocks run
+            out = out.clone()
+            out[0, 5, 1, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(equivalence, "run_moba", poisoned)
+    res = run(*TINY, "--out", str(tmp_path / "r.json"))
+    assert res.exit_code == 1 and "NaN or infinite" in res.output and "Traceback" not in res.output, res.output
+    eq = _strict_json(tmp_path / "r.json")["summary"]["equivalence"]
+    assert eq["passed"] is False and eq["nonfinite_rows"] == 1 and "NaN" in eq["note"]
+    assert eq["worst_row_rel_l2"] is not None and math.isfinite(eq["rel_l2"])
+
+
+def test_strict_floats_nulls_every_non_finite_number():
+    from moba_cli.utils.metrics import strict_floats
+
+    clean, bad = strict_floats({"a": 1.0, "b": [float("nan"), {"c": float("-inf")}], "d": "x", "e": 3}, "summary")
+    assert clean == {"a": 1.0, "b": [None, {"c": None}], "d": "x", "e": 3}
+    assert bad == ["summary.b[0]", "summary.b[1].c"]
+    json.dumps(clean, allow_nan=False)

@@ -11,7 +11,9 @@ class ErrorStats:
     """Streaming error of ``out`` against ``ref`` over query rows, overall and per query head.
 
     Feed ``[rows, Hq, D]`` pieces; reads max abs error, relative L2 ``||out - ref|| / ||ref||`` and the
-    worst single-row relative L2 (one row = one query and head).
+    worst single-row relative L2 (one row = one query and head). Rows where either side holds NaN or inf
+    are counted in ``nonfinite`` and kept out of the other figures, which stay finite: a poisoned row must
+    show up as such, not vanish (``max(0.0, nan)`` is 0.0) or turn every figure into NaN.
     """
 
     def __init__(self, heads: int) -> None:
@@ -20,10 +22,14 @@ class ErrorStats:
         self.ref_sq = torch.zeros(heads, dtype=torch.float64)
         self.worst_row = 0.0
         self.rows = 0
+        self.nonfinite = 0  # (row, head) pairs with NaN or inf in out or ref
 
     def update(self, out: torch.Tensor, ref: torch.Tensor) -> None:
-        d = out.float() - ref.float()
-        r = ref.float()
+        o, r = out.float(), ref.float()
+        ok = torch.isfinite(o).all(-1) & torch.isfinite(r).all(-1)  # [rows, Hq]
+        self.nonfinite += int((~ok).sum())
+        o, r = torch.where(ok[..., None], o, 0.0), torch.where(ok[..., None], r, 0.0)
+        d = o - r
         d_sq, r_sq = d.square().sum(-1), r.square().sum(-1)  # [rows, Hq]
         self.max_abs = torch.maximum(self.max_abs, d.abs().amax(dim=(0, 2)).double().cpu())
         self.diff_sq += d_sq.sum(0).double().cpu()
@@ -38,8 +44,9 @@ class ErrorStats:
     def head_rel_l2(self) -> list[float]:
         return (self.diff_sq / self.ref_sq.clamp_min(1e-300)).sqrt().tolist()
 
-    def summary(self) -> dict[str, float]:
-        return {"max_abs": float(self.max_abs.max()), "rel_l2": self.rel_l2(), "worst_row_rel_l2": self.worst_row}
+    def summary(self) -> dict[str, float | int]:
+        return {"max_abs": float(self.max_abs.max()), "rel_l2": self.rel_l2(), "worst_row_rel_l2": self.worst_row,
+                "nonfinite_rows": self.nonfinite}
 
 
 def output_error(out: torch.Tensor, ref: torch.Tensor, rows_per_step: int = 16384) -> ErrorStats:
@@ -50,11 +57,13 @@ def output_error(out: torch.Tensor, ref: torch.Tensor, rows_per_step: int = 1638
     return stats
 
 
-def percentile(x: torch.Tensor, p: float) -> float:
-    """``p``-th percentile (linear interpolation) of all values of ``x``; works past torch.quantile's size cap."""
+def percentile(x: torch.Tensor, p: float) -> float | None:
+    """``p``-th percentile (linear interpolation) of all values of ``x``; works past torch.quantile's size cap.
+
+    None when ``x`` is empty (strict JSON has no NaN)."""
     flat = x.flatten().double().sort().values
     if flat.numel() == 0:
-        return float("nan")
+        return None
     pos = (flat.numel() - 1) * p / 100.0
     lo = int(math.floor(pos))
     hi = min(lo + 1, flat.numel() - 1)

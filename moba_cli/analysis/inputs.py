@@ -144,7 +144,25 @@ def load_qkv(path: Path | str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
         raise MobaError(f"tensors in {path} must not be empty, got q {tuple(q.shape)}")
     if q.shape[2] % k.shape[2] != 0:
         raise MobaError(f"q has {q.shape[2]} heads, not a multiple of k's {k.shape[2]} heads ({path})")
+    check_finite({"q": q, "k": k, "v": v}, f"--qkv {path}")
     return q, k, v
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str) -> None:
+    """One MobaError naming the first tensor that holds NaN or inf: the comparison needs finite inputs.
+
+    Without this a NaN input reaches the equivalence check as a failure with a meaningless error figure.
+    """
+    for name, t in tensors.items():
+        bad = ~torch.isfinite(t)
+        if bool(bad.any()):
+            nan = int(torch.isnan(t).sum())
+            first = tuple(int(i) for i in bad.nonzero()[0].tolist())
+            raise MobaError(
+                f"{where}: tensor {name} has {nan} NaN and {int(bad.sum()) - nan} infinite values (first at index "
+                f"{first}); MoBA and full attention need finite inputs (values past the dtype's range overflow "
+                "to infinity)"
+            )
 
 
 def file_dtype(q: torch.Tensor) -> torch.dtype | None:

@@ -29,9 +29,10 @@ import torch
 
 from moba_cli.analysis.equivalence import check_equivalence, pack, run_moba
 from moba_cli.analysis.error_stats import output_error, percentile
-from moba_cli.analysis.inputs import CompareSetup, random_qkv
+from moba_cli.analysis.inputs import CompareSetup, check_finite, random_qkv
 from moba_cli.analysis.recall import Progress, analyse_selection
 from moba_cli.ops.moba.layout import make_layout
+from moba_cli.utils.metrics import strict_floats
 
 
 def _kernel_selection(q, k, cu: torch.Tensor, chunk: int, topk: int, backend: str) -> torch.Tensor | None:
@@ -63,6 +64,7 @@ def run_compare(
         q, k, v = random_qkv(setup)
     else:
         q, k, v = (t.to(device=setup.device, dtype=setup.dtype) for t in qkv)
+    check_finite({"q": q, "k": k, "v": v}, f"the inputs in {str(setup.dtype).removeprefix('torch.')}")
     from moba_cli.ops.moba import full_attention
 
     b, s, hq, d = q.shape
@@ -101,9 +103,9 @@ def run_compare(
     summary = {
         "max_abs": float(err.max_abs.max()),
         "rel_l2": err.rel_l2(),
-        "recall_mean": float(ana.recall.mean()) if ana.recall.numel() else float("nan"),
+        "recall_mean": float(ana.recall.mean()) if ana.recall.numel() else None,
         "recall_p5": percentile(ana.recall, 5),
-        "recall_oracle_mean": float(ana.recall_oracle.mean()) if ana.recall_oracle.numel() else float("nan"),
+        "recall_oracle_mean": float(ana.recall_oracle.mean()) if ana.recall_oracle.numel() else None,
         "recall_sampled_rows": int(ana.rows.numel()) if ana.sampled else None,
         "sparsity": ana.sparsity,
         "attended_pairs": ana.attended_pairs,
@@ -114,6 +116,13 @@ def run_compare(
         "equivalence": equivalence,
         "seconds": time.perf_counter() - t_start,
     }
+    if err.nonfinite:
+        summary["output_nonfinite_rows"] = err.nonfinite
+    # Strict JSON: any figure that came out NaN/inf (e.g. outputs poisoned by overflow) is null, with a note.
+    records, bad_records = strict_floats(records, "records")
+    summary, bad_summary = strict_floats(summary, "summary")
     config = setup.config()
     config["notes"] = list(setup.notes)
+    if bad_records or bad_summary:
+        config["notes"].append("not finite, written as null: " + ", ".join(bad_summary + bad_records))
     return config, records, summary

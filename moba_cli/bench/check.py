@@ -26,6 +26,7 @@ import torch
 
 from moba_cli.ops.moba.layout import make_layout, num_slots
 from moba_cli.ops.moba.naive import block_means
+from moba_cli.utils.metrics import finite_or_none, rel_l2
 
 GATE_TIE_EPS = 1e-4
 # (output, gradients) relative errors allowed per dtype. A wrong kernel is off by O(1).
@@ -49,9 +50,10 @@ class CheckResult:
     message: str
 
     def fields(self) -> dict:
+        # A NaN/inf error becomes null (strict JSON); the failed check's message says what it was.
         return {
-            "check_rows": self.rows, "check_excluded": self.excluded, "check_out_err": self.out_err,
-            "check_grad_err": self.grad_err, "check_tol": self.tol_out,
+            "check_rows": self.rows, "check_excluded": self.excluded, "check_out_err": finite_or_none(self.out_err),
+            "check_grad_err": finite_or_none(self.grad_err), "check_tol": self.tol_out,
         }
 
 
@@ -274,7 +276,10 @@ class Reference:
         problems = []
         if n_keep < max(1, keep.numel() // 2):
             problems.append(f"only {n_keep} of {keep.numel()} sampled (row, head) pairs are free of gate near-ties")
-        if out_err is not None and not (out_err <= tol_out):
+        if out_err is not None and not math.isfinite(out_err):
+            bad = int((~torch.isfinite(err) & keep).sum())
+            problems.append(f"output has NaN or infinite values in {bad} of {n_keep} sampled (row, head) pairs")
+        elif out_err is not None and not (out_err <= tol_out):
             worst = int(err.masked_fill(~keep, -1).flatten().argmax().item()) // keep.shape[1]
             problems.append(
                 f"output off by {out_err:.3g} (relative, tolerance {tol_out:g}) at token "
@@ -283,8 +288,9 @@ class Reference:
         if grads is not None:
             dq, dk, dv = grads
             dq_rows = dq[self.bidx.to(dq.device), self.pos.to(dq.device)].float()
-            errs = {"dq": _rel(dq_rows, exp.dq), "dk": _rel_chunked(dk, exp.dk), "dv": _rel_chunked(dv, exp.dv)}
-            grad_err = max(errs.values())
+            errs = {"dq": rel_l2(dq_rows, exp.dq), "dk": _rel_chunked(dk, exp.dk), "dv": _rel_chunked(dv, exp.dv)}
+            # Python's max would skip a NaN depending on its position; a NaN gradient error must win.
+            grad_err = max(errs.values()) if all(math.isfinite(e) for e in errs.values()) else float("nan")
             bad = {k: v for k, v in errs.items() if not (v <= tol_grad)}
             if bad:
                 problems.append(
@@ -295,11 +301,6 @@ class Reference:
             ok=not problems, rows=n_keep, excluded=excluded, out_err=out_err, grad_err=grad_err,
             tol_out=tol_out, tol_grad=tol_grad, message="; ".join(problems) or "ok",
         )
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    den = ref.norm().item()
-    return float((a.float() - ref.to(a.device)).norm().item() / max(den, 1e-12))
 
 
 def _rel_chunked(a: torch.Tensor, ref_cpu: torch.Tensor, rows: int = 65536) -> float:
