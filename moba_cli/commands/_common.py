@@ -9,10 +9,12 @@ import typer
 from rich.console import Console
 
 from moba_cli.errors import MobaError
-from moba_cli.utils.devices import parse_dtype, resolve_device  # noqa: F401 - re-exported for commands
 
 console = Console()
 err_console = Console(stderr=True)
+
+DTYPES = ("bfloat16", "float16", "float32")
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
 
 
 def fail(message: str) -> typer.Exit:
@@ -39,3 +41,28 @@ def user_errors() -> Iterator[None]:
         if isinstance(e, torch.cuda.OutOfMemoryError):
             raise fail("the GPU ran out of memory; try a shorter --seq or fewer --heads") from None
         raise
+
+
+def parse_dtype(name: str):
+    import torch
+
+    key = _DTYPE_ALIASES.get(name.lower(), name.lower())
+    if key not in DTYPES:
+        raise MobaError(f"unknown dtype {name!r}; choose bfloat16 (bf16), float16 (fp16) or float32 (fp32)")
+    return getattr(torch, key)
+
+
+def resolve_device(name: str):
+    """``auto`` is cuda when available, else cpu. Asking for cuda without a GPU is an error."""
+    import torch
+
+    name = name.lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise MobaError("no CUDA GPU is available on this machine; use --device cpu for a small run")
+        return torch.device(name)
+    if name == "cpu":
+        return torch.device("cpu")
+    raise MobaError(f"unknown device {name!r}; use auto, cpu or cuda")
