@@ -143,6 +143,12 @@ def _bad_files(tmp_path):
         (["--qkv", "{tmp}/len.safetensors"], "must agree"),
         (["--qkv", "{tmp}/heads.safetensors", "--heads", "3"], "multiple"),
         (["--qkv", "{tmp}/len.safetensors", "--seq", "4"], "must agree"),
+        (["--chunk", "99999999999999999999"], "--chunk"),
+        (["--chunk", str(2**31)], "--chunk"),
+        (["--topk", str(2**40)], "--topk must be at most"),
+        (["--seed", "99999999999999999999999"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--batch", str(2**22), "--seq", "1k"], "--batch x --seq"),
         (["--text", "x.txt"], "--text needs --model"),
         (["--model", "m", "--qkv", "f"], "cannot be combined with --model"),
     ],
@@ -531,3 +537,14 @@ def test_strict_floats_nulls_every_non_finite_number():
     assert clean == {"a": 1.0, "b": [None, {"c": None}], "d": "x", "e": 3}
     assert bad == ["summary.b[0]", "summary.b[1].c"]
     json.dumps(clean, allow_nan=False)
+
+
+def test_chunk_longer_than_the_sequence_is_one_block(tmp_path):
+    """One block holds the whole sequence: MoBA is full attention, and nothing is sized by the chunk."""
+    res = run("--seq", "200", "--chunk", str(2**30), "--heads", "2", "--head-dim", "16", "--device", "cpu",
+              "--out", str(tmp_path / "r.json"))
+    assert res.exit_code == 0, res.output
+    s = read_json(tmp_path / "r.json")["summary"]
+    assert s["blocks_per_sequence"] == 1 and s["sparsity"] == 0.0
+    assert s["recall_mean"] == pytest.approx(1.0) and s["equivalence"]["passed"] is True
+    assert s["equivalence"]["tokens_per_sequence"] == 200

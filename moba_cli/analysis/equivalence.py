@@ -85,7 +85,7 @@ def equivalence_length(batch: int, seq: int, heads: int, chunk: int) -> int:
     if batch * seq * heads * blocks <= EQUIV_MAX_ENTRIES:
         return seq
     fit = int(math.isqrt(EQUIV_MAX_ENTRIES * chunk // (batch * heads)))
-    return max(chunk, min(seq, fit // chunk * chunk))
+    return min(seq, max(chunk, fit // chunk * chunk))  # a chunk longer than the sequence is the whole of it
 
 
 def check_equivalence(setup: CompareSetup, q, k, v, o_full: torch.Tensor, say: Progress) -> dict[str, Any]:

@@ -12,6 +12,7 @@ import torch
 
 from moba_cli.errors import MobaError
 from moba_cli.ops.moba.validate import SUPPORTED_DTYPES, TRITON_HEAD_DIMS, resolve_backend
+from moba_cli.utils.limits import check_at_most, check_seed
 
 # Defaults of `moba compare` with no options. Both keep chunk/topk at 16 blocks with 3 chosen, the
 # ratio of the paper's 8K runs (block 512, top-k 3), so a first run shows real sparsity (~80%).
@@ -76,11 +77,17 @@ def pick_backend(backend: str, device: torch.device, head_dim: int) -> tuple[str
     return resolve_backend(backend, probe), None
 
 
-def check_sizes(seq: int, batch: int, heads: int, kv_heads: int, head_dim: int, chunk: int, topk: int) -> None:
+def check_sizes(
+    seq: int, batch: int, heads: int, kv_heads: int, head_dim: int, chunk: int, topk: int, seed: int = 0
+) -> None:
+    """Every size a positive integer within the kernels' int32 range, and a seed generators accept."""
     for name, value in (("--seq", seq), ("--batch", batch), ("--heads", heads), ("--kv-heads", kv_heads),
                         ("--head-dim", head_dim), ("--chunk", chunk), ("--topk", topk)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise MobaError(f"{name} must be a positive integer, got {value!r}")
+        check_at_most(value, name)
+    check_at_most(batch * seq, "--batch x --seq (tokens in all)")
+    check_seed(seed)
     if heads % kv_heads != 0:
         raise MobaError(f"--kv-heads ({kv_heads}) must divide --heads ({heads}) (MHA, GQA or MQA)")
 

@@ -81,9 +81,13 @@ def reference_rows(
     s.masked_fill_(future[:, None, :], float("-inf"))
     s.sub_(torch.logsumexp(s, dim=-1, keepdim=True)).exp_()  # s is now the softmax p
     out = torch.einsum("shgk,khd->shgd", s.view(r, hkv, hq // hkv, keys), vf[:keys]).reshape(r, hq, d)
-    nb = (keys + chunk - 1) // chunk
-    p = torch.nn.functional.pad(s, (0, nb * chunk - keys))
-    return out, p.view(r, hq, nb, chunk).sum(-1)
+    # Complete blocks summed in one view, the short last block on its own: padding to whole blocks would
+    # allocate a chunk's worth of zeros per row when the chunk is much longer than the sequence.
+    full = keys // chunk
+    mass = [s[..., : full * chunk].view(r, hq, full, chunk).sum(-1)] if full else []
+    if keys > full * chunk:
+        mass.append(s[..., full * chunk :].sum(-1, keepdim=True))
+    return out, torch.cat(mass, dim=-1)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field
 
 from moba_cli.bench.case import Case
 from moba_cli.errors import MobaError
+from moba_cli.utils.limits import check_at_most, check_seed
 from moba_cli.utils.sizes import format_size, parse_size, parse_size_list
 
 PASSES = ("fwd", "fwd+bwd", "decode")
@@ -214,14 +215,18 @@ def build_config(
     if topk is not None and topk < 1:
         raise MobaError(f"--topk must be >= 1 (it counts the query's own block), got {topk}")
     for value, name in ((batch, "--batch"), (kv_heads, "--kv-heads"), (head_dim, "--head-dim"),
-                        (chunk, "--chunk"), (repeats, "--repeats")):
+                        (chunk, "--chunk"), (repeats, "--repeats"), (topk, "--topk")):
         _positive(value, name)
+        if value is not None:
+            check_at_most(value, name)
     _positive(check_rows, "--check-rows")
+    check_seed(seed)
     if not (max_dense_seconds > 0):
         raise MobaError(f"--max-dense-seconds must be positive, got {max_dense_seconds}")
 
     seqs = _sizes(pick(seq, pre.seq if pre else None, base["seq"]), "--seq")
     seqs = sorted(set(seqs))
+    check_at_most(pick(batch, None, base["batch"]) * max(seqs), "--batch x --seq (tokens per call)")
     if on_cpu and max(seqs) > CPU_MAX_SEQ:
         raise MobaError(
             f"--device cpu is a small smoke run; use --seq <= {CPU_MAX_SEQ} (got {format_size(max(seqs))})"
@@ -230,6 +235,7 @@ def build_config(
                                                                               else base["heads"])
     for h in head_list:
         _positive(h, "--heads")
+        check_at_most(h, "--heads")
         if kv_heads is not None and h % kv_heads != 0:
             raise MobaError(f"--heads {h} must be a multiple of --kv-heads {kv_heads} (GQA/MQA groups)")
     chunk_divisor = None

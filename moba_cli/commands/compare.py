@@ -153,7 +153,8 @@ def _resolve(seq, batch, heads, kv_heads, head_dim, chunk, topk, dtype, device, 
             size["kv_heads"] = size["heads"]
     chunk_n = _size("--chunk", chunk) if chunk is not None else base["chunk"]
     topk_n = topk if topk is not None else base["topk"]
-    check_sizes(size["seq"], size["batch"], size["heads"], size["kv_heads"], size["head_dim"], chunk_n, topk_n)
+    check_sizes(size["seq"], size["batch"], size["heads"], size["kv_heads"], size["head_dim"], chunk_n, topk_n,
+                seed=seed)
     if dtype.lower() == "auto":
         dt = (file_dtype(tensors[0]) if tensors is not None else None) or default_dtype(dev)
     else:
