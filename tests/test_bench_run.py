@@ -345,6 +345,14 @@ def test_cpu_records_say_how_they_were_really_timed(no_interpreter):
         assert "wall clock" in r["timer"] and "CUDA" not in r["timer"]
     fields = summarize(records)["fields"]
     assert "wall clock" in fields["ms"] and "CUDA" not in fields["ms"] and "L2" not in fields["ms"]
+    json.dumps(records, allow_nan=False)  # strict JSON: no NaN/inf anywhere in a record
+
+
+def test_a_zero_time_gives_no_infinite_speedup():
+    records = [_rec("moba-triton", 1024, 0.0), _rec("sdpa-cudnn", 1024, 2.0)]
+    add_speedups(records)
+    assert records[0]["speedup_vs_sdpa_cudnn"] is None
+    json.dumps(records, allow_nan=False)
 
 
 def test_gpu_timer_is_named_for_cuda_records():

@@ -385,7 +385,8 @@ def add_speedups(records: list[dict]) -> None:
         estimated = []
         for base in ("sdpa-cudnn", "sdpa-flash"):
             b = index.get(_shape_key(r) + (base,))
-            r[f"speedup_vs_{base.replace('-', '_')}"] = b["ms"] / r["ms"] if b else None
+            # A zero time (below the clock's resolution) has no finite ratio: null, never inf in the JSON.
+            r[f"speedup_vs_{base.replace('-', '_')}"] = b["ms"] / r["ms"] if b and r["ms"] > 0 else None
             if b and b["status"] == "estimated":
                 estimated.append(base)
         r["baseline_estimated"] = ",".join(estimated) or None
