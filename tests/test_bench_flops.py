@@ -53,11 +53,11 @@ def test_decode_pairs():
     assert F.decode_pairs(8, 4, 1) == 4
 
 
-def test_attended_pairs_scale_with_batch_and_heads():
-    assert F.attended_pairs("dense", "fwd", 2, 4, 3, 2, 1) == 2 * 3 * 10
-    assert F.attended_pairs("moba", "fwd+bwd", 2, 8, 3, 2, 2) == 2 * 3 * 24
-    assert F.attended_pairs("moba", "decode", 2, 10, 3, 4, 2) == 2 * 3 * 6
-    assert F.attended_pairs("dense", "decode", 1, 10, 1, 4, 2) == 10
+def test_call_pairs_scale_with_batch_and_heads():
+    assert F.call_pairs("dense", "fwd", 2, 4, 3, 2, 1) == 2 * 3 * 10
+    assert F.call_pairs("moba", "fwd+bwd", 2, 8, 3, 2, 2) == 2 * 3 * 24
+    assert F.call_pairs("moba", "decode", 2, 10, 3, 4, 2) == 2 * 3 * 6
+    assert F.call_pairs("dense", "decode", 1, 10, 1, 4, 2) == 10
 
 
 def test_flops_convention():

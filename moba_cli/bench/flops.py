@@ -42,7 +42,7 @@ def decode_pairs(length: int, chunk: int | None = None, topk: int | None = None)
     return chunk * min(topk - 1, own) + (length - 1) % chunk + 1
 
 
-def attended_pairs(kind: str, pass_: str, batch: int, seq: int, heads: int, chunk: int, topk: int) -> int:
+def call_pairs(kind: str, pass_: str, batch: int, seq: int, heads: int, chunk: int, topk: int) -> int:
     """All pairs of one call: ``kind`` is ``"moba"`` or ``"dense"``; summed over batch and query heads."""
     if pass_ == "decode":
         per_head = decode_pairs(seq, chunk, topk) if kind == "moba" else decode_pairs(seq)

@@ -139,8 +139,8 @@ def time_call(fn: Callable[[], object], device: str, repeats: int) -> Timing:
 
 def new_record(case: Case, provider: Provider) -> dict:
     rec = dict.fromkeys(RECORD_FIELDS)
-    pairs = F.attended_pairs(provider.kind, case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
-    dense = F.attended_pairs("dense", case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
+    pairs = F.call_pairs(provider.kind, case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
+    dense = F.call_pairs("dense", case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
     rec.update(
         provider=provider.name, kind=provider.kind, batch=case.batch, seq=case.seq, heads=case.heads,
         kv_heads=case.kv_heads, head_dim=case.head_dim, chunk=case.chunk, topk=case.topk, dtype=case.dtype,
@@ -327,7 +327,7 @@ class Runner:
         dev = "cuda" if case.device.startswith("cuda") else "cpu"
         table = _PESSIMISTIC_TFLOPS[dev]
         tf = table.get(case.dtype, table["default"])
-        pairs = F.attended_pairs("dense", case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
+        pairs = F.call_pairs("dense", case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
         return F.attention_flops(pairs, case.head_dim, case.pass_) / (tf * 1e12)
 
     def _maybe_estimate(self, case: Case, provider: Provider, rec: dict) -> dict | None:
