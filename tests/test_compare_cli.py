@@ -183,7 +183,7 @@ def test_triton_backend_errors(monkeypatch, tmp_path):
 
 def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     # Tiny, because without a GPU the kernels run under the Triton interpreter.
-    from moba_cli.ops.moba import triton_moba
+    from moba_cli.ops.moba import dense
 
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -191,7 +191,7 @@ def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     def no_dense(*args, **kwargs):
         raise AssertionError("the equivalence check must run the sparse kernels, not the dense shortcut")
 
-    monkeypatch.setattr(triton_moba, "_dense_causal", no_dense)
+    monkeypatch.setattr(dense, "dense_causal", no_dense)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = run("--backend", "triton", "--seq", "64", "--chunk", "16", "--topk", "2", "--heads", "2", "--kv-heads", "1",
               "--head-dim", "32", "--dtype", "float32", "--device", device, "--out", str(tmp_path / "r.json"))
@@ -200,19 +200,6 @@ def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     assert s["selection"] == "triton gate" and s["selection_agreement"] == 1.0
     assert s["equivalence"]["passed"] is True and s["equivalence"]["path"] == "sparse kernels"
     assert 0 < s["sparsity"] < 1
-    assert triton_moba.DENSE_WHEN_FULL is True  # restored afterwards
-
-
-def test_sparse_kernel_switch_is_restored():
-    from moba_cli.ops.moba import triton_moba
-
-    assert triton_moba.DENSE_WHEN_FULL is True
-    with pytest.raises(RuntimeError), cmp._sparse_kernels_always("triton"):
-        assert triton_moba.DENSE_WHEN_FULL is False
-        raise RuntimeError("boom")
-    assert triton_moba.DENSE_WHEN_FULL is True
-    with cmp._sparse_kernels_always("naive"):
-        assert triton_moba.DENSE_WHEN_FULL is True
 
 
 def test_equivalence_failure_exits_1_after_writing(monkeypatch, tmp_path):

@@ -20,10 +20,9 @@ kernel's own gate is used instead (what actually ran), and its agreement with th
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -475,32 +474,14 @@ def _pack(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-@contextlib.contextmanager
-def _sparse_kernels_always(backend: str) -> Iterator[None]:
-    """The triton backend hands a top-k that covers every block to dense SDPA (same result, faster); the
-    equivalence check is there to test the *sparse* kernels, so switch that shortcut off meanwhile."""
-    if backend != "triton":
-        yield
-        return
-    from moba_cli.ops.moba import triton_moba
-
-    saved = getattr(triton_moba, "DENSE_WHEN_FULL", None)
-    if saved is None:
-        yield
-        return
-    triton_moba.DENSE_WHEN_FULL = False
-    try:
-        yield
-    finally:
-        triton_moba.DENSE_WHEN_FULL = saved
-
-
 def _run_moba(q, k, v, chunk: int, topk: int, backend: str) -> torch.Tensor:
-    from moba_cli.ops.moba import moba_attention
+    from moba_cli.ops.moba import KernelOptions, moba_attention
 
+    # The triton backend hands a top-k that covers every block to dense SDPA (same result, faster); the
+    # equivalence check is there to test the *sparse* kernels, so that shortcut is off here.
+    opts = KernelOptions.from_env().replace(dense_when_full=False) if backend == "triton" else None
     try:
-        with _sparse_kernels_always(backend):
-            return moba_attention(q, k, v, chunk_size=chunk, topk=topk, backend=backend)
+        return moba_attention(q, k, v, chunk_size=chunk, topk=topk, backend=backend, options=opts)
     except ImportError as e:
         raise MobaError(f"the {backend} backend is not available in this build ({e}); try --backend naive") from None
 
@@ -511,7 +492,7 @@ def _kernel_selection(q, k, cu: torch.Tensor, chunk: int, topk: int, backend: st
     if backend != "triton":
         return None
     try:
-        from moba_cli.ops.moba.triton_moba import select_blocks
+        from moba_cli.ops.moba.gate import select_blocks
     except ImportError:
         return None
     return select_blocks(q, k, make_layout(cu, chunk), topk)
