@@ -361,3 +361,28 @@ def test_gpu_timer_is_named_for_cuda_records():
     rec = _rec("moba-triton", 1024, 1.0)
     rec["timer"] = TIMERS["cuda"]
     assert "CUDA events" in summarize([rec])["fields"]["ms"]
+
+
+@pytest.mark.parametrize("path,needle", [("dense", "dense causal attention through SDPA"),
+                                         ("long_blocks", "long blocks"), ("dense_prefix", "first 300 tokens"),
+                                         ("sparse", None)])
+def test_moba_triton_note_reads_the_call_plan(monkeypatch, path, needle):
+    """The record says what ran from ops' plan_call, not from a second copy of the dispatch rules."""
+    import types
+
+    import moba_cli.ops.moba as ops
+    from moba_cli.bench.case import Case
+    from moba_cli.bench.providers import _dense_parts
+
+    calls = []
+
+    def plan_call(q, k, *, chunk_size, topk, backend, options=None):
+        calls.append((chunk_size, topk, backend))
+        return types.SimpleNamespace(path=path, options=ops.KernelOptions(), prefix=types.SimpleNamespace(rows=300))
+
+    monkeypatch.setattr(ops, "plan_call", plan_call)
+    case = Case("fwd", 1, 1024, 2, 2, 16, 64, 3, "bfloat16", "cuda")
+    x = torch.zeros(1, 1024, 2, 16)
+    note = _dense_parts(case, x, x)
+    assert calls == [(64, 3, "triton")]
+    assert (note is None) if needle is None else (needle in note)

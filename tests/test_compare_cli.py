@@ -189,7 +189,7 @@ def test_triton_backend_errors(monkeypatch, tmp_path):
 
 def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     # Tiny, because without a GPU the kernels run under the Triton interpreter.
-    from moba_cli.ops.moba import triton_moba
+    from moba_cli.ops.moba import dense
 
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -197,7 +197,7 @@ def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     def no_dense(*args, **kwargs):
         raise AssertionError("the equivalence check must run the sparse kernels, not the dense shortcut")
 
-    monkeypatch.setattr(triton_moba, "_dense_causal", no_dense)
+    monkeypatch.setattr(dense, "dense_causal", no_dense)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = run("--backend", "triton", "--seq", "64", "--chunk", "16", "--topk", "2", "--heads", "2", "--kv-heads", "1",
               "--head-dim", "32", "--dtype", "float32", "--device", device, "--out", str(tmp_path / "r.json"))
@@ -206,26 +206,32 @@ def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     assert s["selection"] == "triton gate" and s["selection_agreement"] == 1.0
     assert s["equivalence"]["passed"] is True and s["equivalence"]["path"] == "sparse kernels"
     assert 0 < s["sparsity"] < 1
-    assert triton_moba.DENSE_WHEN_FULL is True  # restored afterwards
 
 
-def test_sparse_kernel_switch_is_restored():
-    from moba_cli.ops.moba import triton_moba
+def test_equivalence_run_asks_for_the_sparse_kernels_through_options(monkeypatch):
+    """No module global is flipped: the all-blocks run passes KernelOptions(dense_when_full=False)."""
+    import moba_cli.ops.moba as ops
 
-    assert triton_moba.DENSE_WHEN_FULL is True
-    with pytest.raises(RuntimeError), equivalence._sparse_kernels_always("triton"):
-        assert triton_moba.DENSE_WHEN_FULL is False
-        raise RuntimeError("boom")
-    assert triton_moba.DENSE_WHEN_FULL is True
-    with equivalence._sparse_kernels_always("naive"):
-        assert triton_moba.DENSE_WHEN_FULL is True
+    seen = []
+
+    def fake(q, k, v, *, chunk_size, topk, backend, options=None):
+        seen.append(options)
+        return q
+
+    monkeypatch.setattr(ops, "moba_attention", fake)
+    x = torch.zeros(1, 8, 1, 4)
+    equivalence.run_moba(x, x, x, 4, 2, "triton", sparse_only=True)
+    equivalence.run_moba(x, x, x, 4, 2, "triton")
+    equivalence.run_moba(x, x, x, 4, 2, "naive", sparse_only=True)
+    assert seen[0] is not None and seen[0].dense_when_full is False
+    assert seen[1] is None and seen[2] is None
 
 
 def test_equivalence_failure_exits_1_after_writing(monkeypatch, tmp_path):
     real = equivalence.run_moba
 
-    def broken(q, k, v, chunk, topk, backend):
-        out = real(q, k, v, chunk, topk, backend)
+    def broken(q, k, v, chunk, topk, backend, sparse_only=False):
+        out = real(q, k, v, chunk, topk, backend, sparse_only)
         blocks = math.ceil(q.shape[1] / chunk)
         return out + 1e-3 if topk >= blocks else out  # wrong only in the all-blocks run
 
@@ -515,8 +521,8 @@ def test_error_stats_count_poisoned_rows_instead_of_hiding_them():
 def test_poisoned_equivalence_run_fails_by_name_with_strict_json(monkeypatch, tmp_path):
     real = equivalence.run_moba
 
-    def poisoned(q, k, v, chunk, topk, backend):
-        out = real(q, k, v, chunk, topk, backend)
+    def poisoned(q, k, v, chunk, topk, backend, sparse_only=False):
+        out = real(q, k, v, chunk, topk, backend, sparse_only)
         if topk >= math.ceil(q.shape[1] / chunk):  # only the all-blocks run
             out = out.clone()
             out[0, 5, 1, 0] = float("nan")

@@ -3,9 +3,7 @@ the dtype's rounding (the main correctness oracle), on the sparse kernels, not t
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -47,32 +45,17 @@ def pack(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
-@contextlib.contextmanager
-def _sparse_kernels_always(backend: str) -> Iterator[None]:
-    """The triton backend hands a top-k that covers every block to dense SDPA (same result, faster); the
-    equivalence check is there to test the *sparse* kernels, so switch that shortcut off meanwhile."""
-    if backend != "triton":
-        yield
-        return
-    from moba_cli.ops.moba import triton_moba
+def run_moba(q, k, v, chunk: int, topk: int, backend: str, sparse_only: bool = False) -> torch.Tensor:
+    """``moba_attention`` with one clear error when the backend is missing from this build.
 
-    saved = getattr(triton_moba, "DENSE_WHEN_FULL", None)
-    if saved is None:
-        yield
-        return
-    triton_moba.DENSE_WHEN_FULL = False
+    ``sparse_only``: the triton backend hands a top-k that covers every block to dense SDPA (same result,
+    faster); the equivalence check is there to test the *sparse* kernels, so it turns that shortcut off.
+    """
+    from moba_cli.ops.moba import KernelOptions, moba_attention
+
+    options = KernelOptions.from_env().replace(dense_when_full=False) if sparse_only and backend == "triton" else None
     try:
-        yield
-    finally:
-        triton_moba.DENSE_WHEN_FULL = saved
-
-
-def run_moba(q, k, v, chunk: int, topk: int, backend: str) -> torch.Tensor:
-    from moba_cli.ops.moba import moba_attention
-
-    try:
-        with _sparse_kernels_always(backend):
-            return moba_attention(q, k, v, chunk_size=chunk, topk=topk, backend=backend)
+        return moba_attention(q, k, v, chunk_size=chunk, topk=topk, backend=backend, options=options)
     except ImportError as e:
         raise MobaError(f"the {backend} backend is not available in this build ({e}); try --backend naive") from None
 
@@ -96,7 +79,7 @@ def check_equivalence(setup: CompareSetup, q, k, v, o_full: torch.Tensor, say: P
     blocks = (s_eq + setup.chunk - 1) // setup.chunk
     say(f"MoBA with every block (top-k {blocks}): the equivalence check", 0.0)
     qe, ke, ve = (x[:, :s_eq] for x in (q, k, v))
-    o_all = pack(run_moba(qe, ke, ve, setup.chunk, blocks, setup.backend))
+    o_all = pack(run_moba(qe, ke, ve, setup.chunk, blocks, setup.backend, sparse_only=True))
     eq_stats, sdpa_stats = ErrorStats(hq), ErrorStats(hq)
 
     def score_rows(rows: torch.Tensor, ref: torch.Tensor) -> None:

@@ -12,7 +12,7 @@ import torch
 
 from moba_cli.errors import MobaError
 from moba_cli.ops.moba.layout import BlockLayout, make_layout, num_slots
-from moba_cli.ops.moba.naive import block_means
+from moba_cli.ops.moba.naive import block_means, score_blocks, top_blocks
 
 # Above this many query rows the recall and the equivalence check use a seeded random sample of rows
 # (their dense float32 reference costs O(rows * S)); sparsity and the output error always use every row.
@@ -28,26 +28,24 @@ Progress = Callable[[str, float], None]
 def select_tile(
     q_tile: torch.Tensor, means: torch.Tensor, pos: torch.Tensor, chunk: int, slots: int, first: int
 ) -> torch.Tensor:
-    """Blocks chosen by some query rows of one sequence, by the rule of ``naive.select_blocks``.
+    """Blocks chosen by some query rows of one sequence, by the reference gate rule
+    (:func:`~moba_cli.ops.moba.naive.score_blocks`, :func:`~moba_cli.ops.moba.naive.top_blocks`).
 
     q_tile ``[R, Hq, D]`` (the rows at local positions ``pos [R]``), means ``[nb, Hkv, D]`` float32 block
     means of the sequence, ``first`` its first global block id. Returns global ids ``[R, Hq, slots]``
     int64: slot 0 the own block, then past blocks by decreasing score, ``-1`` where there are fewer.
     """
-    r, hq, d = q_tile.shape
-    nb, hkv = means.shape[0], means.shape[1]
+    r, hq, _ = q_tile.shape
+    nb = means.shape[0]
     own = pos // chunk
     out = torch.full((r, hq, slots), -1, dtype=torch.int64, device=q_tile.device)
     out[:, :, 0] = (own + first)[:, None]
     n = min(slots - 1, nb)
     if n <= 0:
         return out
-    scores = torch.einsum("shgd,nhd->shgn", q_tile.float().view(r, hkv, hq // hkv, d), means).reshape(r, hq, nb)
     past = torch.arange(nb, device=q_tile.device)[None, :] < own[:, None]
-    scores = scores.masked_fill(~past[:, None, :], float("-inf"))
-    order = torch.sort(scores, dim=-1, descending=True, stable=True)  # stable: the earlier block wins ties
-    top_val, top_idx = order.values[..., :n], order.indices[..., :n]
-    out[:, :, 1 : 1 + n] = torch.where(torch.isfinite(top_val), top_idx + first, torch.full_like(top_idx, -1))
+    local = top_blocks(score_blocks(q_tile, means).masked_fill(~past[:, None, :], float("-inf")), n)
+    out[:, :, 1 : 1 + n] = torch.where(local >= 0, local + first, local)
     return out
 
 

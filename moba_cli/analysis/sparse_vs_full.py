@@ -41,7 +41,7 @@ def _kernel_selection(q, k, cu: torch.Tensor, chunk: int, topk: int, backend: st
     if backend != "triton":
         return None
     try:
-        from moba_cli.ops.moba.triton_moba import select_blocks
+        from moba_cli.ops.moba.gate import select_blocks
     except ImportError:
         return None
     return select_blocks(q, k, make_layout(cu, chunk), topk)

@@ -112,9 +112,9 @@ class MobaOurs(Provider):
             return reason
         backend = self.extra["backend"]
         if backend == "triton" and case.device == "cpu":
-            from moba_cli.ops.moba.validate import triton_interpreting
+            from moba_cli.ops.moba.common import is_interp
 
-            if not triton_interpreting():
+            if not is_interp():
                 return "moba-triton runs on CUDA, or on CPU only under TRITON_INTERPRET=1"
         if backend == "naive":
             dev = "cuda" if case.device.startswith("cuda") else "cpu"
@@ -149,25 +149,24 @@ class MobaOurs(Provider):
         )
 
 
-def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor) -> str | None:
+def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor, options=None) -> str | None:
     """Which part of a moba-triton call runs through a dense kernel (same function, exact), for the record."""
-    from moba_cli.ops.moba import cudnn_blocks, dense_prefix, triton_moba
+    from moba_cli.ops.moba import plan_call
 
     if not case.device.startswith("cuda"):
         return None
-    if triton_moba.DENSE_WHEN_FULL and triton_moba.covers_all(case.seq, case.chunk, case.topk):
+    plan = plan_call(q, k, chunk_size=case.chunk, topk=case.topk, backend="triton", options=options)
+    opts = plan.options
+    if plan.path == "dense":
         return "top-k covers every block: the whole call is dense causal attention through SDPA (cuDNN first)"
-    b, s = q.shape[:2]
-    qp, kp, cu_host = q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), [i * s for i in range(b + 1)]
-    if cudnn_blocks.plan(qp, kp, cu_host, case.chunk) is not None:
-        return (f"long blocks ({case.chunk} keys >= {cudnn_blocks.MIN_CHUNK}): the forward is dense cuDNN calls, "
-                f"causal over the own blocks (halved from {2 * cudnn_blocks.MIN_OWN_PIECE} keys) and one per key "
+    if plan.path == "long_blocks":
+        return (f"long blocks ({case.chunk} keys >= {opts.cudnn_min_chunk}): the forward is dense cuDNN calls, "
+                f"causal over the own blocks (halved from {2 * opts.own_split_min_piece} keys) and one per key "
                 "block over the queries that chose it; the backward runs in the sparse kernels")
-    pre = dense_prefix.plan(qp, kp, cu_host, case.chunk, case.topk)
-    if pre is None:
+    if plan.path != "dense_prefix":
         return None
-    return (f"dense prefix: the first {pre.rows} tokens of each sequence (its first {case.topk} blocks, where "
-            "every past block is kept) through cuDNN, the rest in the sparse kernels")
+    return (f"dense prefix: the first {plan.prefix.rows} tokens of each sequence (its first {case.topk} blocks, "
+            "where every past block is kept) through cuDNN, the rest in the sparse kernels")
 
 
 class FlexMoba(Provider):

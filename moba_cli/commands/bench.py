@@ -99,9 +99,9 @@ def bench(
 ) -> None:
     with user_errors():
         from moba_cli.bench import build_config, run_bench
-        from moba_cli.ops.moba.triton_moba import check_env_knobs
+        from moba_cli.ops.moba.options import KernelOptions
 
-        check_env_knobs()
+        KernelOptions.from_env()  # a malformed MOBA_* kernel variable stops the command before any work
 
         config = build_config(
             seq=seq, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, chunk=chunk, topk=topk,

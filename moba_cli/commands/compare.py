@@ -54,9 +54,9 @@ def compare(
                                              "(default: results/compare/)")] = None,
 ) -> None:
     with user_errors():
-        from moba_cli.ops.moba.triton_moba import check_env_knobs
+        from moba_cli.ops.moba.options import KernelOptions
 
-        check_env_knobs()
+        KernelOptions.from_env()  # a malformed MOBA_* kernel variable stops the command before any work
         if model is not None:
             _model_compare(model, text, out, device, dtype, seq, backend,
                            other={"--qkv": qkv, "--batch": batch, "--heads": heads, "--kv-heads": kv_heads,

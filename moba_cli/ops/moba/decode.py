@@ -19,16 +19,13 @@ import torch
 
 from moba_cli.errors import MobaError
 
+from .layout import decode_slots
+from .naive import score_blocks, top_blocks
 from .validate import SUPPORTED_DTYPES, check_moba_params, resolve_backend
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def decode_slots(topk: int, cache_len: int, chunk_size: int) -> int:
-    """Blocks per head in ``block_ids``: own block plus ``topk - 1``, capped by the cache's block count."""
-    return max(1, min(topk, _cdiv(cache_len, chunk_size)))
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -170,8 +167,6 @@ def select_decode_blocks(
     ``slots = max(1, min(topk, ceil(cache_len / chunk_size)))``, the Triton kernel's format.
     """
     bsz, hq, d = q.shape
-    hkv = block_means.shape[2]
-    g = hq // hkv
     slots = decode_slots(topk, cache_len, chunk_size)
     out = torch.full((bsz, hq, slots), -1, dtype=torch.int32, device=q.device)
     for b, n in enumerate(cache_seqlens.tolist()):
@@ -180,11 +175,8 @@ def select_decode_blocks(
         take = min(slots - 1, own)
         if take == 0:
             continue
-        means = block_means[b, :own]  # [own, Hkv, D]
-        scores = torch.einsum("hgd,nhd->hgn", q[b].float().view(hkv, g, d), means).reshape(hq, own)
-        # A stable descending sort keeps the earlier block first among equal scores (the tie rule).
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        out[b, :, 1 : 1 + take] = order[:, :take].to(torch.int32)
+        # the prefill reference's rule (naive.top_blocks): every block before the own one may be chosen
+        out[b, :, 1 : 1 + take] = top_blocks(score_blocks(q[b], block_means[b, :own]), take).to(torch.int32)
     return out
 
 
