@@ -9,16 +9,17 @@ import torch
 
 
 def rel_l2(a: torch.Tensor, ref: torch.Tensor) -> float:
-    """Relative L2 error ``||a - ref|| / ||ref||`` in float32 (any shapes that broadcast; ``a`` may be any dtype).
+    """Relative L2 error ``||a - ref|| / ||ref||`` in float64 (equal to ``rms(a - ref) / rms(ref)``).
 
-    NaN or inf anywhere in ``a`` gives NaN, never a small number: a poisoned output must not pass a check.
+    ``ref`` may live on another device (moved to ``a``'s). NaN or inf in either gives NaN, never a small
+    number: a poisoned output must not pass a check. Meant for tensors that fit twice in memory in float64
+    (sampled rows, test sizes); stream larger ones.
     """
-    a, ref = a.float(), ref.float().to(a.device)
-    num = float((a - ref).norm())
-    den = float(ref.norm())
+    a, ref = a.double(), ref.to(a.device).double()
+    num, den = float((a - ref).norm()), float(ref.norm())
     if not math.isfinite(num) or not math.isfinite(den):
         return float("nan")
-    return num / max(den, 1e-12)
+    return num / max(den, 1e-30)
 
 
 def finite_or_none(x: float | None) -> float | None:
