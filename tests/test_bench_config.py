@@ -98,6 +98,8 @@ def test_baselines():
         ({"seed": 2**32}, "--seed must be an integer in"),
         ({"seed": 10**30}, "--seed must be an integer in"),
         ({"seed": -1}, "--seed must be an integer in"),
+        ({"repeats": 10**9}, "--repeats must be at most 10000"),
+        ({"check_rows": 10**9}, "--check-rows must be at most 65536"),
     ],
 )
 def test_bad_values_give_one_clear_error(kwargs, message):

@@ -52,6 +52,10 @@ GPU_DEFAULTS = {"seq": "32k,128k", "batch": 1, "heads": (8,), "head_dim": 128, "
 CPU_DEFAULTS = {"seq": "256,512", "batch": 1, "heads": (2,), "head_dim": 32, "chunk": 64, "topk": 3,
                 "repeats": 3, "dtype": "fp32"}
 CPU_MAX_SEQ = 16384  # a CPU run is a smoke test of the bench itself, not a measurement
+# Timed calls are kept as CUDA events, and each checked row costs a float32 reference over the whole
+# sequence: past these the run would take hours, not give a better number.
+MAX_REPEATS = 10_000
+MAX_CHECK_ROWS = 65_536
 
 @dataclass
 class BenchConfig:
@@ -219,7 +223,10 @@ def build_config(
         _positive(value, name)
         if value is not None:
             check_at_most(value, name)
+    if repeats is not None:
+        check_at_most(repeats, "--repeats", MAX_REPEATS)
     _positive(check_rows, "--check-rows")
+    check_at_most(check_rows, "--check-rows", MAX_CHECK_ROWS)
     check_seed(seed)
     if not (max_dense_seconds > 0):
         raise MobaError(f"--max-dense-seconds must be positive, got {max_dense_seconds}")
