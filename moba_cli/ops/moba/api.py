@@ -53,7 +53,7 @@ def moba_attention(
     """
     q, k, v = autocast_inputs(q, k, v)
     cu_host = check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-    check_moba_params(chunk_size, topk)
+    chunk_size, topk = check_moba_params(chunk_size, topk)
     plan = plan_call(q, k, chunk_size=chunk_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
                      backend=backend, options=options, cu_host=cu_host)
     with torch.autocast(q.device.type, enabled=False):

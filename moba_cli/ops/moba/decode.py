@@ -21,7 +21,7 @@ from moba_cli.errors import MobaError
 
 from .layout import decode_slots
 from .naive import score_blocks, top_blocks
-from .validate import SUPPORTED_DTYPES, check_moba_params, resolve_backend
+from .validate import SUPPORTED_DTYPES, check_moba_params, check_scale, resolve_backend
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -97,7 +97,7 @@ def cache_block_means(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, chunk_
     end > ``cache_seqlens[b]``) are zero.
     """
     _check_cache("k_cache", k_cache)
-    check_moba_params(chunk_size, 1)
+    chunk_size, _ = check_moba_params(chunk_size, 1)
     bsz, cache_len, hkv, d = k_cache.shape
     _check_lengths("cache_seqlens", cache_seqlens, bsz, k_cache.device, 0, cache_len)
     nb = _cdiv(cache_len, chunk_size)
@@ -128,7 +128,7 @@ def update_block_means(
     room for ``ceil(L / chunk_size)`` blocks; otherwise returns a new, grown tensor holding the old entries.
     """
     _check_cache("k_cache", k_cache)
-    check_moba_params(chunk_size, 1)
+    chunk_size, _ = check_moba_params(chunk_size, 1)
     bsz, cache_len, hkv, d = k_cache.shape
     dev = k_cache.device
     if not isinstance(block_means, torch.Tensor) or block_means.dim() != 4:
@@ -278,9 +278,8 @@ def moba_decode(
         raise MobaError(f"q and k_cache must have the same head dim, got {d} and {dk}")
     if hq == 0 or hkv == 0 or hq % hkv != 0:
         raise MobaError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    check_moba_params(chunk_size, topk)
-    if softmax_scale is not None and not (softmax_scale > 0):
-        raise MobaError(f"softmax_scale must be positive, got {softmax_scale}")
+    chunk_size, topk = check_moba_params(chunk_size, topk)
+    check_scale(softmax_scale)
     backend = resolve_backend(backend, q)
     _check_lengths("cache_seqlens", cache_seqlens, bsz, q.device, 1, cache_len, values=check_lengths)
     _check_means(block_means, bsz, hkv, d, (cache_len - 1) // chunk_size, q.device)

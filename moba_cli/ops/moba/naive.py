@@ -147,6 +147,10 @@ def moba_attention_naive(
             o = torch.einsum("qhgk,khd->qhgd", p, vf[:r1]).reshape(r1 - r0, hq, d)
             outs.append(o)
             lses.append(lse)
+    if not outs:  # no tokens (S = 0, T = 0 or B = 0): empty results, as the kernels give, still in the graph
+        # so that backward gives q, k and v (empty) gradients
+        empty = q.float()[:0] * 0 + (k.float().sum() + v.float().sum()) * 0
+        return empty, empty[..., 0]
     return torch.cat(outs, 0), torch.cat(lses, 0)
 
 

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from moba_cli.errors import MobaError
@@ -11,6 +14,8 @@ from .common import is_interp
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (32, 64, 128)
 BACKENDS = ("auto", "naive", "triton")
+# Token positions and block ids are int32 in the kernels and the layout: larger sizes would overflow.
+MAX_SIZE = 2**31 - 1
 
 
 def autocast_inputs(q, k, v):
@@ -60,8 +65,7 @@ def check_inputs(
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv != 0:
         raise MobaError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if softmax_scale is not None and not (softmax_scale > 0):
-        raise MobaError(f"softmax_scale must be positive, got {softmax_scale}")
+    check_scale(softmax_scale)
     if cu_seqlens is not None:
         return check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
     return None
@@ -90,11 +94,30 @@ def check_cu_seqlens(
     return cu
 
 
-def check_moba_params(chunk_size: int, topk: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+def check_scale(softmax_scale: object) -> None:
+    """``softmax_scale`` is None or a finite positive real number (numpy scalars included)."""
+    if softmax_scale is None:
+        return
+    ok = isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool)
+    if not (ok and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise MobaError(f"softmax_scale must be a finite positive number, got {softmax_scale!r}")
+
+
+def _integer(x: object) -> bool:
+    # numbers.Integral takes numpy integers too; bool is an int but never a size
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_moba_params(chunk_size: int, topk: int) -> tuple[int, int]:
+    """Check ``chunk_size`` and ``topk`` (Python or numpy integers, 1 .. 2^31-1); returns them as ints."""
+    if not _integer(chunk_size) or chunk_size <= 0:
         raise MobaError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+    if not _integer(topk) or topk < 1:
         raise MobaError(f"topk must be an integer >= 1 (it counts the query's own block), got {topk!r}")
+    for name, x in (("chunk_size", chunk_size), ("topk", topk)):
+        if x > MAX_SIZE:
+            raise MobaError(f"{name} must be at most {MAX_SIZE} (int32 block arithmetic), got {x}")
+    return int(chunk_size), int(topk)
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
