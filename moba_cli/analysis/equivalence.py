@@ -35,6 +35,7 @@ EQUIV_ROW_FACTOR = 8.0
 # outputs do not depend on later tokens), so the prefix tests the same arithmetic at bounded cost.
 EQUIV_MAX_ENTRIES = 2**28
 
+
 def equivalence_tolerance(dtype: torch.dtype, sdpa_rel_l2: float) -> dict[str, float]:
     """Bounds for the equivalence check; see the comment on :data:`EQUIV_REL_L2_FLOOR` for the reasoning."""
     rel = max(EQUIV_REL_L2_FLOOR[dtype], EQUIV_SDPA_FACTOR * sdpa_rel_l2)
@@ -42,6 +43,7 @@ def equivalence_tolerance(dtype: torch.dtype, sdpa_rel_l2: float) -> dict[str, f
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
+    """``[B, S, ...]`` -> ``[B * S, ...]`` (the packed layout; a view where possible)."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
