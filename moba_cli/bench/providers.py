@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 
 from moba_cli.bench.case import Case
+from moba_cli.ops.moba.options import KernelOptions
 
 # Reference providers that materialise large intermediates run only where they fit.
 NAIVE_MAX_TOKENS = {"cuda": 32768, "cpu": 4096}  # batch * seq, forward
@@ -140,16 +141,19 @@ class MobaOurs(Provider):
                 note="block means of the cache computed once, outside the timed region; cache_seqlens not "
                 "range-checked on the host (as in the transformers integration)",
             )
-        from moba_cli import moba_attention
+        from moba_cli.ops.moba import moba_attention
 
+        # Read once, so the timed calls and the record's note (from the call plan) see the same switches.
+        options = KernelOptions.from_env()
         return Op(
-            forward=lambda: moba_attention(q, k, v, chunk_size=case.chunk, topk=case.topk, backend=backend),
+            forward=lambda: moba_attention(q, k, v, chunk_size=case.chunk, topk=case.topk, backend=backend,
+                                           options=options),
             grad_inputs=(q, k, v),
-            note=_dense_parts(case, q, k) if backend == "triton" else None,
+            note=_dense_parts(case, q, k, options) if backend == "triton" else None,
         )
 
 
-def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor, options=None) -> str | None:
+def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor, options: KernelOptions | None = None) -> str | None:
     """Which part of a moba-triton call runs through a dense kernel (same function, exact), for the record."""
     from moba_cli.ops.moba import plan_call
 
