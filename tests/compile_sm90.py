@@ -22,8 +22,9 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
+from moba_cli.ops.moba import bwd, fwd, gate
 from moba_cli.ops.moba import triton_decode as td
-from moba_cli.ops.moba import triton_moba as tm
+from moba_cli.ops.moba.options import KernelOptions
 
 TARGET = GPUTarget("cuda", 90, 32)
 H200_SMS = 132  # the decode launcher sizes its KV split from the SM count
@@ -124,22 +125,21 @@ def compile_launch(fn, args: tuple, kwargs: dict, backend, done: set) -> None:
 
 
 def forward_launches() -> list:
-    """Every launch of ``_forward`` (the attention slots) on meta tensors, TMA descriptors on and off,
+    """Every launch of ``fwd.forward`` (the attention slots) on meta tensors, TMA descriptors on and off,
     for the forward configurations the op picks (bf16 D=128 at chunk 4096, 128 and 1000; fp16 D=64)."""
     from types import SimpleNamespace
 
     launches: list = []
-    saved = {name: getattr(tm, name) for name in ("_fwd_kernel",)}
-    saved_desc = tm.FWD_DESC
+    saved = {name: getattr(fwd, name) for name in ("_fwd_kernel",)}
     try:
         for name in saved:
-            setattr(tm, name, _Recorder(saved[name], launches))
+            setattr(fwd, name, _Recorder(saved[name], launches))
         # chunk 1000: key tiles that do not divide the block (EVEN off)
         cases = ((torch.bfloat16, 128, 4096), (torch.bfloat16, 128, 128), (torch.float16, 64, 512),
                  (torch.bfloat16, 128, 1000))
         for dtype, d, chunk in cases:
             for desc in (True, False):
-                tm.FWD_DESC = desc
+                opts = KernelOptions(fwd_desc=desc)
                 t, hq, hkv = 4 * chunk, 8, 2
                 q = torch.empty(t, hq, d, dtype=dtype, device="meta")
                 k = torch.empty(t, hkv, d, dtype=dtype, device="meta")
@@ -151,18 +151,17 @@ def forward_launches() -> list:
                     sel = torch.empty(t, hq, slots, dtype=torch.int32, device="meta")
                     sched = SimpleNamespace(slots=slots, tiles_bound=7, slot_first=ints, block_idx=sel, pair_t=ints,
                                             group_off=ints, group_cnt=ints, tile_group=ints, tile_off=ints)
-                    tm._forward(q, k, k, layout, sched, d**-0.5)
+                    fwd.forward(q, k, k, layout, sched, d**-0.5, opts)
     finally:
         for name, value in saved.items():
-            setattr(tm, name, value)
-        tm.FWD_DESC = saved_desc
+            setattr(fwd, name, value)
     return launches
 
 
 def compile_gluon() -> None:
     """The Hopper backward in Gluon (gluon_bwd.py): bf16 and fp16, key tiles dividing the block or not.
     Skipped, with a line saying so, where Triton has no Gluon API the kernel can use (before 3.6)."""
-    if not tm._gluon_available():
+    if not bwd.gluon_available():
         print(f"gluon backward skipped: Triton {triton.__version__} (needs 3.6)", flush=True)
         return
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -186,20 +185,20 @@ def main() -> None:
         common = {"PAIR_T": I32, "GROUP_OFF": I32, "GROUP_CNT": I32, "BS": I32, "BE": I32, "qk_scale": "fp32"}
         gate_types = {"Q": t, "KM": P32, "KMH": t, "KML": t, "TB": I32, "FB": I32, "OUT": I32, "SCR": P32}
         compile_kernel(
-            tm._gate_kernel, gate_types,
+            gate._gate_kernel, gate_types,
             {"G": 4, "NPAST": 11, "D": d, "BLOCK_M": 64, "BLOCK_N": 16, "PREC": "tf32x3",
              "SPLIT": dtype == torch.bfloat16}, num_warps=4,
         )
         for ng, bm in ((8, 64), (16, 32)):
             compile_kernel(
-                tm._gate_grouped_kernel, gate_types,
+                gate._gate_grouped_kernel, gate_types,
                 {"H": 8, "G": 4, "NPAST": ng - 1, "NG": ng, "D": d, "BLOCK_M": bm, "BLOCK_N": 16, "PREC": "tf32x3",
                  "SPLIT": dtype == torch.bfloat16}, num_warps=4, num_stages=3,
             )
-        b = tm._bwd_config(d, dtype, False)
+        b = bwd.bwd_config(d, dtype, False)
         for even in (True, False):
             compile_kernel(
-                tm._bwd_dq_kernel,
+                bwd._bwd_dq_kernel,
                 {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DQ": P32, "TILE_GROUP": I32,
                  "TILE_OFF": I32, "SLOT_FIRST": I32, "sm_scale": "fp32", **common},
                 {"H": 8, "G": 4, "D": d, "FIRST": even, "EVEN": even, "BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"],
@@ -207,16 +206,16 @@ def main() -> None:
             )
             # dK/dV: with dQ fused, and without (the dQ pass's tiles)
             for fused in (True, False):
-                b = tm._bwd_config(d, dtype, fused)
+                b = bwd.bwd_config(d, dtype, fused)
                 compile_kernel(
-                    tm._bwd_dkdv_kernel,
+                    bwd._bwd_dkdv_kernel,
                     {"Q": t, "K": t, "V": t, "DO": t, "LSE": P32, "DELTA": P32, "DK": t, "DV": t, "DQ": P32,
                      "sm_scale": "fp32", **common},
                     {"H": 8, "G": 4, "D": d, "EVEN": even, "BLOCK_M": b["BLOCK_M"], "BLOCK_N": b["BLOCK_N"],
                      "PREC": "tf32", "FUSED_DQ": fused}, num_warps=b["num_warps"], num_stages=b["num_stages"],
                 )
     compile_gluon()
-    compile_kernel(tm._block_mean_kernel, {"K": "*bf16", "BS": I32, "BE": I32, "KM": P32}, {"D": 128, "BLOCK_T": 64})
+    compile_kernel(gate._block_mean_kernel, {"K": "*bf16", "BS": I32, "BE": I32, "KM": P32}, {"D": 128, "BLOCK_T": 64})
     backend, done = make_backend(TARGET), set()
     for fn, args, kwargs in forward_launches():
         compile_launch(fn, args, kwargs, backend, done)

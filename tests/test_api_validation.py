@@ -58,7 +58,14 @@ CASES = {
     "chunk str": (good(chunk_size="4"), "chunk_size must be a positive integer"),
     "topk 0": (good(topk=0), "topk must be an integer >= 1"),
     "topk float": (good(topk=2.0), "topk must be an integer >= 1"),
-    "softmax_scale 0": (good(softmax_scale=0.0), "softmax_scale must be positive"),
+    "softmax_scale 0": (good(softmax_scale=0.0), "softmax_scale must be a finite positive number"),
+    "softmax_scale inf": (good(softmax_scale=float("inf")), "softmax_scale must be a finite positive number"),
+    "softmax_scale nan": (good(softmax_scale=float("nan")), "softmax_scale must be a finite positive number"),
+    "softmax_scale str": (good(softmax_scale="0.5"), "softmax_scale must be a finite positive number"),
+    "softmax_scale bool": (good(softmax_scale=True), "softmax_scale must be a finite positive number"),
+    "chunk over int32": (good(chunk_size=2**31), "chunk_size must be at most 2147483647"),
+    "chunk 2^63": (good(chunk_size=2**63), "chunk_size must be at most 2147483647"),
+    "topk over int32": (good(topk=2**40), "topk must be at most 2147483647"),
     "cu_seqlens not from 0": (packed(cu_seqlens=torch.tensor([1, 3, 10], dtype=torch.int32)), "start at 0"),
     "cu_seqlens decreasing": (packed(cu_seqlens=torch.tensor([0, 7, 3, 10], dtype=torch.int32)), "non-decreasing"),
     "cu_seqlens wrong end": (packed(cu_seqlens=torch.tensor([0, 3, 9], dtype=torch.int32)), "ends at 9"),
@@ -155,3 +162,36 @@ def test_interpreter_refuses_bfloat16(monkeypatch):
     assert resolve_backend("auto", q) == "naive"
     assert resolve_backend("auto", q.float()) == "triton"
     assert resolve_backend("triton", q.half()) == "triton"
+
+
+def test_numpy_integers_are_integers():
+    np = pytest.importorskip("numpy")
+    base = good()
+    want = call(base)
+    for kind in (np.int32, np.int64, np.uint16):
+        assert torch.equal(call({**base, "chunk_size": kind(4), "topk": kind(2)}), want)
+    assert torch.equal(call({**base, "softmax_scale": np.float32(0.25)}), call({**base, "softmax_scale": 0.25}))
+    with pytest.raises(MobaError, match="chunk_size must be a positive integer"):
+        call({**base, "chunk_size": np.float64(4.0)})
+
+
+@pytest.mark.parametrize("fn", [moba_attention, full_attention])
+def test_autocast_casts_inputs_like_sdpa(fn):
+    # Under autocast, q/k in float32 and v in bfloat16 are one bf16 call (SDPA does the same); the
+    # gradients reach the float32 leaves in their own dtype. Outside autocast mixed dtypes stay an error.
+    g = torch.Generator().manual_seed(3)
+    q, k = (torch.randn(2, 37, h, 16, generator=g).requires_grad_() for h in (4, 2))
+    v = torch.randn(2, 37, 2, 16, generator=g).bfloat16().requires_grad_()
+    kw = {"chunk_size": 8, "topk": 2, "backend": "naive"}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = fn(q, k, v, **kw)
+    assert out.dtype == torch.bfloat16
+    want = fn(q.detach().bfloat16(), k.detach().bfloat16(), v.detach(), **kw)
+    assert torch.equal(out, want)
+    out.float().pow(2).sum().backward()
+    assert q.grad.dtype == k.grad.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
+    assert all(x.grad.abs().sum() > 0 for x in (q, k, v))
+    with pytest.raises(MobaError, match="share one dtype"):
+        fn(q, k, v, **kw)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=False), pytest.raises(MobaError, match="share one"):
+        fn(q, k, v, **kw)

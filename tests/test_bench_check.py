@@ -1,5 +1,7 @@
 """The bench's own correctness machinery: sampled-row references, tie handling, MoBA with FlexAttention."""
 
+import math
+
 import pytest
 import torch
 
@@ -75,6 +77,28 @@ def test_check_rejects_wrong_outputs_and_gradients():
     assert not wrong.ok and "dk" in wrong.message and "dq" not in wrong.message
 
 
+@pytest.mark.parametrize("where", ["out", "dq", "dv"])
+def test_poisoned_outputs_fail_the_check_and_leave_no_nan_in_the_record(where):
+    """A NaN anywhere fails the check by name, and the record gets null, never a bare NaN (strict JSON)."""
+    import json
+
+    q, k, v = _qkv(1, 96, 2, 1, 16, seed=3, grad=True)
+    ref = Reference(q.detach(), k.detach(), v.detach(), chunk=32, topk=2, decode=False, n_rows=48, seed=0)
+    out = moba_attention(q, k, v, chunk_size=32, topk=2, backend="naive")
+    do = ref.grad_output("moba", q.shape, q.dtype)
+    dq, dk, dv = (g.detach().clone() for g in torch.autograd.grad(out, (q, k, v), do))
+    out = out.detach().clone()
+    row = int(ref.pos[len(ref.pos) // 2])
+    {"out": out, "dq": dq, "dv": dv}[where][0, row] = float("nan")
+    result = ref.check("moba", out, (dq, dk, dv))
+    assert not result.ok
+    assert ("NaN" in result.message) if where == "out" else (where in result.message)
+    fields = result.fields()
+    json.dumps(fields, allow_nan=False)  # raises on NaN/inf
+    key = "check_out_err" if where == "out" else "check_grad_err"
+    assert fields[key] is None
+
+
 def test_gate_ties_go_to_the_earlier_block_and_near_ties_are_flagged():
     # Blocks 0 and 2 are identical, so every query scores them equally: the earlier one must win.
     s, chunk, d = 128, 32, 8
@@ -92,6 +116,23 @@ def test_gate_ties_go_to_the_earlier_block_and_near_ties_are_flagged():
             assert set(chosen[i, h].nonzero().flatten().tolist()) == want
     tie_rows = (naive[96:, :, 1] != 1)  # where block 0/2 won over block 1, the two tie exactly
     assert (near == tie_rows).all() and tie_rows.any()
+
+
+@pytest.mark.parametrize("hkv", [1, 2])
+def test_sampled_row_selection_is_the_reference_rule_even_with_a_nan_key(hkv):
+    s, chunk = 160, 16
+    g = torch.Generator().manual_seed(4)
+    q, k = torch.randn(s, 4, 8, generator=g), torch.randn(s, hkv, 8, generator=g)
+    k[40, 0, 5] = float("nan")  # block 2: its mean is NaN for KV head 0, which ranks first
+    layout = make_layout(torch.tensor([0, s], dtype=torch.int32), chunk)
+    for topk in (2, 4):
+        naive = select_blocks(q, k, layout, topk=topk)
+        pos = torch.tensor([0, 15, 16, 47, 48, 95, 159])
+        chosen, _ = select_rows(q[pos], pos, block_means(k, layout), chunk, topk=topk)
+        for i, p in enumerate(pos.tolist()):
+            for h in range(4):
+                want = {int(x) for x in naive[p, h].tolist() if x >= 0}
+                assert set(chosen[i, h].nonzero().flatten().tolist()) == want, (topk, p, h)
 
 
 def test_ordered_keys_rank_like_scores_then_earlier_block():
@@ -150,3 +191,12 @@ def test_compiled_flex_moba_uses_the_block_mask_and_equals_the_reference():
     out = flex_moba(q, k, v, 128, 3, bits, make_mask_mod(bits, 128), compiled=True)
     ref = moba_attention(q, k, v, chunk_size=128, topk=3, backend="naive")
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_rel_l2_is_relative_rms_and_never_hides_nan():
+    from moba_cli.utils.metrics import rel_l2
+
+    ref = torch.tensor([3.0, 4.0])
+    assert rel_l2(ref + torch.tensor([0.3, 0.4]), ref) == pytest.approx(0.1)
+    assert math.isnan(rel_l2(torch.tensor([float("nan"), 4.0]), ref))
+    assert math.isnan(rel_l2(ref, torch.tensor([float("inf"), 4.0])))

@@ -88,6 +88,16 @@ def test_baselines():
         ({"baselines": "sdpa-nope"}, "unknown provider 'sdpa-nope'"),
         ({"device": "tpu"}, "unknown device"),
         ({"max_dense_seconds": 0}, "--max-dense-seconds must be positive"),
+        ({"chunk": 2**31}, "--chunk must be at most 2147483647"),
+        ({"chunk": 10**20}, "--chunk must be at most"),
+        ({"topk": 10**20}, "--topk must be at most"),
+        ({"heads": str(10**20)}, "--heads must be at most"),
+        ({"batch": 2**20, "seq": "4k"}, "--batch x --seq"),
+        ({"seed": 2**32}, "--seed must be an integer in"),
+        ({"seed": 10**30}, "--seed must be an integer in"),
+        ({"seed": -1}, "--seed must be an integer in"),
+        ({"repeats": 10**9}, "--repeats must be at most 10000"),
+        ({"check_rows": 10**9}, "--check-rows must be at most 65536"),
     ],
 )
 def test_bad_values_give_one_clear_error(kwargs, message):
@@ -123,7 +133,8 @@ def test_without_a_gpu_bench_says_so_in_one_line():
 
 
 @pytest.mark.parametrize(
-    "args", [["--topk", "0"], ["--chunk", "-1"], ["--pass", "foo"], ["--preset", "nope"], ["--seq", "abc"]]
+    "args", [["--topk", "0"], ["--chunk", "-1"], ["--pass", "foo"], ["--preset", "nope"], ["--seq", "abc"],
+             ["--chunk", "99999999999999999999"], ["--seed", "99999999999999999999999"], ["--topk", str(2**40)]]
 )
 def test_cli_bad_values(args):
     _one_line_error(CliRunner().invoke(app, ["bench", "--device", "cpu", *args]))

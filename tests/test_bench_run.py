@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from moba_cli.bench.presets import build_config
 from moba_cli.bench.providers import BY_NAME, Op, Provider, Unsupported
 from moba_cli.bench.report import write_plots
-from moba_cli.bench.runner import RECORD_FIELDS, STATUSES, Runner, add_speedups, time_call
+from moba_cli.bench.runner import RECORD_FIELDS, STATUSES, TIMERS, Runner, add_speedups, time_call
 from moba_cli.cli import app
 from moba_cli.results import read_result
 
@@ -203,10 +203,10 @@ def test_a_fast_dense_baseline_is_run_not_estimated(no_interpreter):
     assert [r["status"] for r in records] == ["ok", "ok"]
 
 
-def _rec(provider, seq, ms, status="ok", p="fwd"):
+def _rec(provider, seq, ms, status="ok", p="fwd", heads=8):
     r = dict.fromkeys(RECORD_FIELDS)
     r.update(provider=provider, kind="dense" if provider.startswith("sdpa") else "moba", batch=1, seq=seq,
-             heads=8, kv_heads=8, head_dim=128, chunk=4096, topk=12, dtype="bfloat16", device="cuda",
+             heads=heads, kv_heads=heads, head_dim=128, chunk=4096, topk=12, dtype="bfloat16", device="cuda",
              status=status, ms=ms, ms_min=ms, ms_max=ms, tflops=1.0, peak_mem_bytes=None)
     r["pass"] = p
     return r
@@ -304,3 +304,85 @@ def test_an_interrupted_run_keeps_its_finished_records(tmp_path, no_interpreter,
     assert {r["seq"] for r in data["records"]} == {256}
     assert {r["provider"]: r["status"] for r in data["records"]} == {
         "moba-triton": "skipped", "moba-naive": "ok", "sdpa-math": "ok"}
+
+
+@pytest.mark.skipif(not HAS_MPL, reason="matplotlib is not installed")
+@pytest.mark.parametrize("groups", [1, 2, 4])
+def test_plot_titles_lie_inside_the_figure(tmp_path, monkeypatch, groups):
+    """A one-panel figure is narrow (5.5 in): the long suptitle was cut off at both edges."""
+    from matplotlib.figure import Figure
+
+    saved = []
+    real_savefig = Figure.savefig
+
+    def spy(fig, *args, **kwargs):
+        real_savefig(fig, *args, **kwargs)
+        renderer = fig.canvas.get_renderer()
+        box = fig.get_window_extent(renderer)
+        texts = [fig._suptitle] + [ax.title for ax in fig.axes if ax.get_visible()]
+        saved.append([(t.get_text(), t.get_window_extent(renderer), box) for t in texts])
+
+    monkeypatch.setattr(Figure, "savefig", spy)
+    records = [_rec("moba-triton", s, 1.0 * s / 1024, heads=h) for s in (1024, 4096) for h in range(1, groups + 1)]
+    records += [_rec("sdpa-cudnn", s, 3.0 * s / 1024, heads=h) for s in (1024, 4096) for h in range(1, groups + 1)]
+    add_speedups(records)
+    files, _ = write_plots(records, tmp_path / "bench-x")
+    assert len(saved) == len(files) == 2
+    for texts in saved:
+        for text, ext, fig_box in texts:
+            assert text
+            assert ext.x0 >= fig_box.x0 - 0.5 and ext.x1 <= fig_box.x1 + 0.5, (text, ext, fig_box)
+            assert ext.y0 >= fig_box.y0 - 0.5 and ext.y1 <= fig_box.y1 + 0.5, (text, ext, fig_box)
+
+
+def test_cpu_records_say_how_they_were_really_timed(no_interpreter):
+    from moba_cli.bench.report import summarize
+
+    records = Runner(_cfg(baselines="moba-naive,sdpa-math")).run()
+    timed = [r for r in records if r["status"] == "ok"]
+    assert timed
+    for r in timed:
+        assert "wall clock" in r["timer"] and "CUDA" not in r["timer"]
+    fields = summarize(records)["fields"]
+    assert "wall clock" in fields["ms"] and "CUDA" not in fields["ms"] and "L2" not in fields["ms"]
+    json.dumps(records, allow_nan=False)  # strict JSON: no NaN/inf anywhere in a record
+
+
+def test_a_zero_time_gives_no_infinite_speedup():
+    records = [_rec("moba-triton", 1024, 0.0), _rec("sdpa-cudnn", 1024, 2.0)]
+    add_speedups(records)
+    assert records[0]["speedup_vs_sdpa_cudnn"] is None
+    json.dumps(records, allow_nan=False)
+
+
+def test_gpu_timer_is_named_for_cuda_records():
+    from moba_cli.bench.report import summarize
+
+    rec = _rec("moba-triton", 1024, 1.0)
+    rec["timer"] = TIMERS["cuda"]
+    assert "CUDA events" in summarize([rec])["fields"]["ms"]
+
+
+@pytest.mark.parametrize("path,needle", [("dense", "dense causal attention through SDPA"),
+                                         ("long_blocks", "long blocks"), ("dense_prefix", "first 300 tokens"),
+                                         ("sparse", None)])
+def test_moba_triton_note_reads_the_call_plan(monkeypatch, path, needle):
+    """The record says what ran from ops' plan_call, not from a second copy of the dispatch rules."""
+    import types
+
+    import moba_cli.ops.moba as ops
+    from moba_cli.bench.case import Case
+    from moba_cli.bench.providers import _dense_parts
+
+    calls = []
+
+    def plan_call(q, k, *, chunk_size, topk, backend, options=None):
+        calls.append((chunk_size, topk, backend))
+        return types.SimpleNamespace(path=path, options=ops.KernelOptions(), prefix=types.SimpleNamespace(rows=300))
+
+    monkeypatch.setattr(ops, "plan_call", plan_call)
+    case = Case("fwd", 1, 1024, 2, 2, 16, 64, 3, "bfloat16", "cuda")
+    x = torch.zeros(1, 1024, 2, 16)
+    note = _dense_parts(case, x, x)
+    assert calls == [(64, 3, "triton")]
+    assert (note is None) if needle is None else (needle in note)

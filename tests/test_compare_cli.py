@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from moba_cli.analysis import compare as cmp
+from moba_cli.analysis import equivalence, error_stats, inputs, recall, sparse_vs_full
 from moba_cli.cli import app
 from moba_cli.ops.moba import full_attention, make_layout
 from moba_cli.ops.moba.naive import block_means, select_blocks
@@ -77,7 +77,7 @@ def test_defaults_run_and_out_folder(tmp_path):
     files = list(tmp_path.glob("compare-*.json"))
     assert len(files) == 1
     data = read_json(files[0])
-    assert data["config"]["seq"] == cmp.DEFAULTS["cpu"]["seq"]
+    assert data["config"]["seq"] == inputs.DEFAULTS["cpu"]["seq"]
     assert data["summary"]["blocks_per_sequence"] >= 8  # a first run must show real sparsity
     assert data["summary"]["sparsity"] > 0.5
     assert data["summary"]["equivalence"]["passed"] is True
@@ -85,9 +85,9 @@ def test_defaults_run_and_out_folder(tmp_path):
 
 def test_qkv_file_round_trip(tmp_path):
     # Saving the random inputs of --seed 3 and loading them with --qkv must give the same numbers.
-    setup = cmp.CompareSetup(seq=96, batch=2, heads=4, kv_heads=2, head_dim=8, chunk=16, topk=2,
+    setup = inputs.CompareSetup(seq=96, batch=2, heads=4, kv_heads=2, head_dim=8, chunk=16, topk=2,
                              dtype=torch.float32, device=torch.device("cpu"), backend="naive", seed=3)
-    q, k, v = cmp.random_qkv(setup)
+    q, k, v = inputs.random_qkv(setup)
     save_file({"q": q, "k": k, "v": v}, str(tmp_path / "qkv.safetensors"))
     a = run("--qkv", str(tmp_path / "qkv.safetensors"), "--chunk", "16", "--topk", "2", "--device", "cpu",
             "--out", str(tmp_path / "a.json"))
@@ -143,6 +143,12 @@ def _bad_files(tmp_path):
         (["--qkv", "{tmp}/len.safetensors"], "must agree"),
         (["--qkv", "{tmp}/heads.safetensors", "--heads", "3"], "multiple"),
         (["--qkv", "{tmp}/len.safetensors", "--seq", "4"], "must agree"),
+        (["--chunk", "99999999999999999999"], "--chunk"),
+        (["--chunk", str(2**31)], "--chunk"),
+        (["--topk", str(2**40)], "--topk must be at most"),
+        (["--seed", "99999999999999999999999"], "--seed"),
+        (["--seed", str(2**32)], "--seed"),
+        (["--batch", str(2**22), "--seq", "1k"], "--batch x --seq"),
         (["--text", "x.txt"], "--text needs --model"),
         (["--model", "m", "--qkv", "f"], "cannot be combined with --model"),
     ],
@@ -183,7 +189,7 @@ def test_triton_backend_errors(monkeypatch, tmp_path):
 
 def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     # Tiny, because without a GPU the kernels run under the Triton interpreter.
-    from moba_cli.ops.moba import triton_moba
+    from moba_cli.ops.moba import dense
 
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
@@ -191,7 +197,7 @@ def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     def no_dense(*args, **kwargs):
         raise AssertionError("the equivalence check must run the sparse kernels, not the dense shortcut")
 
-    monkeypatch.setattr(triton_moba, "_dense_causal", no_dense)
+    monkeypatch.setattr(dense, "dense_causal", no_dense)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     res = run("--backend", "triton", "--seq", "64", "--chunk", "16", "--topk", "2", "--heads", "2", "--kv-heads", "1",
               "--head-dim", "32", "--dtype", "float32", "--device", device, "--out", str(tmp_path / "r.json"))
@@ -200,30 +206,36 @@ def test_triton_backend_checks_the_sparse_kernels(monkeypatch, tmp_path):
     assert s["selection"] == "triton gate" and s["selection_agreement"] == 1.0
     assert s["equivalence"]["passed"] is True and s["equivalence"]["path"] == "sparse kernels"
     assert 0 < s["sparsity"] < 1
-    assert triton_moba.DENSE_WHEN_FULL is True  # restored afterwards
 
 
-def test_sparse_kernel_switch_is_restored():
-    from moba_cli.ops.moba import triton_moba
+def test_equivalence_run_asks_for_the_sparse_kernels_through_options(monkeypatch):
+    """No module global is flipped: the all-blocks run passes KernelOptions(dense_when_full=False)."""
+    import moba_cli.ops.moba as ops
 
-    assert triton_moba.DENSE_WHEN_FULL is True
-    with pytest.raises(RuntimeError), cmp._sparse_kernels_always("triton"):
-        assert triton_moba.DENSE_WHEN_FULL is False
-        raise RuntimeError("boom")
-    assert triton_moba.DENSE_WHEN_FULL is True
-    with cmp._sparse_kernels_always("naive"):
-        assert triton_moba.DENSE_WHEN_FULL is True
+    seen = []
+
+    def fake(q, k, v, *, chunk_size, topk, backend, options=None):
+        seen.append(options)
+        return q
+
+    monkeypatch.setattr(ops, "moba_attention", fake)
+    x = torch.zeros(1, 8, 1, 4)
+    equivalence.run_moba(x, x, x, 4, 2, "triton", sparse_only=True)
+    equivalence.run_moba(x, x, x, 4, 2, "triton")
+    equivalence.run_moba(x, x, x, 4, 2, "naive", sparse_only=True)
+    assert seen[0] is not None and seen[0].dense_when_full is False
+    assert seen[1] is None and seen[2] is None
 
 
 def test_equivalence_failure_exits_1_after_writing(monkeypatch, tmp_path):
-    real = cmp._run_moba
+    real = equivalence.run_moba
 
-    def broken(q, k, v, chunk, topk, backend):
-        out = real(q, k, v, chunk, topk, backend)
+    def broken(q, k, v, chunk, topk, backend, sparse_only=False):
+        out = real(q, k, v, chunk, topk, backend, sparse_only)
         blocks = math.ceil(q.shape[1] / chunk)
         return out + 1e-3 if topk >= blocks else out  # wrong only in the all-blocks run
 
-    monkeypatch.setattr(cmp, "_run_moba", broken)
+    monkeypatch.setattr(equivalence, "run_moba", broken)
     res = run(*TINY, "--out", str(tmp_path / "r.json"))
     assert res.exit_code == 1, res.output
     assert "equivalence check failed" in res.output and "Traceback" not in res.output
@@ -288,7 +300,7 @@ def test_unusable_out_fails_before_the_run(monkeypatch, tmp_path, out, needle):
     def never(*a, **k):
         raise AssertionError("the comparison must not start when --out cannot be written")
 
-    monkeypatch.setattr(cmp, "run_compare", never)
+    monkeypatch.setattr(sparse_vs_full, "run_compare", never)
     line = _one_line_error(run(*TINY, "--out", out), needle)
     assert line.startswith(f"error: --out {out}")
 
@@ -331,12 +343,15 @@ def test_help_paragraphs_have_no_line_breaks_inside_sentences():
 # -------------------------------------------------------------------------------------------- analysis
 
 
+@pytest.mark.parametrize("nan_key", [False, True])
 @pytest.mark.parametrize("hq,hkv", [(4, 4), (4, 2), (4, 1)])
-def test_tiled_selection_equals_the_reference_rule(hq, hkv):
+def test_tiled_selection_equals_the_reference_rule(hq, hkv, nan_key):
     lens = (70, 33, 128)
     c = cu(*lens)
     q, k = rand(sum(lens), hq, 8, seed=1), rand(sum(lens), hkv, 8, seed=2)
     k[16:24] = k[0:8]  # an exact tie between blocks 0 and 2 of the first sequence
+    if nan_key:  # a NaN block mean ranks first in the reference rule (as in the Triton gate): same here
+        k[110, 0, 3] = float("nan")
     layout = make_layout(c, 8)
     for topk in (1, 2, 4):
         want = select_blocks(q, k, layout, topk).long()
@@ -347,7 +362,7 @@ def test_tiled_selection_equals_the_reference_rule(hq, hkv):
             nb = math.ceil((s1 - s0) / 8)
             for r0 in range(0, s1 - s0, 13):  # ragged tiles
                 r1 = min(s1 - s0, r0 + 13)
-                got = cmp.select_tile(q[s0 + r0 : s0 + r1], means[first : first + nb], torch.arange(r0, r1), 8,
+                got = recall.select_tile(q[s0 + r0 : s0 + r1], means[first : first + nb], torch.arange(r0, r1), 8,
                                       slots, first)
                 assert torch.equal(got, want[s0 + r0 : s0 + r1]), (topk, s0, r0)
 
@@ -356,7 +371,7 @@ def test_reference_rows_is_dense_attention_and_mass_sums_to_one():
     q, k, v = rand(50, 4, 8, seed=3), rand(50, 2, 8, seed=4), rand(50, 2, 8, seed=5)
     ref = full_attention(q[None], k[None], v[None], backend="naive")[0]
     rows = torch.tensor([0, 7, 8, 31, 49])
-    out, mass = cmp.reference_rows(q[rows], k, v, rows, 8, 1 / math.sqrt(8))
+    out, mass = recall.reference_rows(q[rows], k, v, rows, 8, 1 / math.sqrt(8))
     torch.testing.assert_close(out, ref[rows], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(mass.sum(-1), torch.ones(5, 4))
     # No mass on blocks after the query's own block.
@@ -369,7 +384,7 @@ def test_recall_equals_brute_force_and_sparsity_is_counted():
     lens = (45, 20)
     c = cu(*lens)
     q, k, v = rand(65, 2, 8, seed=6), rand(65, 1, 8, seed=7), rand(65, 1, 8, seed=8)
-    ana = cmp.analyse_selection(q, k, v, c, 8, 2)
+    ana = recall.analyse_selection(q, k, v, c, 8, 2)
     layout = make_layout(c, 8)
     idx = select_blocks(q, k, layout, 2)
     want_recall, attended = [], 0
@@ -392,7 +407,7 @@ def test_recall_equals_brute_force_and_sparsity_is_counted():
 
 def test_all_blocks_gives_full_recall_and_no_sparsity():
     q, k, v = rand(40, 2, 8, seed=9), rand(40, 2, 8, seed=10), rand(40, 2, 8, seed=11)
-    ana = cmp.analyse_selection(q, k, v, cu(40), 8, 5)
+    ana = recall.analyse_selection(q, k, v, cu(40), 8, 5)
     torch.testing.assert_close(ana.recall, torch.ones_like(ana.recall))
     assert ana.sparsity == 0.0
 
@@ -400,8 +415,8 @@ def test_all_blocks_gives_full_recall_and_no_sparsity():
 def test_sampled_rows_match_the_full_computation():
     q, k, v = rand(96, 2, 8, seed=12), rand(96, 2, 8, seed=13), rand(96, 2, 8, seed=14)
     c = cu(60, 36)
-    full = cmp.analyse_selection(q, k, v, c, 8, 2)
-    part = cmp.analyse_selection(q, k, v, c, 8, 2, max_rows=50, sample_rows=20, seed=1)
+    full = recall.analyse_selection(q, k, v, c, 8, 2)
+    part = recall.analyse_selection(q, k, v, c, 8, 2, max_rows=50, sample_rows=20, seed=1)
     assert part.sampled and not full.sampled and part.rows.numel() == 20
     assert part.rows.unique().numel() == 20
     assert part.rows.max() >= 60 and part.rows.min() < 48  # uniform over all rows, not the first ones
@@ -410,10 +425,10 @@ def test_sampled_rows_match_the_full_computation():
 
 
 def test_equivalence_on_a_prefix_when_all_blocks_is_too_big(monkeypatch, tmp_path):
-    assert cmp.equivalence_length(1, 256, 2, 32) == 256
-    monkeypatch.setattr(cmp, "EQUIV_MAX_ENTRIES", 2 * 64 * 2)  # fits 64 tokens x 2 blocks x 2 heads
-    assert cmp.equivalence_length(1, 256, 2, 32) == 64
-    assert cmp.equivalence_length(4, 256, 2, 32) == 32  # never below one block
+    assert equivalence.equivalence_length(1, 256, 2, 32) == 256
+    monkeypatch.setattr(equivalence, "EQUIV_MAX_ENTRIES", 2 * 64 * 2)  # fits 64 tokens x 2 blocks x 2 heads
+    assert equivalence.equivalence_length(1, 256, 2, 32) == 64
+    assert equivalence.equivalence_length(4, 256, 2, 32) == 32  # never below one block
     res = run(*TINY, "--out", str(tmp_path / "r.json"))
     assert res.exit_code == 0, res.output
     s = read_json(tmp_path / "r.json")["summary"]
@@ -427,18 +442,121 @@ def test_error_stats_and_percentile():
     ref[..., 0] = 1.0
     out = ref.clone()
     out[1, 1, 0] = 1.5
-    st = cmp.output_error(out, ref, rows_per_step=2)
+    st = error_stats.output_error(out, ref, rows_per_step=2)
     assert st.summary()["max_abs"] == pytest.approx(0.5)
     assert st.rel_l2() == pytest.approx(0.5 / math.sqrt(6))
     assert st.head_rel_l2() == pytest.approx([0.0, 0.5 / math.sqrt(3)])
     assert st.summary()["worst_row_rel_l2"] == pytest.approx(0.5)
     x = torch.arange(101, dtype=torch.float32)
-    assert cmp.percentile(x, 5) == pytest.approx(5.0)
-    assert cmp.percentile(torch.tensor([1.0, 2.0]), 50) == pytest.approx(1.5)
+    assert error_stats.percentile(x, 5) == pytest.approx(5.0)
+    assert error_stats.percentile(torch.tensor([1.0, 2.0]), 50) == pytest.approx(1.5)
 
 
 def test_equivalence_tolerance():
-    assert cmp.equivalence_tolerance(torch.bfloat16, 1e-3)["rel_l2"] == 2e-2  # the floor
-    assert cmp.equivalence_tolerance(torch.float32, 1e-3)["rel_l2"] == pytest.approx(2e-3)  # 2x SDPA's error
-    tol = cmp.equivalence_tolerance(torch.float16, 0.0)
-    assert tol["worst_row_rel_l2"] == pytest.approx(cmp.EQUIV_ROW_FACTOR * tol["rel_l2"])
+    assert equivalence.equivalence_tolerance(torch.bfloat16, 1e-3)["rel_l2"] == 2e-2  # the floor
+    assert equivalence.equivalence_tolerance(torch.float32, 1e-3)["rel_l2"] == pytest.approx(2e-3)  # 2x SDPA's error
+    tol = equivalence.equivalence_tolerance(torch.float16, 0.0)
+    assert tol["worst_row_rel_l2"] == pytest.approx(equivalence.EQUIV_ROW_FACTOR * tol["rel_l2"])
+
+
+def test_model_compare_kl_is_never_negative():
+    """KL(full || MoBA) of nearly identical logits can round below 0 in float32: clamp it and say so."""
+    try:  # the integrations split (branch wip-integ) renames hf_compare to model_compare
+        from moba_cli.integrations.model_compare import _logit_stats
+    except ImportError:
+        from moba_cli.integrations.hf_compare import _logit_stats
+
+    class Model:
+        def __init__(self, head):
+            self.head = head
+
+        def get_output_embeddings(self):
+            return self.head
+
+    torch.manual_seed(0)
+    vocab = 32000
+    head = torch.nn.Linear(64, vocab, bias=False).requires_grad_(False)
+    h_full = torch.randn(1, 65, 64) * 10
+    ids = torch.randint(0, vocab, (1, 65))
+    notes = []
+    for seed in range(10):
+        g = torch.Generator().manual_seed(seed)
+        h_moba = h_full + 1e-7 * torch.randn(h_full.shape, generator=g)
+        stats = _logit_stats(Model(head), h_moba, h_full, ids)
+        assert stats["kl_full_moba_mean"] >= 0.0
+        if "kl_note" in stats:
+            assert stats["kl_full_moba_mean"] == 0.0 and "rounding" in stats["kl_note"]
+            notes.append(stats["kl_note"])
+    assert notes, "no seed rounded below zero: the test no longer exercises the clamp"
+
+
+def _strict_json(path) -> dict:
+    def refuse(name):
+        raise AssertionError(f"bare {name} in result JSON")
+
+    return json.loads(open(path).read(), parse_constant=refuse)
+
+
+@pytest.mark.parametrize("poison,flags,needle", [
+    (float("nan"), [], "1 NaN and 0 infinite"),
+    (float("inf"), [], "0 NaN and 1 infinite"),
+    (1e6, ["--dtype", "float16"], "0 NaN and 1 infinite"),  # finite in the file, past float16's range
+])
+def test_non_finite_qkv_input_is_one_error_line(tmp_path, poison, flags, needle):
+    q, k, v = rand(1, 64, 2, 8, seed=0), rand(1, 64, 1, 8, seed=1), rand(1, 64, 1, 8, seed=2)
+    k[0, 40, 0, 3] = poison
+    save_file({"q": q, "k": k, "v": v}, str(tmp_path / "f.safetensors"))
+    res = run("--qkv", str(tmp_path / "f.safetensors"), "--chunk", "16", "--device", "cpu", *flags,
+              "--out", str(tmp_path / "out"))
+    line = _one_line_error(res, needle)
+    assert "tensor k" in line and "(0, 40, 0, 3)" in line and "equivalence" not in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_error_stats_count_poisoned_rows_instead_of_hiding_them():
+    ref = rand(6, 2, 4, seed=0)
+    out = ref + 1e-3
+    out[2, 1, 0] = float("nan")
+    stats = error_stats.output_error(out, ref, rows_per_step=4)
+    s = stats.summary()
+    assert s["nonfinite_rows"] == 1
+    assert all(math.isfinite(s[k]) for k in ("max_abs", "rel_l2", "worst_row_rel_l2"))
+    assert s["worst_row_rel_l2"] > 0 and s["max_abs"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_poisoned_equivalence_run_fails_by_name_with_strict_json(monkeypatch, tmp_path):
+    real = equivalence.run_moba
+
+    def poisoned(q, k, v, chunk, topk, backend, sparse_only=False):
+        out = real(q, k, v, chunk, topk, backend, sparse_only)
+        if topk >= math.ceil(q.shape[1] / chunk):  # only the all-blocks run
+            out = out.clone()
+            out[0, 5, 1, 0] = float("nan")
+        return out
+
+    monkeypatch.setattr(equivalence, "run_moba", poisoned)
+    res = run(*TINY, "--out", str(tmp_path / "r.json"))
+    assert res.exit_code == 1 and "NaN or infinite" in res.output and "Traceback" not in res.output, res.output
+    eq = _strict_json(tmp_path / "r.json")["summary"]["equivalence"]
+    assert eq["passed"] is False and eq["nonfinite_rows"] == 1 and "NaN" in eq["note"]
+    assert eq["worst_row_rel_l2"] is not None and math.isfinite(eq["rel_l2"])
+
+
+def test_strict_floats_nulls_every_non_finite_number():
+    from moba_cli.utils.metrics import strict_floats
+
+    clean, bad = strict_floats({"a": 1.0, "b": [float("nan"), {"c": float("-inf")}], "d": "x", "e": 3}, "summary")
+    assert clean == {"a": 1.0, "b": [None, {"c": None}], "d": "x", "e": 3}
+    assert bad == ["summary.b[0]", "summary.b[1].c"]
+    json.dumps(clean, allow_nan=False)
+
+
+def test_chunk_longer_than_the_sequence_is_one_block(tmp_path):
+    """One block holds the whole sequence: MoBA is full attention, and nothing is sized by the chunk."""
+    res = run("--seq", "200", "--chunk", str(2**30), "--heads", "2", "--head-dim", "16", "--device", "cpu",
+              "--out", str(tmp_path / "r.json"))
+    assert res.exit_code == 0, res.output
+    s = read_json(tmp_path / "r.json")["summary"]
+    assert s["blocks_per_sequence"] == 1 and s["sparsity"] == 0.0
+    assert s["recall_mean"] == pytest.approx(1.0) and s["equivalence"]["passed"] is True
+    assert s["equivalence"]["tokens_per_sequence"] == 200

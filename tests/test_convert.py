@@ -15,9 +15,10 @@ from typer.testing import CliRunner  # noqa: E402
 
 from moba_cli.cli import app  # noqa: E402
 from moba_cli.integrations import hf_convert  # noqa: E402
-from moba_cli.integrations.hf_convert import attended_pairs, expected_sparsity  # noqa: E402
+from moba_cli.integrations.hf_convert import expected_sparsity  # noqa: E402
 from moba_cli.ops.moba.layout import make_layout  # noqa: E402
 from moba_cli.ops.moba.naive import select_blocks  # noqa: E402
+from moba_cli.ops.moba.pairs import attended_pairs  # noqa: E402
 from moba_cli.results import read_result  # noqa: E402
 
 runner = CliRunner()

@@ -1,6 +1,6 @@
 """The dense-prefix split (ops/moba/dense_prefix.py) against the float32 reference.
 
-The cuDNN call is replaced by the module's float32 causal attention (``USE_REFERENCE``: there is no cuDNN
+The cuDNN call is replaced by float32 causal attention (``KernelOptions.cudnn_reference``: there is no cuDNN
 on CPU, and these inputs are float32), so these tests check the split itself: which queries leave the
 sparse schedule, the prefix rows of the output, and the dK/dV sums over both parts. The GPU suite
 (tests/test_gpu_suite.py) runs it through cuDNN.
@@ -10,20 +10,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_triton_moba import assert_matches_naive, make_inputs
+from utils import assert_matches_naive, make_inputs, poisoned
 
 from moba_cli import moba_attention
 from moba_cli.errors import MobaError
-from moba_cli.ops.moba import dense_prefix, triton_moba
+from moba_cli.ops.moba import KernelOptions, dense_prefix, plan_call
+from moba_cli.ops.moba.gate import select_blocks
 from moba_cli.ops.moba.layout import make_layout
+from moba_cli.ops.moba.schedule import Schedule
 
-
-@pytest.fixture(autouse=True)
-def split_on_cpu(monkeypatch):
-    monkeypatch.setattr(triton_moba, "POISON_OUTPUTS", True)
-    monkeypatch.setattr(dense_prefix, "DENSE_PREFIX", True)
-    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
-    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", True)
+# The split on CPU: the float32 stand-in for cuDNN, no minimum prefix length, poisoned buffers.
+OPTS = poisoned(dense_prefix=True, dense_prefix_min_rows=0, cudnn_reference=True)
 
 
 @pytest.fixture
@@ -32,9 +29,9 @@ def calls(monkeypatch) -> list:
     seen: list = []
     real = dense_prefix.forward
 
-    def spy(q, k, v, out, pre, scale, need_lse):
+    def spy(q, k, v, out, pre, scale, need_lse, reference):
         seen.append(pre)
-        return real(q, k, v, out, pre, scale, need_lse)
+        return real(q, k, v, out, pre, scale, need_lse, reference)
 
     monkeypatch.setattr(dense_prefix, "forward", spy)
     return seen
@@ -55,9 +52,9 @@ def test_split_matches_reference(batch, seq, hq, hkv, chunk, topk, padded, devic
     qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
     if padded:
         shaped = [x.view(batch, seq, *x.shape[1:]) for x in (qt, kt, vt)]
-        out = moba_attention(*shaped, chunk_size=chunk, topk=topk, backend="triton").view(q.shape)
+        out = moba_attention(*shaped, chunk_size=chunk, topk=topk, backend="triton", options=OPTS).view(q.shape)
     else:
-        out = moba_attention(qt, kt, vt, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton")
+        out = moba_attention(qt, kt, vt, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton", options=OPTS)
     assert calls == [dense_prefix.Prefix(batch=batch, seqlen=seq, rows=topk * chunk)]
     assert_matches_naive(out, (qt, kt, vt), (q, k, v), layout, topk)
 
@@ -65,9 +62,9 @@ def test_split_matches_reference(batch, seq, hq, hkv, chunk, topk, padded, devic
 def test_schedule_leaves_prefix_queries_out(device):
     q, k, _, cu = make_inputs([50, 50], 2, 1, 16, device, seed=3)
     layout = make_layout(cu, 8)
-    sel = triton_moba.select_blocks(q, k, layout, 3)
+    sel = select_blocks(q, k, layout, 3, OPTS)
     skip = (layout.token_block - layout.token_first_block) < 3
-    sched = triton_moba.Schedule(sel, layout.num_blocks, 16, skip)
+    sched = Schedule(sel, layout.num_blocks, 16, skip)
     listed = sched.pair_t[: int(sched.group_cnt.sum())].long()
     assert not skip[listed].any()
     # every other token keeps all its pairs
@@ -85,52 +82,53 @@ def test_schedule_leaves_prefix_queries_out(device):
 )
 def test_plan_rules(lens, chunk, topk, expect):
     q, k, _, cu = make_inputs(lens, 2, 2, 32, "cpu")
-    assert dense_prefix.plan(q, k, cu.tolist(), chunk, topk) == expect
+    assert dense_prefix.plan(q, k, cu.tolist(), chunk, topk, OPTS) == expect
+    path = plan_call(q, k, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton", options=OPTS).path
+    assert path == ("dense_prefix" if expect else "sparse")
 
 
 def test_plan_off_switches(monkeypatch):
     q, k, _, cu = make_inputs([64], 2, 2, 32, "cpu")
-    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 33)
-    assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None  # 32 rows: too short to be worth a call
-    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
-    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", False)
-    assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None  # CPU tensors: no cuDNN
-    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", True)
-    monkeypatch.setattr(dense_prefix, "DENSE_PREFIX", None)
+    cu_host = cu.tolist()
+    assert dense_prefix.plan(q, k, cu_host, 16, 2, OPTS.replace(dense_prefix_min_rows=33)) is None  # too short
+    assert dense_prefix.plan(q, k, cu_host, 16, 2, OPTS.replace(cudnn_reference=False)) is None  # CPU: no cuDNN
+    assert dense_prefix.plan(q, k, cu_host, 16, 2, OPTS.replace(dense_prefix=False)) is None
     monkeypatch.setenv("MOBA_DENSE_PREFIX", "0")
-    assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) is None
+    assert KernelOptions.from_env().dense_prefix is False
     monkeypatch.setenv("MOBA_DENSE_PREFIX", "1")
-    assert dense_prefix.plan(q, k, cu.tolist(), 16, 2) == dense_prefix.Prefix(1, 64, 32)
+    env = KernelOptions.from_env().replace(dense_prefix_min_rows=0, cudnn_reference=True)
+    assert dense_prefix.plan(q, k, cu_host, 16, 2, env) == dense_prefix.Prefix(1, 64, 32)
 
 
 def test_knob_rejects_bad_value(monkeypatch):
     monkeypatch.setenv("MOBA_DENSE_PREFIX", "yes")
     with pytest.raises(MobaError, match="MOBA_DENSE_PREFIX must be 0 or 1"):
-        triton_moba.check_env_knobs()
+        KernelOptions.from_env()
 
 
 def test_cudnn_rule_needs_cuda():
+    from moba_cli.ops.moba.dense import cudnn_ok
+
     q = torch.empty(8, 4, 128, dtype=torch.bfloat16)
-    assert not dense_prefix._cudnn_ok(q, q)  # CPU tensors
+    assert not cudnn_ok(q, q)  # CPU tensors
 
 
-def test_cudnn_failure_is_one_clear_error(monkeypatch):
+def test_cudnn_failure_is_one_clear_error():
     # The cuDNN ops refuse CPU tensors; whatever they raise comes out as one MobaError naming the way out.
-    monkeypatch.setattr(dense_prefix, "USE_REFERENCE", False)
     q, k, v, _ = make_inputs([64], 2, 2, 32, "cpu")
     pre = dense_prefix.Prefix(1, 64, 32)
     with pytest.raises(MobaError, match="MOBA_DENSE_PREFIX=0"):
-        dense_prefix.forward(q, k, v, torch.empty_like(q), pre, 0.1, True)
+        dense_prefix.forward(q, k, v, torch.empty_like(q), pre, 0.1, True, reference=False)
 
 
 def test_bench_record_says_which_part_is_dense():
-    # moba bench writes into each moba-triton record which part of the call a dense kernel ran.
+    # moba bench writes into each moba-triton record which part of the call a dense kernel ran (read from
+    # the call's plan).
     from moba_cli.bench.presets import Case
     from moba_cli.bench.providers import _dense_parts
 
     q, k, _, _ = make_inputs([128], 2, 2, 32, "cpu")
     shaped = [x.view(1, 128, 2, 32) for x in (q, k)]
     case = Case("fwd", 1, 128, 2, 2, 32, 16, 2, "float32", "cuda")
-    assert "first 32 tokens" in _dense_parts(case, *shaped)
-    assert "covers every block" in _dense_parts(Case("fwd", 1, 128, 2, 2, 32, 16, 8, "float32", "cuda"), *shaped)
+    assert "first 32 tokens" in _dense_parts(case, *shaped, options=OPTS)
     assert _dense_parts(Case("fwd", 1, 128, 2, 2, 32, 16, 2, "float32", "cpu"), *shaped) is None

@@ -18,18 +18,23 @@ import time
 
 import pytest
 import torch
+from utils import rel_rms
 
-from moba_cli.ops.moba import naive, triton_moba
+from moba_cli.ops.moba import KernelOptions, naive, plan_call
+from moba_cli.ops.moba.bwd import bwd_gluon
+from moba_cli.ops.moba.function import moba_triton
+from moba_cli.ops.moba.gate import select_blocks
 from moba_cli.ops.moba.layout import make_layout
 
 pytestmark = pytest.mark.gpu
 
 RECORDS: list[dict] = []
+SCALE = 128**-0.5
 
 
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.float(), b.float()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+def sparse_options() -> KernelOptions:
+    """The environment's options with the full-coverage shortcut off: the sparse kernels on every case."""
+    return KernelOptions.from_env().replace(dense_when_full=False)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -84,8 +89,8 @@ CASES = [
 
 
 @pytest.mark.parametrize(("seq", "hq", "hkv", "chunk", "topk", "grads"), CASES)
-def test_kernel_matches_reference(seq, hq, hkv, chunk, topk, grads, monkeypatch):
-    monkeypatch.setattr(triton_moba, "DENSE_WHEN_FULL", False)  # check the sparse kernels on every case
+def test_kernel_matches_reference(seq, hq, hkv, chunk, topk, grads):
+    opts = sparse_options()  # check the sparse kernels on every case
     torch.manual_seed(seq + hq)
     dev = torch.device("cuda")
     q = torch.randn(seq, hq, 128, device=dev, dtype=torch.bfloat16)
@@ -95,7 +100,7 @@ def test_kernel_matches_reference(seq, hq, hkv, chunk, topk, grads, monkeypatch)
     layout = make_layout(cu, chunk)
     t0 = time.perf_counter()
 
-    sel = triton_moba.select_blocks(q, k, layout, topk)
+    sel = select_blocks(q, k, layout, topk, opts)
     sel_ref = naive.select_blocks(q, k, layout, topk)
     mismatch = (sel.sort(-1).values != sel_ref.sort(-1).values).any(-1)
     n_mismatch = int(mismatch.sum())
@@ -114,7 +119,7 @@ def test_kernel_matches_reference(seq, hq, hkv, chunk, topk, grads, monkeypatch)
         del all_scores
 
     qk = [x.detach().requires_grad_(grads) for x in (q, k, v)]
-    out = triton_moba.moba_attention_triton(*qk, layout, topk)
+    out = moba_triton(*qk, layout, topk, SCALE, opts)
     ref_in = [x.float().detach().requires_grad_(grads) for x in (q, k, v)]
     ref, _ = naive.moba_attention_naive(*ref_in, layout, topk, block_idx=sel)
     errs = {"out": rel_rms(out, ref)}
@@ -156,13 +161,13 @@ BWD_CASES = [
     ((3000, 5000, 777), 8, 2, 1000, 3, torch.float16),
     ((8192,), 4, 4, 512, 4, torch.float16),
 ])
-def test_hopper_backward_kernels_agree(lens, hq, hkv, chunk, topk, dtype, monkeypatch):
+def test_hopper_backward_kernels_agree(lens, hq, hkv, chunk, topk, dtype):
     """The Gluon backward (Hopper) and the Triton one give the same dK and dV (same summation order) and
     dQ to float32 atomics' rounding; both meet the tolerance rule against the float32 reference."""
     dev = torch.device("cuda")
-    if not triton_moba._gluon_bwd_usable(torch.empty(1, 1, 128, device=dev, dtype=dtype)):
+    opts = sparse_options()
+    if not bwd_gluon(torch.empty(1, 1, 128, device=dev, dtype=dtype), opts.replace(bwd_gluon=True)):
         pytest.skip("the Gluon backward needs a Hopper GPU and Triton with Gluon")
-    monkeypatch.setattr(triton_moba, "DENSE_WHEN_FULL", False)
     torch.manual_seed(sum(lens) + hq)
     t = sum(lens)
     q = torch.randn(t, hq, 128, device=dev, dtype=dtype)
@@ -171,15 +176,14 @@ def test_hopper_backward_kernels_agree(lens, hq, hkv, chunk, topk, dtype, monkey
     do = torch.randn(t, hq, 128, device=dev, dtype=torch.float32)
     cu = torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32, device=dev)
     layout = make_layout(cu, chunk)
-    sel = triton_moba.select_blocks(q, k, layout, topk)
+    sel = select_blocks(q, k, layout, topk, opts)
     ref_in = [x.float().detach().requires_grad_(True) for x in (q, k, v)]
     ref, _ = naive.moba_attention_naive(*ref_in, layout, topk, block_idx=sel)
     ref.backward(do)
     grads = {}
     for name, flag in (("gluon", True), ("triton", False)):
-        monkeypatch.setattr(triton_moba, "BWD_GLUON", flag)
         qk = [x.detach().requires_grad_(True) for x in (q, k, v)]
-        triton_moba.moba_attention_triton(*qk, layout, topk).backward(do.to(dtype))
+        moba_triton(*qk, layout, topk, SCALE, opts.replace(bwd_gluon=flag)).backward(do.to(dtype))
         grads[name] = [x.grad for x in qk]
         assert not any(g.isnan().any().item() for g in grads[name]), name
     base = sdpa_bf16_error(q, k, v, True)
@@ -207,7 +211,8 @@ PREFIX_CASES = [
 ]
 
 
-def check_public_call(record: dict, q, k, v, cu_host: list[int], chunk: int, topk: int, batch: int | None = None):
+def check_public_call(record: dict, q, k, v, cu_host: list[int], chunk: int, topk: int, opts: KernelOptions,
+                      batch: int | None = None):
     """``moba_attention`` on packed bf16 q/k/v ``[T, H, D]`` (as a padded ``[batch, S, H, D]`` batch when
     ``batch`` is given, else with ``cu_seqlens``) against the float32 reference on the blocks the gate chose,
     forward and gradients, by the tolerance rule; appends ``record`` with the errors to the summary."""
@@ -217,11 +222,11 @@ def check_public_call(record: dict, q, k, v, cu_host: list[int], chunk: int, top
     leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
     if batch is not None:
         shaped = [x.view(batch, -1, *x.shape[1:]) for x in leaves]
-        out = moba_attention(*shaped, chunk_size=chunk, topk=topk).view(q.shape)
+        out = moba_attention(*shaped, chunk_size=chunk, topk=topk, options=opts).view(q.shape)
     else:
-        out = moba_attention(*leaves, chunk_size=chunk, topk=topk, cu_seqlens=cu)
+        out = moba_attention(*leaves, chunk_size=chunk, topk=topk, cu_seqlens=cu, options=opts)
     layout = make_layout(cu, chunk)
-    sel = triton_moba.select_blocks(q, k, layout, topk)
+    sel = select_blocks(q, k, layout, topk, opts)
     ref_in = [x.float().detach().requires_grad_(True) for x in (q, k, v)]
     ref, _ = naive.moba_attention_naive(*ref_in, layout, topk, block_idx=sel)
     do = torch.randn_like(ref)
@@ -242,21 +247,24 @@ def check_public_call(record: dict, q, k, v, cu_host: list[int], chunk: int, top
 
 
 @pytest.mark.parametrize(("batch", "seq", "heads", "kv_heads", "chunk", "topk"), PREFIX_CASES)
-def test_dense_prefix_through_cudnn(batch, seq, heads, kv_heads, chunk, topk, monkeypatch):
+def test_dense_prefix_through_cudnn(batch, seq, heads, kv_heads, chunk, topk):
     """The public call with the dense prefix (first topk blocks through cuDNN, the rest sparse) against
     the float32 reference, forward and gradients."""
     from moba_cli.ops.moba import dense_prefix
 
     dev = torch.device("cuda")
-    monkeypatch.setattr(dense_prefix, "MIN_ROWS", 0)
+    opts = KernelOptions.from_env().replace(dense_prefix_min_rows=0)
     torch.manual_seed(seq + heads)
     q, k, v = (torch.randn(batch * seq, h, 128, device=dev, dtype=torch.bfloat16)
                for h in (heads, kv_heads, kv_heads))
     cu_host = [i * seq for i in range(batch + 1)]
-    pre = dense_prefix.plan(q, k, cu_host, chunk, topk)
-    assert pre == dense_prefix.Prefix(batch, seq, chunk * topk), "the split must apply to this case"
+    shaped = [x.view(batch, seq, *x.shape[1:]) for x in (q, k)]
+    plan = plan_call(*shaped, chunk_size=chunk, topk=topk, options=opts)
+    pre = plan.prefix
+    assert plan.path == "dense_prefix", "the split must apply to this case"
+    assert pre == dense_prefix.Prefix(batch, seq, chunk * topk)
     check_public_call({"what": "dense-prefix", "batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads,
-                       "prefix_rows": pre.rows}, q, k, v, cu_host, chunk, topk, batch=batch)
+                       "prefix_rows": pre.rows}, q, k, v, cu_host, chunk, topk, opts, batch=batch)
 
 BLOCKS_CASES = [
     # lens, heads, kv heads, chunk, topk, lower MIN_CHUNK, own-block split levels (None: the default):
@@ -271,21 +279,21 @@ BLOCKS_CASES = [
 
 
 @pytest.mark.parametrize(("lens", "heads", "kv_heads", "chunk", "topk", "lower", "splits"), BLOCKS_CASES)
-def test_long_block_forward_through_cudnn(lens, heads, kv_heads, chunk, topk, lower, splits, monkeypatch):
+def test_long_block_forward_through_cudnn(lens, heads, kv_heads, chunk, topk, lower, splits):
     """The public call with the long-block forward (own blocks and each chosen key block through cuDNN,
     the backward sparse) against the float32 reference, forward and gradients."""
-    from moba_cli.ops.moba import cudnn_blocks
-
     dev = torch.device("cuda")
+    opts = KernelOptions.from_env()
     if lower:
-        monkeypatch.setattr(cudnn_blocks, "MIN_CHUNK", 0)
+        opts = opts.replace(cudnn_min_chunk=0)
     if splits is not None:
-        monkeypatch.setattr(cudnn_blocks, "OWN_SPLITS", splits)
-        monkeypatch.setattr(cudnn_blocks, "MIN_OWN_PIECE", 1024)
+        opts = opts.replace(own_splits=splits, own_split_min_piece=1024)
     torch.manual_seed(sum(lens) + heads)
     q, k, v = (torch.randn(sum(lens), h, 128, device=dev, dtype=torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     cu_host = [0, *torch.tensor(lens).cumsum(0).tolist()]
-    assert cudnn_blocks.plan(q, k, cu_host, chunk) is not None, "the path must apply to this case"
+    cu = torch.tensor(cu_host, dtype=torch.int32, device=dev)
+    plan = plan_call(q, k, chunk_size=chunk, topk=topk, cu_seqlens=cu, options=opts)
+    assert plan.path == "long_blocks", "the path must apply to this case"
     check_public_call({"what": "long-block-forward", "lens": lens, "heads": heads, "kv_heads": kv_heads,
-                       "min_chunk": cudnn_blocks.MIN_CHUNK, "own_splits": cudnn_blocks.own_splits()}, q, k, v, cu_host,
-                      chunk, topk)
+                       "min_chunk": opts.cudnn_min_chunk, "own_splits": opts.own_splits}, q, k, v, cu_host,
+                      chunk, topk, opts)

@@ -256,3 +256,32 @@ def test_low_precision_inputs_keep_dtype_and_compute_in_float32():
         # The same rounded inputs in float32: same gate, so only the output's rounding differs.
         ref = moba_attention(ql.float(), kl.float(), vl.float(), chunk_size=8, topk=2, backend="naive")
         torch.testing.assert_close(out.float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(0, 8, 2, 16), (2, 0, 2, 16)])
+def test_empty_batch_or_length(shape):
+    # B = 0 or S = 0: an empty result (as the Triton backend gives), with empty gradients.
+    q = torch.randn(*shape, requires_grad=True)
+    out = moba_attention(q, q, q, chunk_size=4, topk=2, backend="naive")
+    assert out.shape == shape
+    out.sum().backward()
+    assert q.grad.shape == shape
+
+
+def test_empty_packed_batch():
+    q = torch.randn(0, 2, 16)
+    cu = torch.tensor([0, 0, 0], dtype=torch.int32)
+    assert moba_attention(q, q, q, chunk_size=4, topk=2, cu_seqlens=cu, backend="naive").shape == (0, 2, 16)
+
+
+@pytest.mark.parametrize("topk", [2, 3])
+def test_nan_key_reaches_the_output_like_dense_attention(topk):
+    # A NaN key makes its block's gate score NaN: that block ranks first (as in the Triton gate's integer
+    # keys), so every later query that attends it is NaN, as in dense attention; earlier rows stay finite.
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(1, 37, 2, 16, generator=g) for _ in range(3))
+    k[0, 5, 0, 3] = float("nan")
+    out = moba_attention(q, k, v, chunk_size=4, topk=topk, backend="naive")
+    dense = full_attention(q, k, v, backend="naive")
+    assert torch.equal(out.isnan().any(-1), dense.isnan().any(-1))
+    assert out[0, 5:, 0].isnan().all() and not out[0, :5].isnan().any()

@@ -8,55 +8,28 @@ from __future__ import annotations
 
 import pytest
 import torch
+from utils import POISON, make_inputs, poisoned, rel_rms
 
 from moba_cli import full_attention, moba_attention
 from moba_cli.errors import MobaError
-from moba_cli.ops.moba import naive, triton_moba
+from moba_cli.ops.moba import KernelOptions, naive
+from moba_cli.ops.moba.bwd import bwd_gluon, gluon_available
+from moba_cli.ops.moba.dense import dense_causal
+from moba_cli.ops.moba.gate import gate_kind as pick_gate_kind
+from moba_cli.ops.moba.gate import select_blocks
 from moba_cli.ops.moba.layout import make_layout
+from moba_cli.ops.moba.schedule import BwdLists, Schedule
 
 
-def rel_rms(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
-@pytest.fixture(autouse=True)
-def poison(monkeypatch):
-    monkeypatch.setattr(triton_moba, "POISON_OUTPUTS", True)
-
-
-def make_inputs(lens, hq, hkv, d, device, dtype=torch.float32, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    t = sum(lens)
-    q, k, v = (torch.randn(t, h, d, generator=g).to(device, dtype) for h in (hq, hkv, hkv))
-    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=device)
-    return q, k, v, cu
-
-
-def assert_matches_naive(out, leaves, inputs, layout, topk, tol=1e-4):
-    """``out``, computed by the op from ``leaves`` (q, k, v requiring grad), against the float32 reference
-    on copies of ``inputs``: the output and dq/dk/dv, none of them NaN."""
-    ref_in = [x.clone().requires_grad_() for x in inputs]
-    ref, _ = naive.moba_attention_naive(*ref_in, layout, topk)
-    assert not out.isnan().any()
-    assert rel_rms(out, ref) < tol
-    do = torch.randn_like(ref)
-    out.backward(do)
-    ref.backward(do)
-    for name, a, b in zip(("dq", "dk", "dv"), leaves, ref_in, strict=True):
-        assert not a.grad.isnan().any(), name
-        assert rel_rms(a.grad, b.grad) < tol, name
-
-
-def check_against_reference(lens, hq, hkv, d, chunk, topk, device, tol=1e-4):
+def check_against_reference(lens, hq, hkv, d, chunk, topk, device, tol=1e-4, opts=POISON):
     q, k, v, cu = make_inputs(lens, hq, hkv, d, device)
     layout = make_layout(cu, chunk)
     sel_ref = naive.select_blocks(q, k, layout, topk)
-    sel = triton_moba.select_blocks(q, k, layout, topk)
+    sel = select_blocks(q, k, layout, topk, opts)
     assert torch.equal(sel.sort(-1).values, sel_ref.sort(-1).values), "gate chose different blocks"
 
     qt, kt, vt = (x.clone().requires_grad_() for x in (q, k, v))
-    out = moba_attention(qt, kt, vt, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton")
+    out = moba_attention(qt, kt, vt, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton", options=opts)
     qr, kr, vr = (x.clone().requires_grad_() for x in (q, k, v))
     ref, _ = naive.moba_attention_naive(qr, kr, vr, layout, topk)
     assert not out.isnan().any()
@@ -86,26 +59,24 @@ def test_matches_reference(lens, hq, hkv, chunk, topk, device):
 
 
 @pytest.mark.parametrize(("lens", "hq", "hkv", "chunk", "topk"), [([70], 2, 2, 32, 2), ([13, 50, 38], 2, 1, 16, 2)])
-def test_forward_through_tma_descriptors(lens, hq, hkv, chunk, topk, device, monkeypatch):
+def test_forward_through_tma_descriptors(lens, hq, hkv, chunk, topk, device):
     # The Hopper path loads unmasked K/V tiles through tensor descriptors; the interpreter runs it too.
-    monkeypatch.setattr(triton_moba, "FWD_DESC", True)
-    check_against_reference(lens, hq, hkv, 32, chunk, topk, device)
+    check_against_reference(lens, hq, hkv, 32, chunk, topk, device, opts=poisoned(fwd_desc=True))
 
 
 @pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize(("lens", "hq", "hkv", "chunk", "topk"), [([77], 4, 2, 16, 3), ([13, 50, 38], 2, 1, 16, 2)])
-def test_backward_paths(lens, hq, hkv, chunk, topk, fused, device, monkeypatch):
+def test_backward_paths(lens, hq, hkv, chunk, topk, fused, device):
     # dQ from atomics in the dK/dV kernel (fused) and from its own slot-wise pass: both against the reference.
-    monkeypatch.setattr(triton_moba, "BWD_FUSED", fused)
-    check_against_reference(lens, hq, hkv, 32, chunk, topk, device)
+    check_against_reference(lens, hq, hkv, 32, chunk, topk, device, opts=poisoned(bwd_fused=fused))
 
 
 def test_bwd_fused_knob(monkeypatch):
     monkeypatch.setenv("MOBA_BWD_FUSED", "0")
-    assert triton_moba.bwd_fused() is False
+    assert KernelOptions.from_env().bwd_fused is False
     monkeypatch.setenv("MOBA_BWD_FUSED", "yes")
     with pytest.raises(MobaError, match="MOBA_BWD_FUSED"):
-        triton_moba.bwd_fused()
+        KernelOptions.from_env()
 
 
 def test_bwd_gluon_knob(monkeypatch):
@@ -114,10 +85,11 @@ def test_bwd_gluon_knob(monkeypatch):
     q = torch.zeros(4, 2, 128, dtype=torch.bfloat16)
     for value in ("0", "1"):
         monkeypatch.setenv("MOBA_BWD_GLUON", value)
-        assert triton_moba.bwd_gluon(q) is False
+        assert KernelOptions.from_env().bwd_gluon is (value == "1")
+        assert bwd_gluon(q, KernelOptions.from_env()) is False
     monkeypatch.setenv("MOBA_BWD_GLUON", "on")
     with pytest.raises(MobaError, match="MOBA_BWD_GLUON"):
-        triton_moba.bwd_gluon(q)
+        KernelOptions.from_env()
 
 
 def test_gluon_launch_matches_kernel_signature(monkeypatch):
@@ -125,7 +97,7 @@ def test_gluon_launch_matches_kernel_signature(monkeypatch):
     # argument exactly once (positionally or by name) and sizes the grid as the Triton kernel's.
     from types import SimpleNamespace
 
-    if not triton_moba._gluon_available():
+    if not gluon_available():
         pytest.skip("this Triton has no Gluon API the kernel can use")
     from moba_cli.ops.moba import gluon_bwd
 
@@ -155,19 +127,28 @@ def test_gluon_launch_matches_kernel_signature(monkeypatch):
 def test_tuning_knobs_reject_bad_values(name, value, monkeypatch):
     monkeypatch.setenv(name, value)
     with pytest.raises(MobaError, match=name):
-        triton_moba._env_config(name, (3, 4, 5) if name == "MOBA_GATE_CFG" else (4,))
+        KernelOptions.from_env()
+
+
+def test_tuning_knobs_are_read_into_options(monkeypatch):
+    monkeypatch.setenv("MOBA_FWD_CFG", "32,16,4,2")
+    monkeypatch.setenv("MOBA_GATE_CFG", "16,16,4")
+    monkeypatch.setenv("MOBA_OWN_SPLITS", "2")
+    opts = KernelOptions.from_env()
+    assert (opts.fwd_cfg, opts.gate_cfg, opts.own_splits, opts.bwd_cfg) == ((32, 16, 4, 2), (16, 16, 4), 2, None)
+    with pytest.raises(MobaError, match="fwd_cfg"):
+        KernelOptions(fwd_cfg=(64, 64))
 
 
 def test_head_dim_64(device):
     check_against_reference([41], 2, 1, 64, 16, 2, device)
 
 
-def test_streaming_topk_over_many_blocks(device, monkeypatch):
+def test_streaming_topk_over_many_blocks(device):
     # 26 blocks and a 16-wide candidate tile: the sort gate merges several tiles.
-    monkeypatch.setattr(triton_moba, "GATE_KIND", "sort")
     q, k, v, cu = make_inputs([205], 2, 1, 32, device, seed=3)
     layout = make_layout(cu, 8)
-    sel = triton_moba.select_blocks(q, k, layout, 5)
+    sel = select_blocks(q, k, layout, 5, poisoned(gate_kind="sort"))
     ref = naive.select_blocks(q, k, layout, 5)
     assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
     # Future blocks are never chosen and the own block sits in slot 0.
@@ -177,10 +158,9 @@ def test_streaming_topk_over_many_blocks(device, monkeypatch):
 
 
 @pytest.fixture(params=["grouped", "sort"])
-def gate_kind(request, monkeypatch):
+def gate_opts(request):
     """Both gate kernels, whichever the size would pick."""
-    monkeypatch.setattr(triton_moba, "GATE_KIND", request.param)
-    return request.param
+    return poisoned(gate_kind=request.param)
 
 
 @pytest.mark.parametrize(
@@ -195,18 +175,17 @@ def gate_kind(request, monkeypatch):
         ("sort", [40], 2, 2),
     ],
 )
-def test_gate_kernels_match_reference(kind, lens, chunk, topk, device, monkeypatch):
-    monkeypatch.setattr(triton_moba, "GATE_KIND", kind)
+def test_gate_kernels_match_reference(kind, lens, chunk, topk, device):
     # The interpreter runs tl.sort op by op: few programs (2 heads, short sequences), many blocks.
     q, k, _, cu = make_inputs(lens, 2, 1, 16, device, seed=5)
     layout = make_layout(cu, chunk)
-    sel = triton_moba.select_blocks(q, k, layout, topk)
+    sel = select_blocks(q, k, layout, topk, poisoned(gate_kind=kind))
     ref = naive.select_blocks(q, k, layout, topk)
     assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
     assert torch.equal(sel[:, :, 0], layout.token_block[:, None].expand(-1, 2))
 
 
-def test_gate_best_blocks_in_one_group(gate_kind, device):
+def test_gate_best_blocks_in_one_group(gate_opts, device):
     # Every query prefers blocks 33..39, which share one 16-block tile: the grouped gate must keep that
     # tile's scores whole, not one block per tile.
     g = torch.Generator().manual_seed(6)
@@ -218,7 +197,7 @@ def test_gate_best_blocks_in_one_group(gate_kind, device):
         k[b * chunk:(b + 1) * chunk, 0] += (3.0 + 0.1 * b) * u
     k = k.to(device)
     layout = make_layout(torch.tensor([0, t], dtype=torch.int32, device=device), chunk)
-    sel = triton_moba.select_blocks(q, k, layout, 8)
+    sel = select_blocks(q, k, layout, 8, gate_opts)
     ref = naive.select_blocks(q, k, layout, 8)
     assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
     late = sel[48:, :, 1:].sort(-1).values  # queries from block 48 on choose exactly blocks 33..39
@@ -226,30 +205,30 @@ def test_gate_best_blocks_in_one_group(gate_kind, device):
 
 
 def test_gate_kind_follows_the_measured_rule(monkeypatch):
-    monkeypatch.delenv("MOBA_GATE_KIND", raising=False)
-    assert triton_moba.gate_kind(7, 4096) == "grouped"  # flashmoba: 4096 blocks, 7 kept
-    assert triton_moba.gate_kind(7, 256) == "sort"  # few tiles per row: the final selection dominates
-    assert triton_moba.gate_kind(11, 4096) == "sort"  # 16 kept groups: too many kept scores
+    assert pick_gate_kind(7, 4096) == "grouped"  # flashmoba: 4096 blocks, 7 kept
+    assert pick_gate_kind(7, 256) == "sort"  # few tiles per row: the final selection dominates
+    assert pick_gate_kind(11, 4096) == "sort"  # 16 kept groups: too many kept scores
     monkeypatch.setenv("MOBA_GATE_KIND", "grouped")
-    assert triton_moba.gate_kind(11, 256) == "grouped"
-    assert triton_moba.gate_kind(40, 4096) == "sort"  # beyond what the grouped kernel keeps
+    forced = KernelOptions.from_env().gate_kind
+    assert pick_gate_kind(11, 256, forced) == "grouped"
+    assert pick_gate_kind(40, 4096, forced) == "sort"  # beyond what the grouped kernel keeps
     monkeypatch.setenv("MOBA_GATE_KIND", "fast")
     with pytest.raises(MobaError, match="MOBA_GATE_KIND"):
-        triton_moba.gate_kind(7, 4096)
+        KernelOptions.from_env()
 
 
-def test_gate_tie_rule_prefers_earlier_block(gate_kind, device):
+def test_gate_tie_rule_prefers_earlier_block(gate_opts, device):
     q, k, v, cu = make_inputs([64], 1, 1, 32, device, seed=1)
     k[16:32] = k[0:16]  # blocks 0 and 1 get identical means: an exact tie for every query
     layout = make_layout(cu, 16)
-    sel = triton_moba.select_blocks(q, k, layout, 2)
+    sel = select_blocks(q, k, layout, 2, gate_opts)
     ref = naive.select_blocks(q, k, layout, 2)
     assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
     tied = sel[48:, 0, 1]  # queries in block 3: choose one of blocks 0, 1, 2
     assert not bool((tied == 1).any()), "block 1 ties block 0 and must lose to the earlier block"
     # Three identical blocks and two places: the two earliest of the tied blocks win.
     k[32:48] = k[0:16]
-    sel = triton_moba.select_blocks(q, k, layout, 3)
+    sel = select_blocks(q, k, layout, 3, gate_opts)
     ref = naive.select_blocks(q, k, layout, 3)
     assert torch.equal(sel.sort(-1).values, ref.sort(-1).values)
 
@@ -257,16 +236,17 @@ def test_gate_tie_rule_prefers_earlier_block(gate_kind, device):
 @pytest.mark.parametrize(("lens", "hq", "hkv"), [([60], 4, 2), ([9, 40], 2, 1)])
 def test_topk_covering_all_blocks_is_full_attention(lens, hq, hkv, device):
     q, k, v, cu = make_inputs(lens, hq, hkv, 32, device, seed=2)
-    out = moba_attention(q, k, v, chunk_size=16, topk=64, cu_seqlens=cu, backend="triton")
+    out = moba_attention(q, k, v, chunk_size=16, topk=64, cu_seqlens=cu, backend="triton", options=POISON)
     full = full_attention(q, k, v, cu_seqlens=cu, backend="naive")
     assert rel_rms(out, full) < 1e-5
 
 
 def test_batch_layout_matches_packed(device):
     q, k, v, cu = make_inputs([48, 48], 2, 2, 32, device, seed=4)
-    packed = moba_attention(q, k, v, chunk_size=16, topk=2, cu_seqlens=cu, backend="triton")
+    packed = moba_attention(q, k, v, chunk_size=16, topk=2, cu_seqlens=cu, backend="triton", options=POISON)
     batched = moba_attention(
-        q.view(2, 48, 2, 32), k.view(2, 48, 2, 32), v.view(2, 48, 2, 32), chunk_size=16, topk=2, backend="triton"
+        q.view(2, 48, 2, 32), k.view(2, 48, 2, 32), v.view(2, 48, 2, 32), chunk_size=16, topk=2, backend="triton",
+        options=POISON,
     )
     assert torch.equal(batched.view(96, 2, 32), packed)
 
@@ -278,10 +258,10 @@ def test_dense_shortcut_is_full_attention(lens, batched):
     q, k, v, cu = make_inputs(lens, 4, 2, 32, "cpu", seed=6)
     ref = full_attention(q, k, v, cu_seqlens=cu, backend="naive")
     if batched:
-        out = triton_moba._dense_causal(*(x.view(2, 48, *x.shape[1:]) for x in (q, k, v)), None, 32**-0.5)
+        out = dense_causal(*(x.view(2, 48, *x.shape[1:]) for x in (q, k, v)), None, 32**-0.5)
         out = out.reshape(ref.shape)
     else:
-        out = triton_moba._dense_causal(q, k, v, cu.tolist(), 32**-0.5)
+        out = dense_causal(q, k, v, cu.tolist(), 32**-0.5)
     assert rel_rms(out, ref) < 1e-5
 
 
@@ -293,9 +273,9 @@ def test_schedule_lists_every_pair_once(wide_keys, device):
     lens, hq, chunk, topk, bm = [50, 7, 77], 3, 8, 4, 16
     q, k, _, cu = make_inputs(lens, hq, 1, 16, device, seed=9)
     layout = make_layout(cu, chunk)
-    sel = triton_moba.select_blocks(q, k, layout, topk)
+    sel = select_blocks(q, k, layout, topk, POISON)
     nb = layout.num_blocks + (2**15 if wide_keys else 0)
-    sched = triton_moba.Schedule(sel, nb, bm)
+    sched = Schedule(sel, nb, bm)
     assert sched.block_idx is sel
     t_total, h, s = sel.shape
     first = sched.slot_first.tolist()
@@ -322,9 +302,9 @@ def test_backward_lists_per_block(skip_first, device):
     lens, hq, chunk, topk = [50, 7, 77], 3, 8, 4
     q, k, _, cu = make_inputs(lens, hq, 1, 16, device, seed=11)
     layout = make_layout(cu, chunk)
-    sel = triton_moba.select_blocks(q, k, layout, topk)
+    sel = select_blocks(q, k, layout, topk, POISON)
     skip = (layout.token_block - layout.token_first_block) < 2 if skip_first else None
-    lists = triton_moba.BwdLists(sel, layout.num_blocks, skip)
+    lists = BwdLists(sel, layout.num_blocks, skip)
     nb, starts, ends = layout.num_blocks, layout.block_start.tolist(), layout.block_end.tolist()
     seen = torch.zeros_like(sel)
     for h in range(hq):

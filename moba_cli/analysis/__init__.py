@@ -1,1 +1,1 @@
-"""Analyses behind the commands (their logic, kept out of the Typer functions)."""
+"""Analyses behind ``moba compare``: MoBA against full attention (see :mod:`.sparse_vs_full`)."""

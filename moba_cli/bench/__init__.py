@@ -1,8 +1,9 @@
 """``moba bench``: MoBA against dense attention, timed carefully, checked first, written as JSON/CSV/PNG.
 
-Modules: :mod:`.presets` (options -> :class:`BenchConfig`), :mod:`.providers` (what is timed),
-:mod:`.flex_moba` (MoBA with FlexAttention), :mod:`.check` (float32 spot-checks), :mod:`.flops` (work
-counted), :mod:`.runner` (timing, memory, OOM, estimates), :mod:`.report` (table, CSV, plots, summary).
+Modules: :mod:`.case` (the shape of one measurement), :mod:`.presets` (options -> :class:`BenchConfig`),
+:mod:`.providers` (what is timed), :mod:`.flex_moba` (MoBA with FlexAttention), :mod:`.check` (float32
+spot-checks), :mod:`.flops` (work counted), :mod:`.runner` (timing, memory, OOM, estimates), :mod:`.report`
+(table, CSV, plots, summary).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def run_bench(config: BenchConfig, console: Console, progress_console: Console |
     """Run every case, print the table, write ``<stem>.json``, ``<stem>.csv`` and plots; return the JSON path."""
     import torch
 
-    from moba_cli.commands._common import resolve_device
+    from moba_cli.utils.devices import resolve_device
 
     if config.device != "cpu":
         dev = resolve_device(config.device)  # one clear line when there is no GPU

@@ -1,9 +1,9 @@
 """Spot-checks: before a provider is timed, its output must match a float32 reference on the same inputs.
 
 At long lengths a full reference does not fit, so the reference is computed for a few hundred sampled
-query rows only (the first and last token, block edges, random rows), from the same pieces as
-:mod:`moba_cli.ops.moba.naive`: float32 block means, the gate ``q . mean(block keys)``, a stable sort so
-the earlier block wins ties, the own block attended causally. Dense providers are checked against plain
+query rows only (the first and last token, block edges, random rows), with the reference gate of
+:mod:`moba_cli.ops.moba.naive` (float32 block means, ``score_blocks``, ``top_blocks``: the earlier block
+wins ties), the own block attended causally. Dense providers are checked against plain
 causal softmax attention on the same rows.
 
 For ``fwd+bwd`` the provider also runs a backward pass with an output gradient that is zero except on the
@@ -25,7 +25,8 @@ from dataclasses import dataclass
 import torch
 
 from moba_cli.ops.moba.layout import make_layout, num_slots
-from moba_cli.ops.moba.naive import block_means
+from moba_cli.ops.moba.naive import block_means, score_blocks, top_blocks
+from moba_cli.utils.metrics import finite_or_none, rel_l2
 
 GATE_TIE_EPS = 1e-4
 # (output, gradients) relative errors allowed per dtype. A wrong kernel is off by O(1).
@@ -49,9 +50,10 @@ class CheckResult:
     message: str
 
     def fields(self) -> dict:
+        # A NaN/inf error becomes null (strict JSON); the failed check's message says what it was.
         return {
-            "check_rows": self.rows, "check_excluded": self.excluded, "check_out_err": self.out_err,
-            "check_grad_err": self.grad_err, "check_tol": self.tol_out,
+            "check_rows": self.rows, "check_excluded": self.excluded, "check_out_err": finite_or_none(self.out_err),
+            "check_grad_err": finite_or_none(self.grad_err), "check_tol": self.tol_out,
         }
 
 
@@ -102,31 +104,31 @@ def _group_size(heads: int, keys: int) -> int:
 def select_rows(
     q_rows: torch.Tensor, pos: torch.Tensor, means: torch.Tensor, chunk: int, topk: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoBA's choice for some rows. q_rows ``[r, Hq, D]`` fp32, pos ``[r]``, means ``[nb, Hkv, D]`` fp32.
+    """MoBA's choice for some rows, by the reference gate rule (:func:`~moba_cli.ops.moba.naive.top_blocks`).
 
-    Returns ``chosen [r, Hq, nb]`` bool (own block included) and ``near_tie [r, Hq]`` bool.
+    q_rows ``[r, Hq, D]``, pos ``[r]`` positions in one sequence, means ``[nb, Hkv, D]`` float32 block means
+    of that sequence. Returns ``chosen [r, Hq, nb]`` bool (own block included) and ``near_tie [r, Hq]``.
     """
-    r, hq, d = q_rows.shape
+    r, hq, _ = q_rows.shape
     nb, hkv = means.shape[0], means.shape[1]
-    g = hq // hkv
-    scores = torch.einsum("rhgd,nhd->rhgn", q_rows.view(r, hkv, g, d), means).reshape(r, hq, nb)
     own = pos // chunk
     past = torch.arange(nb, device=pos.device)[None, :] < own[:, None]
-    scores = scores.masked_fill(~past[:, None, :], float("-inf"))
+    scores = score_blocks(q_rows, means).masked_fill(~past[:, None, :], float("-inf"))  # [r, Hq, nb]
     chosen = torch.zeros(r, hq, nb + 1, dtype=torch.bool, device=q_rows.device)
     chosen.scatter_(2, own.view(r, 1, 1).expand(r, hq, 1), True)
     near_tie = torch.zeros(r, hq, dtype=torch.bool, device=q_rows.device)
     n = min(num_slots(topk, nb) - 1, nb)
     if n > 0:
-        order = torch.sort(scores, dim=-1, descending=True, stable=True)  # stable: earlier block wins ties
-        top_val, top_idx = order.values[..., :n], order.indices[..., :n]
-        chosen.scatter_(2, torch.where(torch.isfinite(top_val), top_idx, nb), True)
+        local = top_blocks(scores, n)  # [r, Hq, n], -1 where fewer past blocks
+        chosen.scatter_(2, torch.where(local >= 0, local, nb), True)
         if n < nb:
-            last, nxt = order.values[..., n - 1], order.values[..., n]
+            # The last chosen score against the best one left out: a near tie may rightly go either way.
+            last = scores.gather(2, local[..., n - 1 :].clamp_min(0)).squeeze(2)
+            nxt = scores.masked_fill(chosen[..., :nb], float("-inf")).amax(-1)
             # Size of a dot product's rounding error: |q| * |mean|, per (row, head).
             mean_norm = means.norm(dim=-1).max(dim=0).values  # [Hkv]
-            scale = q_rows.norm(dim=-1) * mean_norm.repeat_interleave(g)[None, :]
-            near_tie = torch.isfinite(nxt) & ((last - nxt) <= GATE_TIE_EPS * scale)
+            scale = q_rows.float().norm(dim=-1) * mean_norm.repeat_interleave(hq // hkv)[None, :]
+            near_tie = (local[..., -1] >= 0) & torch.isfinite(nxt) & ((last - nxt) <= GATE_TIE_EPS * scale)
     return chosen[..., :nb], near_tie
 
 
@@ -274,7 +276,10 @@ class Reference:
         problems = []
         if n_keep < max(1, keep.numel() // 2):
             problems.append(f"only {n_keep} of {keep.numel()} sampled (row, head) pairs are free of gate near-ties")
-        if out_err is not None and not (out_err <= tol_out):
+        if out_err is not None and not math.isfinite(out_err):
+            bad = int((~torch.isfinite(err) & keep).sum())
+            problems.append(f"output has NaN or infinite values in {bad} of {n_keep} sampled (row, head) pairs")
+        elif out_err is not None and not (out_err <= tol_out):
             worst = int(err.masked_fill(~keep, -1).flatten().argmax().item()) // keep.shape[1]
             problems.append(
                 f"output off by {out_err:.3g} (relative, tolerance {tol_out:g}) at token "
@@ -283,8 +288,9 @@ class Reference:
         if grads is not None:
             dq, dk, dv = grads
             dq_rows = dq[self.bidx.to(dq.device), self.pos.to(dq.device)].float()
-            errs = {"dq": _rel(dq_rows, exp.dq), "dk": _rel_chunked(dk, exp.dk), "dv": _rel_chunked(dv, exp.dv)}
-            grad_err = max(errs.values())
+            errs = {"dq": rel_l2(dq_rows, exp.dq), "dk": _rel_chunked(dk, exp.dk), "dv": _rel_chunked(dv, exp.dv)}
+            # Python's max would skip a NaN depending on its position; a NaN gradient error must win.
+            grad_err = max(errs.values()) if all(math.isfinite(e) for e in errs.values()) else float("nan")
             bad = {k: v for k, v in errs.items() if not (v <= tol_grad)}
             if bad:
                 problems.append(
@@ -295,11 +301,6 @@ class Reference:
             ok=not problems, rows=n_keep, excluded=excluded, out_err=out_err, grad_err=grad_err,
             tol_out=tol_out, tol_grad=tol_grad, message="; ".join(problems) or "ok",
         )
-
-
-def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    den = ref.norm().item()
-    return float((a.float() - ref.to(a.device)).norm().item() / max(den, 1e-12))
 
 
 def _rel_chunked(a: torch.Tensor, ref_cpu: torch.Tensor, rows: int = 65536) -> float:

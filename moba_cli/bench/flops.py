@@ -4,31 +4,17 @@ One attended pair costs ``4 * D`` FLOPs in the forward pass (``q.k`` and ``p.v``
 each). The backward pass counts 2.5x the forward, so ``fwd+bwd`` is 3.5x. The MoBA gate (``q . mean(k)``
 over blocks) and the block means are not counted: the figure is attention work only, for every provider.
 
-For MoBA the pairs follow from the selection, and they do not depend on *which* blocks are chosen: every
-chosen past block is complete (``chunk`` keys), so a query in local block ``j`` attends
-``chunk * min(topk - 1, j)`` past keys plus the causal part of its own block. (The tests check this
-count against the reference selection.)
+For MoBA the pairs follow from the selection, and they do not depend on *which* blocks are chosen (every
+chosen past block is complete): the per-sequence count is :func:`moba_cli.ops.moba.pairs.attended_pairs`,
+the one ``moba convert`` uses too. (The tests check it against the reference selection.)
 """
 
 from __future__ import annotations
 
+from moba_cli.ops.moba.pairs import attended_pairs, causal_pairs
+
 FWD_FLOPS_PER_PAIR_PER_DIM = 4
 PASS_FACTOR = {"fwd": 1.0, "fwd+bwd": 3.5, "decode": 1.0}
-
-
-def dense_causal_pairs(seq: int) -> int:
-    """Pairs of causal attention over one sequence and one head: ``S (S + 1) / 2``."""
-    return seq * (seq + 1) // 2
-
-
-def moba_pairs(seq: int, chunk: int, topk: int) -> int:
-    """Pairs MoBA attends over one sequence of ``seq`` tokens and one head."""
-    total = 0
-    nblocks = (seq + chunk - 1) // chunk
-    for j in range(nblocks):
-        n = min(chunk, seq - j * chunk)  # queries in block j (the last block may be short)
-        total += n * chunk * min(topk - 1, j) + n * (n + 1) // 2
-    return total
 
 
 def decode_pairs(length: int, chunk: int | None = None, topk: int | None = None) -> int:
@@ -42,12 +28,12 @@ def decode_pairs(length: int, chunk: int | None = None, topk: int | None = None)
     return chunk * min(topk - 1, own) + (length - 1) % chunk + 1
 
 
-def attended_pairs(kind: str, pass_: str, batch: int, seq: int, heads: int, chunk: int, topk: int) -> int:
+def call_pairs(kind: str, pass_: str, batch: int, seq: int, heads: int, chunk: int, topk: int) -> int:
     """All pairs of one call: ``kind`` is ``"moba"`` or ``"dense"``; summed over batch and query heads."""
     if pass_ == "decode":
         per_head = decode_pairs(seq, chunk, topk) if kind == "moba" else decode_pairs(seq)
     else:
-        per_head = moba_pairs(seq, chunk, topk) if kind == "moba" else dense_causal_pairs(seq)
+        per_head = attended_pairs(seq, chunk, topk) if kind == "moba" else causal_pairs(seq)
     return batch * heads * per_head
 
 

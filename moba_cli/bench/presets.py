@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from moba_cli.bench.case import Case
 from moba_cli.errors import MobaError
+from moba_cli.utils.limits import check_at_most, check_seed
 from moba_cli.utils.sizes import format_size, parse_size, parse_size_list
 
 PASSES = ("fwd", "fwd+bwd", "decode")
@@ -50,38 +52,10 @@ GPU_DEFAULTS = {"seq": "32k,128k", "batch": 1, "heads": (8,), "head_dim": 128, "
 CPU_DEFAULTS = {"seq": "256,512", "batch": 1, "heads": (2,), "head_dim": 32, "chunk": 64, "topk": 3,
                 "repeats": 3, "dtype": "fp32"}
 CPU_MAX_SEQ = 16384  # a CPU run is a smoke test of the bench itself, not a measurement
-
-# Reference providers that materialise large intermediates run only where they fit.
-NAIVE_MAX_TOKENS = {"cuda": 32768, "cpu": 4096}  # batch * seq, forward
-NAIVE_MAX_SCORES_BWD = {"cuda": 2**31, "cpu": 2**24}  # batch * heads * seq^2 kept for the float32 backward
-MATH_MAX_SCORES = {"cuda": 2**30, "cpu": 2**26}  # batch * heads * seq^2 float32 scores of SDPA's math kernel
-
-
-@dataclass(frozen=True)
-class Case:
-    """One measured shape: a provider runs it once per pass."""
-
-    pass_: str
-    batch: int
-    seq: int  # tokens per sequence; for ``decode`` the KV-cache length
-    heads: int
-    kv_heads: int
-    head_dim: int
-    chunk: int
-    topk: int
-    dtype: str
-    device: str
-
-    @property
-    def label(self) -> str:
-        heads = f"{self.heads}/{self.kv_heads}"
-        return f"{self.pass_} seq={format_size(self.seq)} B={self.batch} H={heads} D={self.head_dim}"
-
-    def with_seq(self, seq: int, chunk_divisor: int | None = None) -> Case:
-        chunk = max(1, seq // chunk_divisor) if chunk_divisor else self.chunk
-        return Case(self.pass_, self.batch, seq, self.heads, self.kv_heads, self.head_dim, chunk, self.topk,
-                    self.dtype, self.device)
-
+# Timed calls are kept as CUDA events, and each checked row costs a float32 reference over the whole
+# sequence: past these the run would take hours, not give a better number.
+MAX_REPEATS = 10_000
+MAX_CHECK_ROWS = 65_536
 
 @dataclass
 class BenchConfig:
@@ -221,7 +195,7 @@ def build_config(
 ) -> BenchConfig:
     """Apply defaults, then the preset, then explicit options; check every value."""
     from moba_cli.bench.providers import DEFAULT_PROVIDERS, PROVIDER_NAMES
-    from moba_cli.commands._common import parse_dtype
+    from moba_cli.utils.devices import parse_dtype
 
     device = device.lower()
     if device not in ("cuda", "cpu") and not device.startswith("cuda:"):
@@ -245,14 +219,21 @@ def build_config(
     if topk is not None and topk < 1:
         raise MobaError(f"--topk must be >= 1 (it counts the query's own block), got {topk}")
     for value, name in ((batch, "--batch"), (kv_heads, "--kv-heads"), (head_dim, "--head-dim"),
-                        (chunk, "--chunk"), (repeats, "--repeats")):
+                        (chunk, "--chunk"), (repeats, "--repeats"), (topk, "--topk")):
         _positive(value, name)
+        if value is not None:
+            check_at_most(value, name)
+    if repeats is not None:
+        check_at_most(repeats, "--repeats", MAX_REPEATS)
     _positive(check_rows, "--check-rows")
+    check_at_most(check_rows, "--check-rows", MAX_CHECK_ROWS)
+    check_seed(seed)
     if not (max_dense_seconds > 0):
         raise MobaError(f"--max-dense-seconds must be positive, got {max_dense_seconds}")
 
     seqs = _sizes(pick(seq, pre.seq if pre else None, base["seq"]), "--seq")
     seqs = sorted(set(seqs))
+    check_at_most(pick(batch, None, base["batch"]) * max(seqs), "--batch x --seq (tokens per call)")
     if on_cpu and max(seqs) > CPU_MAX_SEQ:
         raise MobaError(
             f"--device cpu is a small smoke run; use --seq <= {CPU_MAX_SEQ} (got {format_size(max(seqs))})"
@@ -261,6 +242,7 @@ def build_config(
                                                                               else base["heads"])
     for h in head_list:
         _positive(h, "--heads")
+        check_at_most(h, "--heads")
         if kv_heads is not None and h % kv_heads != 0:
             raise MobaError(f"--heads {h} must be a multiple of --kv-heads {kv_heads} (GQA/MQA groups)")
     chunk_divisor = None

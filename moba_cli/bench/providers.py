@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from moba_cli.bench.presets import MATH_MAX_SCORES, NAIVE_MAX_SCORES_BWD, NAIVE_MAX_TOKENS, Case
+from moba_cli.bench.case import Case
+from moba_cli.ops.moba.options import KernelOptions
+
+# Reference providers that materialise large intermediates run only where they fit.
+NAIVE_MAX_TOKENS = {"cuda": 32768, "cpu": 4096}  # batch * seq, forward
+NAIVE_MAX_SCORES_BWD = {"cuda": 2**31, "cpu": 2**24}  # batch * heads * seq^2 kept for the float32 backward
+MATH_MAX_SCORES = {"cuda": 2**30, "cpu": 2**26}  # batch * heads * seq^2 float32 scores of SDPA's math kernel
 
 
 class Unsupported(Exception):
@@ -107,9 +113,9 @@ class MobaOurs(Provider):
             return reason
         backend = self.extra["backend"]
         if backend == "triton" and case.device == "cpu":
-            from moba_cli.ops.moba.validate import triton_interpreting
+            from moba_cli.ops.moba.common import is_interp
 
-            if not triton_interpreting():
+            if not is_interp():
                 return "moba-triton runs on CUDA, or on CPU only under TRITON_INTERPRET=1"
         if backend == "naive":
             dev = "cuda" if case.device.startswith("cuda") else "cpu"
@@ -135,34 +141,36 @@ class MobaOurs(Provider):
                 note="block means of the cache computed once, outside the timed region; cache_seqlens not "
                 "range-checked on the host (as in the transformers integration)",
             )
-        from moba_cli import moba_attention
+        from moba_cli.ops.moba import moba_attention
 
+        # Read once, so the timed calls and the record's note (from the call plan) see the same switches.
+        options = KernelOptions.from_env()
         return Op(
-            forward=lambda: moba_attention(q, k, v, chunk_size=case.chunk, topk=case.topk, backend=backend),
+            forward=lambda: moba_attention(q, k, v, chunk_size=case.chunk, topk=case.topk, backend=backend,
+                                           options=options),
             grad_inputs=(q, k, v),
-            note=_dense_parts(case, q, k) if backend == "triton" else None,
+            note=_dense_parts(case, q, k, options) if backend == "triton" else None,
         )
 
 
-def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor) -> str | None:
+def _dense_parts(case: Case, q: torch.Tensor, k: torch.Tensor, options: KernelOptions | None = None) -> str | None:
     """Which part of a moba-triton call runs through a dense kernel (same function, exact), for the record."""
-    from moba_cli.ops.moba import cudnn_blocks, dense_prefix, triton_moba
+    from moba_cli.ops.moba import plan_call
 
     if not case.device.startswith("cuda"):
         return None
-    if triton_moba.DENSE_WHEN_FULL and triton_moba.covers_all(case.seq, case.chunk, case.topk):
+    plan = plan_call(q, k, chunk_size=case.chunk, topk=case.topk, backend="triton", options=options)
+    opts = plan.options
+    if plan.path == "dense":
         return "top-k covers every block: the whole call is dense causal attention through SDPA (cuDNN first)"
-    b, s = q.shape[:2]
-    qp, kp, cu_host = q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), [i * s for i in range(b + 1)]
-    if cudnn_blocks.plan(qp, kp, cu_host, case.chunk) is not None:
-        return (f"long blocks ({case.chunk} keys >= {cudnn_blocks.MIN_CHUNK}): the forward is dense cuDNN calls, "
-                f"causal over the own blocks (halved from {2 * cudnn_blocks.MIN_OWN_PIECE} keys) and one per key "
+    if plan.path == "long_blocks":
+        return (f"long blocks ({case.chunk} keys >= {opts.cudnn_min_chunk}): the forward is dense cuDNN calls, "
+                f"causal over the own blocks (halved from {2 * opts.own_split_min_piece} keys) and one per key "
                 "block over the queries that chose it; the backward runs in the sparse kernels")
-    pre = dense_prefix.plan(qp, kp, cu_host, case.chunk, case.topk)
-    if pre is None:
+    if plan.path != "dense_prefix":
         return None
-    return (f"dense prefix: the first {pre.rows} tokens of each sequence (its first {case.topk} blocks, where "
-            "every past block is kept) through cuDNN, the rest in the sparse kernels")
+    return (f"dense prefix: the first {plan.prefix.rows} tokens of each sequence (its first {case.topk} blocks, "
+            "where every past block is kept) through cuDNN, the rest in the sparse kernels")
 
 
 class FlexMoba(Provider):

@@ -138,6 +138,23 @@ def write_csv(records: list[dict], path: Path) -> Path:
     return path
 
 
+def fit_suptitle(fig, title: str, margin: float = 0.96) -> None:
+    """Set the figure's title, wrapped onto more lines until it fits ``margin`` of the figure's width.
+
+    A one-panel figure is only 5.5 inches wide; an unwrapped title would run past both edges. tight_layout
+    then keeps room above the panels for however many lines there are.
+    """
+    import textwrap
+
+    renderer = fig.canvas.get_renderer()
+    width = margin * fig.get_window_extent(renderer).width
+    text = fig.suptitle(title)
+    cols = len(title)
+    while text.get_window_extent(renderer).width > width and cols > 12:
+        cols = int(cols * 0.85)
+        text.set_text(textwrap.fill(title, cols))
+
+
 def write_plots(records: list[dict], stem: Path) -> tuple[list[Path], str | None]:
     """``<stem>-time.png`` (log-log time per provider) and ``<stem>-speedup.png`` (vs sdpa-cudnn).
 
@@ -187,7 +204,7 @@ def write_plots(records: list[dict], stem: Path) -> tuple[list[Path], str | None
         ax.legend(fontsize=7)
 
     def save(fig, title, suffix):
-        fig.suptitle(title)
+        fit_suptitle(fig, title)
         fig.tight_layout()
         path = stem.with_name(f"{stem.name}-{suffix}.png")
         fig.savefig(path, dpi=120)
@@ -262,6 +279,9 @@ def summarize(records: list[dict]) -> dict:
                            "baseline_estimated": r["baseline_estimated"]}
     problems = [f"{r['provider']} {r['pass']} seq={r['seq']} H={r['heads']}: {r['status']}: {r['reason']}"
                 for r in records if r["status"] in ("error", "oom")]
+    # Say how the times were really taken (a CPU run has no CUDA events), as the records do.
+    used = sorted({r["timer"] for r in records if r.get("timer")})
+    timers = "; ".join(used) if used else "nothing was timed"
     return {
         "status_counts": dict(counts),
         "moba_triton": rows,
@@ -269,7 +289,7 @@ def summarize(records: list[dict]) -> dict:
         "longest_seq_moba_triton": max((r["seq"] for r in moba), default=None),
         "problems": problems,
         "fields": {
-            "ms": "median of the timed runs (CUDA events, L2 flushed before each)",
+            "ms": "median of the timed runs; " + timers,
             "peak_mem_bytes": "peak allocated during one call minus what was allocated just before it (inputs "
                               "and provider preparation excluded)",
             "peak_mem_total_bytes": "peak allocated by the whole process during that call (inputs included)",

@@ -6,7 +6,8 @@ Per (case, provider) the order is: build the op -> spot-check it against the flo
 Timing (:func:`time_call`): the spot-check call is the first warm-up (compilation, autotuning); then one
 call measured for memory and a first time, more warm-up (about 50 ms) for short calls, then ``runs``
 calls each timed with CUDA events after the L2 cache was flushed (a 256 MiB write), as
-``triton.testing.do_bench`` does. ``runs`` is ``--repeats``, raised to fill about 100 ms for short calls
+``triton.testing.do_bench`` does (on CPU, a smoke run: host wall clock, no flush; each record's ``timer``
+says which). ``runs`` is ``--repeats``, raised to fill about 100 ms for short calls
 (at most 100), lowered to about 10 s for long ones (at least 3, or ``--repeats`` if smaller). Median,
 min and max are reported.
 
@@ -34,8 +35,9 @@ from dataclasses import dataclass
 import torch
 
 from moba_cli.bench import flops as F
+from moba_cli.bench.case import Case
 from moba_cli.bench.check import Reference
-from moba_cli.bench.presets import BenchConfig, Case
+from moba_cli.bench.presets import BenchConfig
 from moba_cli.bench.providers import BY_NAME, Inputs, Op, Provider, Unsupported, make_inputs
 from moba_cli.errors import MobaError
 
@@ -45,8 +47,13 @@ RECORD_FIELDS = [
     "device", "status", "ms", "ms_min", "ms_max", "runs", "tflops", "flops", "attended_pairs", "sparsity",
     "peak_mem_bytes", "peak_mem_total_bytes", "speedup_vs_sdpa_cudnn", "speedup_vs_sdpa_flash",
     "baseline_estimated", "check_rows", "check_excluded", "check_out_err", "check_grad_err", "check_tol",
-    "estimated_from", "anchor_for", "reason", "note",
+    "estimated_from", "anchor_for", "reason", "note", "timer",
 ]
+# How ``ms`` was measured, per device kind: written in every timed record and in the summary.
+TIMERS = {
+    "cuda": "CUDA events, L2 cache flushed (a 256 MiB write) before each call",
+    "cpu": "host wall clock (time.perf_counter) around each call; no cache flush",
+}
 # Rough dense throughput used only to decide whether a dense call needs an anchor measurement first.
 _PESSIMISTIC_TFLOPS = {"cuda": {"float32": 20.0, "default": 150.0}, "cpu": {"float32": 0.02, "default": 0.02}}
 _SHORT_S, _LONG_S = 0.1, 10.0
@@ -61,6 +68,7 @@ class Timing:
     runs: int
     peak_mem_bytes: int | None
     peak_mem_total_bytes: int | None
+    timer: str  # how the times were taken: a value of TIMERS
 
 
 def is_oom(exc: BaseException) -> bool:
@@ -125,13 +133,14 @@ def time_call(fn: Callable[[], object], device: str, repeats: int) -> Timing:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    return Timing(statistics.median(times), min(times), max(times), runs, peak, total)
+    timer = TIMERS["cuda" if cuda else "cpu"]
+    return Timing(statistics.median(times), min(times), max(times), runs, peak, total, timer)
 
 
 def new_record(case: Case, provider: Provider) -> dict:
     rec = dict.fromkeys(RECORD_FIELDS)
-    pairs = F.attended_pairs(provider.kind, case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
-    dense = F.attended_pairs("dense", case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
+    pairs = F.call_pairs(provider.kind, case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
+    dense = F.call_pairs("dense", case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
     rec.update(
         provider=provider.name, kind=provider.kind, batch=case.batch, seq=case.seq, heads=case.heads,
         kv_heads=case.kv_heads, head_dim=case.head_dim, chunk=case.chunk, topk=case.topk, dtype=case.dtype,
@@ -258,7 +267,7 @@ class Runner:
                 timing = time_call(self._timed_fn(case, op, inputs), case.device, self.config.repeats)
             rec.update(status="ok", ms=timing.ms, ms_min=timing.ms_min, ms_max=timing.ms_max, runs=timing.runs,
                        peak_mem_bytes=timing.peak_mem_bytes, peak_mem_total_bytes=timing.peak_mem_total_bytes,
-                       tflops=F.tflops(rec["flops"], timing.ms))
+                       tflops=F.tflops(rec["flops"], timing.ms), timer=timing.timer)
         except (Unsupported, MobaError) as e:
             failure = ("skipped", str(e))
         except KeyboardInterrupt:
@@ -318,7 +327,7 @@ class Runner:
         dev = "cuda" if case.device.startswith("cuda") else "cpu"
         table = _PESSIMISTIC_TFLOPS[dev]
         tf = table.get(case.dtype, table["default"])
-        pairs = F.attended_pairs("dense", case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
+        pairs = F.call_pairs("dense", case.pass_, case.batch, case.seq, case.heads, case.chunk, case.topk)
         return F.attention_flops(pairs, case.head_dim, case.pass_) / (tf * 1e12)
 
     def _maybe_estimate(self, case: Case, provider: Provider, rec: dict) -> dict | None:
@@ -376,7 +385,8 @@ def add_speedups(records: list[dict]) -> None:
         estimated = []
         for base in ("sdpa-cudnn", "sdpa-flash"):
             b = index.get(_shape_key(r) + (base,))
-            r[f"speedup_vs_{base.replace('-', '_')}"] = b["ms"] / r["ms"] if b else None
+            # A zero time (below the clock's resolution) has no finite ratio: null, never inf in the JSON.
+            r[f"speedup_vs_{base.replace('-', '_')}"] = b["ms"] / r["ms"] if b and r["ms"] > 0 else None
             if b and b["status"] == "estimated":
                 estimated.append(base)
         r["baseline_estimated"] = ",".join(estimated) or None

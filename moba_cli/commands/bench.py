@@ -36,7 +36,8 @@ HELP = (
     "when installed, else skipped.\n\n"
     "[bold]Decode[/]: --pass decode times one new token against a KV cache of --seq tokens (MoBA decode "
     "against dense SDPA).\n\n"
-    "[bold]Method[/]: warm-up, then median/min/max over --repeats calls (CUDA events, L2 flushed); peak "
+    "[bold]Method[/]: warm-up, then median/min/max over --repeats calls (CUDA events, L2 flushed; a CPU run "
+    "uses the wall clock, as each record's timer says); peak "
     "memory per provider above the inputs (peak_mem_bytes) and in total (peak_mem_total_bytes); TFLOP/s "
     "counted on the attended (query, key) pairs (4*pairs*D forward, x3.5 fwd+bwd); speedups against "
     "sdpa-cudnn and sdpa-flash. A dense call predicted slower than --max-dense-seconds is extrapolated (S^2 "
@@ -98,9 +99,9 @@ def bench(
 ) -> None:
     with user_errors():
         from moba_cli.bench import build_config, run_bench
-        from moba_cli.ops.moba.triton_moba import check_env_knobs
+        from moba_cli.ops.moba.options import KernelOptions
 
-        check_env_knobs()
+        KernelOptions.from_env()  # a malformed MOBA_* kernel variable stops the command before any work
 
         config = build_config(
             seq=seq, batch=batch, heads=heads, kv_heads=kv_heads, head_dim=head_dim, chunk=chunk, topk=topk,

@@ -1,4 +1,4 @@
-"""`moba compare`: MoBA against full attention on the same inputs (logic in :mod:`moba_cli.analysis.compare`)."""
+"""`moba compare`: MoBA against full attention on the same inputs (logic in :mod:`moba_cli.analysis`)."""
 
 from __future__ import annotations
 
@@ -54,9 +54,9 @@ def compare(
                                              "(default: results/compare/)")] = None,
 ) -> None:
     with user_errors():
-        from moba_cli.ops.moba.triton_moba import check_env_knobs
+        from moba_cli.ops.moba.options import KernelOptions
 
-        check_env_knobs()
+        KernelOptions.from_env()  # a malformed MOBA_* kernel variable stops the command before any work
         if model is not None:
             _model_compare(model, text, out, device, dtype, seq, backend,
                            other={"--qkv": qkv, "--batch": batch, "--heads": heads, "--kv-heads": kv_heads,
@@ -64,7 +64,7 @@ def compare(
             return
         if text is not None:
             raise MobaError("--text needs --model (it is the text run through the model)")
-        from moba_cli.analysis.compare import run_compare
+        from moba_cli.analysis.sparse_vs_full import run_compare
         from moba_cli.results import check_out, make_result, write_result
 
         setup, qkv_tensors = _resolve(seq, batch, heads, kv_heads, head_dim, chunk, topk, dtype, device, backend,
@@ -76,6 +76,9 @@ def compare(
         path = write_result(make_result("compare", config, records, summary), out, "results/compare")
         _print_report(config, records, summary, path)
         eq = summary["equivalence"]
+        if not eq["passed"] and eq.get("nonfinite_rows"):
+            raise fail(f"equivalence check failed: {eq['nonfinite_rows']} (row, head) outputs of MoBA with every "
+                       "block or of its float32 reference are NaN or infinite")
         if not eq["passed"]:
             raise fail(
                 f"equivalence check failed: MoBA with every block differs from dense attention by relative L2 "
@@ -115,7 +118,7 @@ def _size(flag: str, text: str) -> int:
 
 def _resolve(seq, batch, heads, kv_heads, head_dim, chunk, topk, dtype, device, backend, seed, qkv):
     """Options -> (CompareSetup, loaded qkv or None), with the device-dependent defaults filled in."""
-    from moba_cli.analysis.compare import (
+    from moba_cli.analysis.inputs import (
         DEFAULTS,
         CompareSetup,
         check_sizes,
@@ -150,7 +153,8 @@ def _resolve(seq, batch, heads, kv_heads, head_dim, chunk, topk, dtype, device, 
             size["kv_heads"] = size["heads"]
     chunk_n = _size("--chunk", chunk) if chunk is not None else base["chunk"]
     topk_n = topk if topk is not None else base["topk"]
-    check_sizes(size["seq"], size["batch"], size["heads"], size["kv_heads"], size["head_dim"], chunk_n, topk_n)
+    check_sizes(size["seq"], size["batch"], size["heads"], size["kv_heads"], size["head_dim"], chunk_n, topk_n,
+                seed=seed)
     if dtype.lower() == "auto":
         dt = (file_dtype(tensors[0]) if tensors is not None else None) or default_dtype(dev)
     else:
@@ -180,6 +184,11 @@ def _with_progress(work):
         return work(progress)
 
 
+def _num(x: float | None, spec: str) -> str:
+    """A figure for the table; ``n/a`` where the result holds null (a value that was not finite)."""
+    return "n/a" if x is None else format(x, spec)
+
+
 def _print_report(config: dict, records: list[dict], summary: dict, path: Path) -> None:
     from rich.table import Table
 
@@ -198,11 +207,11 @@ def _print_report(config: dict, records: list[dict], summary: dict, path: Path) 
     t.add_column("meaning", style="dim")
     sampled = summary["recall_sampled_rows"]
     rows_note = f" ({sampled} sampled rows)" if sampled else ""
-    t.add_row("output max abs error", f"{summary['max_abs']:.3g}", "MoBA vs full (SDPA), same dtype")
-    t.add_row("output relative L2", f"{summary['rel_l2']:.3g}", "||o_moba - o_full|| / ||o_full||")
-    t.add_row("recall mean", f"{summary['recall_mean']:.4f}", "full softmax mass in chosen blocks" + rows_note)
-    t.add_row("recall p5", f"{summary['recall_p5']:.4f}", "5th percentile over queries x heads")
-    t.add_row("oracle recall mean", f"{summary['recall_oracle_mean']:.4f}", "best choice of as many blocks")
+    t.add_row("output max abs error", _num(summary["max_abs"], ".3g"), "MoBA vs full (SDPA), same dtype")
+    t.add_row("output relative L2", _num(summary["rel_l2"], ".3g"), "||o_moba - o_full|| / ||o_full||")
+    t.add_row("recall mean", _num(summary["recall_mean"], ".4f"), "full softmax mass in chosen blocks" + rows_note)
+    t.add_row("recall p5", _num(summary["recall_p5"], ".4f"), "5th percentile over queries x heads")
+    t.add_row("oracle recall mean", _num(summary["recall_oracle_mean"], ".4f"), "best choice of as many blocks")
     t.add_row("sparsity", f"{100 * summary['sparsity']:.1f}%",
               f"causal pairs skipped ({summary['blocks_per_sequence']} blocks/seq)")
     if summary.get("selection_agreement") is not None:
@@ -213,14 +222,14 @@ def _print_report(config: dict, records: list[dict], summary: dict, path: Path) 
     if eq["tokens_per_sequence"] < config["seq"]:
         prefix = f", first {format_size(eq['tokens_per_sequence'])} tokens"
     t.add_row("equivalence", verdict,
-              f"top-k=all{prefix}: rel L2 {eq['rel_l2']:.1e} <= {eq['tolerance']['rel_l2']:.0e}")
+              f"top-k=all{prefix}: rel L2 {_num(eq['rel_l2'], '.1e')} <= {eq['tolerance']['rel_l2']:.0e}")
     console.print(t)
     if 1 < len(records) <= 16:
         h = Table(title="per query head", title_justify="left", header_style="bold")
         for col in ("head", "kv", "recall mean", "recall p5", "oracle", "rel L2"):
             h.add_column(col, justify="right")
         for r in records:
-            h.add_row(str(r["head"]), str(r["kv_head"]), f"{r['recall_mean']:.4f}", f"{r['recall_p5']:.4f}",
-                      f"{r['recall_oracle_mean']:.4f}", f"{r['rel_l2']:.3g}")
+            h.add_row(str(r["head"]), str(r["kv_head"]), _num(r["recall_mean"], ".4f"), _num(r["recall_p5"], ".4f"),
+                      _num(r["recall_oracle_mean"], ".4f"), _num(r["rel_l2"], ".3g"))
         console.print(h)
     console.print(f"result: {path}  ({summary['seconds']:.1f} s)", highlight=False)

@@ -26,6 +26,7 @@ from typing import Any
 
 from moba_cli.errors import MobaError
 from moba_cli.integrations.hf import CONFIG_KEY, IMPL_NAME, MobaSettings, _first_line, parse_full_layers
+from moba_cli.ops.moba.pairs import sparsity
 from moba_cli.ops.moba.validate import TRITON_HEAD_DIMS
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3")
@@ -38,30 +39,9 @@ _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken", "t
 # --------------------------------------------------------------------------------------------- sparsity
 
 
-def _sum_min(m: int, f: int) -> int:
-    """``sum(min(m, i) for i in range(f))`` in closed form."""
-    if f <= m:
-        return f * (f - 1) // 2
-    return m * (m - 1) // 2 + (f - m) * m
-
-
-def attended_pairs(seq_len: int, chunk_size: int, topk: int) -> int:
-    """(query, key) pairs one MoBA layer computes on one causal sequence of ``seq_len`` tokens.
-
-    A query in block ``i`` attends its own block up to itself plus ``min(topk - 1, i)`` complete past blocks.
-    """
-    c, m = chunk_size, topk - 1
-    full_blocks, rest = divmod(seq_len, c)
-    pairs = full_blocks * c * (c + 1) // 2 + c * c * _sum_min(m, full_blocks)
-    if rest:
-        pairs += rest * (rest + 1) // 2 + rest * c * min(m, full_blocks)
-    return pairs
-
-
 def expected_sparsity(seq_len: int, chunk_size: int, topk: int) -> float:
     """Fraction of the causal (query, key) pairs a MoBA layer skips at ``seq_len`` tokens."""
-    causal = seq_len * (seq_len + 1) // 2
-    return 1.0 - attended_pairs(seq_len, chunk_size, topk) / causal
+    return sparsity(seq_len, chunk_size, topk)
 
 
 # --------------------------------------------------------------------------------------------- source

@@ -4,17 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from .layout import cached_layout, make_layout
-from .validate import check_inputs, check_moba_params, resolve_backend
+from .options import KernelOptions
+from .plan import CallPlan, plan_call
+from .validate import autocast_inputs, check_inputs, check_moba_params
 
 
-def _pack(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """Return packed ``[T, H, D]`` views and cu_seqlens; a padded batch becomes equal-length sequences."""
-    if cu_seqlens is not None:
-        return q, k, v, cu_seqlens
-    b, s = q.shape[:2]
-    cu = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
-    return q.reshape(b * s, *q.shape[2:]), k.reshape(b * s, *k.shape[2:]), v.reshape(b * s, *v.shape[2:]), cu
+def _packed(x: torch.Tensor, plan: CallPlan) -> torch.Tensor:
+    """``[B, S, H, D]`` as packed ``[B*S, H, D]`` (a view); packed input as it is."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:]) if plan.padded else x
 
 
 def moba_attention(
@@ -28,6 +25,7 @@ def moba_attention(
     max_seqlen: int | None = None,
     softmax_scale: float | None = None,
     backend: str = "auto",
+    options: KernelOptions | None = None,
 ) -> torch.Tensor:
     """Mixture of Block Attention (MoBA), causal.
 
@@ -43,49 +41,42 @@ def moba_attention(
         softmax_scale: defaults to ``1/sqrt(D)``.
         backend: ``"naive"`` (float32 reference), ``"triton"`` (kernels), ``"auto"`` (triton on CUDA,
             naive elsewhere).
+        options: kernel switches (:class:`KernelOptions`); None reads the ``MOBA_*`` environment. E.g.
+            ``KernelOptions(dense_when_full=False)`` runs the sparse kernels even at full coverage.
 
-    Each query scores every complete past block of its sequence by ``q . mean(block keys)`` and keeps
-    the ``topk - 1`` best (ties: the earlier block wins), plus its own block. No gradient flows through
-    the choice. On CUDA, the first ``topk`` blocks of equal-length sequences (dense causal attention, as
-    every past block is kept there) run through cuDNN's dense kernel (:mod:`.dense_prefix`); with blocks
-    of 32768 keys or more the whole forward is cuDNN calls, one per key block (:mod:`.cudnn_blocks`).
-    Returns a tensor shaped like ``q`` in ``q``'s dtype; differentiable in q, k, v.
+    Each query scores every complete past block of its sequence by ``q . mean(block keys)`` and keeps the
+    ``topk - 1`` best (ties: the earlier block wins), plus its own block. No gradient flows through the
+    choice. How the triton backend serves a call (dense shortcut, dense prefix through cuDNN, long blocks
+    through cuDNN, sparse kernels) is decided once by :func:`.plan.plan_call`. Under ``torch.autocast``
+    the inputs are cast to the autocast dtype first, as SDPA does. Returns a tensor shaped like ``q`` in
+    ``q``'s dtype; differentiable in q, k, v.
     """
-    check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
-    check_moba_params(chunk_size, topk)
-    backend = resolve_backend(backend, q)
-    if backend == "triton":
-        from . import cudnn_blocks, dense_prefix, triton_moba
+    q, k, v = autocast_inputs(q, k, v)
+    cu_host = check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    chunk_size, topk = check_moba_params(chunk_size, topk)
+    plan = plan_call(q, k, chunk_size=chunk_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
+                     backend=backend, options=options, cu_host=cu_host)
+    with torch.autocast(q.device.type, enabled=False):
+        return run_plan(plan, q, k, v)
 
-        # With top-k covering every block MoBA is dense causal attention: hand it to PyTorch's fused
-        # kernel before any block bookkeeping (no layout, no host syncs), so full coverage costs nothing.
-        cu_host = None if cu_seqlens is None else cu_seqlens.tolist()
-        longest = q.shape[1] if cu_host is None else max(b - a for a, b in zip(cu_host[:-1], cu_host[1:], strict=True))
-        if triton_moba.DENSE_WHEN_FULL and q.is_cuda and triton_moba.covers_all(longest, chunk_size, topk):
-            scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-            return triton_moba._dense_causal(q, k, v, cu_host, float(scale))
-        # The layout comes from host offsets (the padded shape, or the list read above), so it is built
-        # without waiting for the GPU, or found in the cache.
-        qp, kp, vp = q, k, v
-        if cu_host is None:
-            b, s = q.shape[:2]
-            cu_host = [i * s for i in range(b + 1)]
-            qp, kp, vp = (x.reshape(b * s, *x.shape[2:]) for x in (q, k, v))
-        layout = cached_layout(cu_host, chunk_size, q.device)
-        blocks = cudnn_blocks.plan(qp, kp, cu_host, chunk_size)
-        prefix = None if blocks is not None else dense_prefix.plan(qp, kp, cu_host, chunk_size, topk)
-    else:
-        qp, kp, vp, cu = _pack(q, k, v, cu_seqlens)
-        layout = make_layout(cu, chunk_size)
-    if backend == "naive":
+
+def run_plan(plan: CallPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Execute ``plan`` (from :func:`plan_call` on these inputs). Returns a tensor shaped like ``q``."""
+    if plan.path == "dense":
+        from .dense import dense_causal
+
+        return dense_causal(q, k, v, None if plan.padded else list(plan.cu_host), plan.scale)
+    qp, kp, vp = _packed(q, plan), _packed(k, plan), _packed(v, plan)
+    layout = plan.layout()
+    if plan.backend == "naive":
         from .naive import moba_attention_naive
 
-        out, _ = moba_attention_naive(qp, kp, vp, layout, topk, softmax_scale)
+        out, _ = moba_attention_naive(qp, kp, vp, layout, plan.topk, plan.scale)
         out = out.to(q.dtype)
     else:
-        from .triton_moba import moba_attention_triton
+        from .function import moba_triton
 
-        out = moba_attention_triton(qp, kp, vp, layout, topk, softmax_scale, prefix, blocks)
+        out = moba_triton(qp, kp, vp, layout, plan.topk, plan.scale, plan.options, plan.prefix, plan.blocks)
     return out.view(q.shape)
 
 
@@ -106,8 +97,10 @@ def full_attention(
     ``chunk_size`` and ``topk`` are accepted and ignored so the two functions can be swapped. Backends:
     ``"naive"`` computes in float32 one sequence at a time; ``"auto"``/``"sdpa"`` use torch SDPA in the
     inputs' dtype (whatever kernel PyTorch picks). Returns a tensor shaped like ``q`` in ``q``'s dtype.
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype first, as SDPA does.
     """
-    check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
+    q, k, v = autocast_inputs(q, k, v)
+    cu_host = check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     if backend not in ("auto", "naive", "sdpa", "triton"):
         from moba_cli.errors import MobaError
 
@@ -115,8 +108,11 @@ def full_attention(
     if backend == "naive":
         from .naive import full_attention_naive
 
-        qp, kp, vp, cu = _pack(q, k, v, cu_seqlens)
-        return full_attention_naive(qp, kp, vp, cu, softmax_scale).to(q.dtype).view(q.shape)
+        b, s = (1, q.shape[0]) if cu_seqlens is not None else q.shape[:2]
+        cu = cu_host if cu_host is not None else [i * s for i in range(b + 1)]
+        qp, kp, vp = (x.reshape(b * s, *x.shape[-2:]) for x in (q, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            return full_attention_naive(qp, kp, vp, cu, softmax_scale).to(q.dtype).view(q.shape)
     hq, hkv = q.shape[-2], k.shape[-2]
     sdpa = torch.nn.functional.scaled_dot_product_attention
     if cu_seqlens is None:
@@ -126,8 +122,7 @@ def full_attention(
         )
         return o.transpose(1, 2).contiguous()
     out = torch.empty_like(q)
-    cu = cu_seqlens.tolist()
-    for s0, s1 in zip(cu[:-1], cu[1:], strict=True):
+    for s0, s1 in zip(cu_host[:-1], cu_host[1:], strict=True):
         if s1 > s0:
             qs, ks, vs = (x[s0:s1].transpose(0, 1)[None] for x in (q, k, v))
             out[s0:s1] = sdpa(qs, ks, vs, is_causal=True, scale=softmax_scale, enable_gqa=hq != hkv)[0].transpose(0, 1)

@@ -1,7 +1,7 @@
 """Long blocks: MoBA's forward as dense cuDNN calls, one per key block.
 
-With long blocks (``chunk_size >= MIN_CHUNK``; 10M tokens cut into 64 blocks of 163840 keys, say) every
-part of MoBA's forward is a large dense attention problem:
+With long blocks (``chunk_size >= KernelOptions.cudnn_min_chunk``; 10M tokens cut into 64 blocks of 163840
+keys, say) every part of MoBA's forward is a large dense attention problem:
 
 - own blocks: causal attention inside each block, one batched causal call over a strided
   ``[blocks, H, C, D]`` view of q, k, v (no copy); blocks of 131072 keys or more are halved first (the
@@ -29,40 +29,20 @@ import torch
 import triton
 import triton.language as tl
 
-from . import dense_prefix, triton_moba
-from .knobs import env_flag, env_int
+from .common import LOG2E, empty, is_interp
+from .dense import clear_errors, cudnn_ok, reference_fwd
 from .layout import BlockLayout
+from .options import KernelOptions
+from .schedule import PastLists
 
-# None: the default below; MOBA_CUDNN_BLOCKS=0/1 overrides (probes, benchmarks), tests set the flag.
-CUDNN_BLOCKS: bool | None = None
-CUDNN_BLOCKS_DEFAULT = True
-# Below this a block's call is too small to pay for its launch, its gather and cuDNN's per-shape plan,
-# and the Triton schedule is as fast (H200, v10 probe: +3% at 16384 keys, +6% at 32768, +14% at 65536).
-MIN_CHUNK = 32768
-# Tests: float32 attention in place of cuDNN, on any device (so the path runs on CPU too).
-USE_REFERENCE = False
-# Own blocks: cuDNN's causal kernel runs 163840-key blocks at ~540 TFLOP/s but 81920-key ones at ~600, as
-# fast as its non-causal work (H200, sustained, v11 probe). Each split level halves the own blocks: the
-# halves stay causal and the later half's queries attend the earlier half's keys in one batched non-causal
-# call, merged by log-sum-exp. Halves shorter than MIN_OWN_PIECE gain nothing (10M, 163840-key blocks:
-# own part 831 -> 741 ms at one level, 739 at two; 65536-key blocks: 117 -> 118 ms), so they are not split.
-# None: OWN_SPLITS_DEFAULT; MOBA_OWN_SPLITS=0..4 overrides (probes), tests set it.
-OWN_SPLITS: int | None = None
-OWN_SPLITS_DEFAULT = 4
-MIN_OWN_PIECE = 65536
-
-
-def env_splits() -> int | None:
-    """``MOBA_OWN_SPLITS``, None when unset; a bad value is a MobaError."""
-    return env_int("MOBA_OWN_SPLITS", 0, 4)
-
-
-def own_splits() -> int:
-    """How many times own blocks are halved (``OWN_SPLITS``, else ``MOBA_OWN_SPLITS``, else the default)."""
-    if OWN_SPLITS is not None:
-        return OWN_SPLITS
-    env = env_splits()
-    return OWN_SPLITS_DEFAULT if env is None else env
+# Switches and sizes live in KernelOptions: cudnn_blocks, cudnn_min_chunk (below it a block's call is too
+# small to pay for its launch, its gather and cuDNN's per-shape plan, and the Triton schedule is as fast:
+# H200, v10 probe: +3% at 16384 keys, +6% at 32768, +14% at 65536), own_splits and own_split_min_piece
+# (cuDNN's causal kernel runs 163840-key blocks at ~540 TFLOP/s but 81920-key ones at ~600, as fast as its
+# non-causal work (H200, sustained, v11 probe). Each split level halves the own blocks: the halves stay
+# causal and the later half's queries attend the earlier half's keys in one batched non-causal call,
+# merged by log-sum-exp. Shorter halves gain nothing (10M, 163840-key blocks: own part 831 -> 741 ms at
+# one level, 739 at two; 65536-key blocks: 117 -> 118 ms)), cudnn_pad_rows and cudnn_tile_rows (below).
 
 
 @dataclass(frozen=True)
@@ -73,16 +53,13 @@ class Plan:
     chunk_size: int
 
 
-def plan(q: torch.Tensor, k: torch.Tensor, cu_host: list[int], chunk_size: int) -> Plan | None:
+def plan(q: torch.Tensor, k: torch.Tensor, cu_host: list[int], chunk_size: int, opts: KernelOptions) -> Plan | None:
     """Whether the forward of packed q ``[T, Hq, D]``, k ``[T, Hkv, D]`` goes through per-block cuDNN
     calls: long blocks, CUDA on Ampere or newer, bf16/fp16, head dim a multiple of 8 up to 128; None
-    where it does not apply or is switched off."""
-    want = CUDNN_BLOCKS if CUDNN_BLOCKS is not None else env_flag("MOBA_CUDNN_BLOCKS")
-    if not (CUDNN_BLOCKS_DEFAULT if want is None else want):
+    where it does not apply or ``opts.cudnn_blocks`` is off."""
+    if not opts.cudnn_blocks or chunk_size < opts.cudnn_min_chunk:
         return None
-    if chunk_size < MIN_CHUNK:
-        return None
-    if not (USE_REFERENCE or dense_prefix._cudnn_ok(q, k)):
+    if not (opts.cudnn_reference or cudnn_ok(q, k)):
         return None
     return Plan(cu_host=tuple(cu_host), chunk_size=chunk_size)
 
@@ -173,25 +150,6 @@ def _merge_dense_kernel(ACC, LSE, PO, PL, n,
     tl.store(pla, lse, mask=live)
 
 
-class PastLists:
-    """The (query, head) pairs that chose each key block as a past block, from ``block_idx [T, H, S]``
-    (slot 0 is the own block): sorted by (block, head), then token. ``group_off``/``group_cnt``
-    ``[NB * H]``; ``rows[j]`` (host) = the most choosers any head has for block ``j``."""
-
-    def __init__(self, block_idx: torch.Tensor, num_blocks: int):
-        t, h, s = block_idx.shape
-        past = block_idx[:, :, 1:]
-        ngroups = num_blocks * h
-        kdt = triton_moba._key_dtype(ngroups)
-        key = past.to(kdt) * h + torch.arange(h, device=past.device, dtype=kdt)[None, :, None]
-        self.pair_t, offs = triton_moba._sorted_groups(key, past, None, ngroups)
-        cnt = offs[1:] - offs[:-1]
-        self.group_off = offs[:-1].to(torch.int32)
-        self.group_cnt = cnt.to(torch.int32)
-        # One host sync: the calls' shapes. The forward is long here (large blocks), so it costs nothing.
-        self.rows: list[int] = cnt.view(num_blocks, h).amax(1).tolist() if ngroups else []
-
-
 # --------------------------------------------------------------------------------------------------
 # Dense calls
 
@@ -203,21 +161,20 @@ class PastLists:
 # exact counts: 3030-3782 ms every call). The padding rows are zeros whose results are never merged (10M:
 # 0.5% more rows). Calls of up to 524288 rows were no faster at 10M (3743 vs 3740 ms).
 # TILE_ROWS is a multiple of PAD_ROWS, so a block's last call still holds some of its real rows.
-TILE_ROWS = 131072
-PAD_ROWS = 4096
+# (PAD_ROWS, TILE_ROWS: KernelOptions.cudnn_pad_rows, cudnn_tile_rows.)
 
 
-def bucket_rows(n: int) -> int:
-    """Rows of a block's calls for ``n`` choosers (``n`` rounded up to a multiple of ``PAD_ROWS``)."""
-    return -(-n // PAD_ROWS) * PAD_ROWS
+def bucket_rows(n: int, pad: int) -> int:
+    """Rows of a block's calls for ``n`` choosers (``n`` rounded up to a multiple of ``pad``)."""
+    return -(-n // pad) * pad
 
 
-def _attend(q4, k4, v4, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attend(q4, k4, v4, causal: bool, scale: float, reference: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Dense attention of ``[B, Hq, S, D]`` queries on ``[B, Hkv, N, D]`` keys (strided views) ->
     (out ``[B, Hq, S, D]`` in q's dtype, natural-log log-sum-exp ``[B, Hq, S]`` float32)."""
-    if USE_REFERENCE:
-        return dense_prefix._reference_fwd(q4, k4, v4, scale, causal=causal)
-    with dense_prefix._clear_errors("the long-block forward's", "MOBA_CUDNN_BLOCKS=0"):
+    if reference:
+        return reference_fwd(q4, k4, v4, scale, causal=causal)
+    with clear_errors("the long-block forward's", "MOBA_CUDNN_BLOCKS=0"):
         res = torch.ops.aten._scaled_dot_product_cudnn_attention(
             q4, k4, v4, None, True, 0.0, causal, False, scale=scale
         )
@@ -245,26 +202,27 @@ def _blocks_view(x: torch.Tensor, start: int, nb: int, size: int, part: slice = 
     return x[start:start + nb * size].view(nb, size, *x.shape[1:])[:, part].transpose(1, 2)
 
 
-def _own_blocks(q, k, v, acc, lse, start: int, nb: int, size: int, scale: float, splits: int) -> None:
+def _own_blocks(q, k, v, acc, lse, start: int, nb: int, size: int, scale: float, splits: int,
+                opts: KernelOptions) -> None:
     """Causal attention inside ``nb`` blocks of ``size`` tokens from ``start``, written to ``acc [T, H, D]``
-    and natural-log ``lse [T, H]``. With ``splits`` left and even blocks of at least ``2 * MIN_OWN_PIECE``,
+    and natural-log ``lse [T, H]``. With ``splits`` left and even blocks of at least ``2 * opts.own_split_min_piece``,
     the blocks are halved: each half attends itself causally (recursively), then the later half's queries
     attend the earlier half's keys without a mask, merged by log-sum-exp."""
-    if splits <= 0 or size % 2 or size < 2 * MIN_OWN_PIECE:
-        o, l_ = _attend(*(_blocks_view(x, start, nb, size) for x in (q, k, v)), True, scale)
+    if splits <= 0 or size % 2 or size < 2 * opts.own_split_min_piece:
+        o, l_ = _attend(*(_blocks_view(x, start, nb, size) for x in (q, k, v)), True, scale, opts.cudnn_reference)
         _blocks_view(acc, start, nb, size).copy_(o)
         _blocks_view(lse, start, nb, size).copy_(l_)
         return
     half = size // 2
-    _own_blocks(q, k, v, acc, lse, start, 2 * nb, half, scale, splits - 1)
+    _own_blocks(q, k, v, acc, lse, start, 2 * nb, half, scale, splits - 1, opts)
     late, early = slice(half, None), slice(None, half)
     o, l_ = _attend(_blocks_view(q, start, nb, size, late), _blocks_view(k, start, nb, size, early),
-                    _blocks_view(v, start, nb, size, early), False, scale)
+                    _blocks_view(v, start, nb, size, early), False, scale, opts.cudnn_reference)
     o = o if o.stride(3) == 1 else o.contiguous()
     a = _blocks_view(acc, start, nb, size, late)
     la = _blocks_view(lse, start, nb, size, late)
     hq, d = a.shape[1], a.shape[3]
-    bm = 16 if triton_moba._is_interp() else 64
+    bm = 16 if is_interp() else 64
     _merge_dense_kernel[(triton.cdiv(half, bm), nb * hq)](
         a, la, o, l_, half, *a.stride()[:3], *la.stride(), *o.stride()[:3], *l_.stride(),
         H=hq, D=d, BLOCK_D=triton.next_power_of_2(d), BLOCK_M=bm)
@@ -279,42 +237,43 @@ def _block_ranges(cu_host: tuple[int, ...], chunk: int) -> list[tuple[int, int]]
 
 
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout, block_idx: torch.Tensor,
-            scale: float, pl: Plan) -> tuple[torch.Tensor, torch.Tensor]:
+            scale: float, pl: Plan, opts: KernelOptions) -> tuple[torch.Tensor, torch.Tensor]:
     """MoBA's forward for packed q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` and the gate's ``block_idx
     [T, Hq, S]``. Returns (out ``[T, Hq, D]`` in q's dtype, lse ``[T, Hq]`` float32 in base 2, as the
     Triton kernels keep it)."""
     t_total, hq, d = q.shape
-    acc = triton_moba._empty(t_total, hq, d, dtype=torch.float32, device=q.device)
-    lse = triton_moba._empty(t_total, hq, dtype=torch.float32, device=q.device)
-    splits = own_splits()
+    acc = empty(t_total, hq, d, dtype=torch.float32, device=q.device, poison=opts.poison_outputs)
+    lse = empty(t_total, hq, dtype=torch.float32, device=q.device, poison=opts.poison_outputs)
+    splits = opts.own_splits
     for start, nb, size in _own_segments(pl.cu_host, pl.chunk_size):
-        _own_blocks(q, k, v, acc, lse, start, nb, size, scale, splits)
+        _own_blocks(q, k, v, acc, lse, start, nb, size, scale, splits, opts)
     if block_idx.shape[2] > 1 and layout.num_blocks:
         lists = PastLists(block_idx, layout.num_blocks)
-        nmax = bucket_rows(max(lists.rows))
+        pad, tile = opts.cudnn_pad_rows, opts.cudnn_tile_rows
+        nmax = bucket_rows(max(lists.rows), pad)
         if nmax:
             buf = torch.empty(nmax * hq * d, dtype=q.dtype, device=q.device)
             ranges = _block_ranges(pl.cu_host, pl.chunk_size)
-            bm = 16 if triton_moba._is_interp() else 64
+            bm = 16 if is_interp() else 64
             bd = triton.next_power_of_2(d)
             for j, cnt in enumerate(lists.rows):
                 if not cnt:
                     continue
-                n = bucket_rows(cnt)
+                n = bucket_rows(cnt, pad)
                 qg = buf[: n * hq * d].view(n, hq, d)
                 _gather_kernel[(triton.cdiv(n, bm), hq)](
                     q, qg, lists.pair_t, lists.group_off, lists.group_cnt, j, n,
                     q.stride(0), q.stride(1), qg.stride(0), qg.stride(1), H=hq, D=d, BLOCK_D=bd, BLOCK_M=bm)
                 a, b = ranges[j]
                 kv = [x[a:b].transpose(0, 1)[None] for x in (k, v)]
-                for r0 in range(0, n, TILE_ROWS):
-                    r1 = min(n, r0 + TILE_ROWS)
-                    o, l_ = _attend(qg[r0:r1].transpose(0, 1)[None], *kv, False, scale)
+                for r0 in range(0, n, tile):
+                    r1 = min(n, r0 + tile)
+                    o, l_ = _attend(qg[r0:r1].transpose(0, 1)[None], *kv, False, scale, opts.cudnn_reference)
                     o, l_ = o[0], l_[0]
                     _merge_kernel[(triton.cdiv(r1 - r0, bm), hq)](
                         acc, lse, o, l_, lists.pair_t, lists.group_off, lists.group_cnt, j, r0,
                         acc.stride(0), acc.stride(1), o.stride(0), o.stride(1), l_.stride(0), l_.stride(1),
                         H=hq, D=d, BLOCK_D=bd, BLOCK_M=bm)
                     del o, l_
-    return acc.to(q.dtype), lse.mul_(triton_moba.LOG2E)
+    return acc.to(q.dtype), lse.mul_(LOG2E)
 

@@ -19,16 +19,13 @@ import torch
 
 from moba_cli.errors import MobaError
 
-from .validate import SUPPORTED_DTYPES, check_moba_params, resolve_backend
+from .layout import decode_slots
+from .naive import score_blocks, top_blocks
+from .validate import SUPPORTED_DTYPES, check_moba_params, check_scale, resolve_backend
 
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
-
-
-def decode_slots(topk: int, cache_len: int, chunk_size: int) -> int:
-    """Blocks per head in ``block_ids``: own block plus ``topk - 1``, capped by the cache's block count."""
-    return max(1, min(topk, _cdiv(cache_len, chunk_size)))
 
 
 def _capturing(t: torch.Tensor) -> bool:
@@ -100,7 +97,7 @@ def cache_block_means(k_cache: torch.Tensor, cache_seqlens: torch.Tensor, chunk_
     end > ``cache_seqlens[b]``) are zero.
     """
     _check_cache("k_cache", k_cache)
-    check_moba_params(chunk_size, 1)
+    chunk_size, _ = check_moba_params(chunk_size, 1)
     bsz, cache_len, hkv, d = k_cache.shape
     _check_lengths("cache_seqlens", cache_seqlens, bsz, k_cache.device, 0, cache_len)
     nb = _cdiv(cache_len, chunk_size)
@@ -131,7 +128,7 @@ def update_block_means(
     room for ``ceil(L / chunk_size)`` blocks; otherwise returns a new, grown tensor holding the old entries.
     """
     _check_cache("k_cache", k_cache)
-    check_moba_params(chunk_size, 1)
+    chunk_size, _ = check_moba_params(chunk_size, 1)
     bsz, cache_len, hkv, d = k_cache.shape
     dev = k_cache.device
     if not isinstance(block_means, torch.Tensor) or block_means.dim() != 4:
@@ -170,8 +167,6 @@ def select_decode_blocks(
     ``slots = max(1, min(topk, ceil(cache_len / chunk_size)))``, the Triton kernel's format.
     """
     bsz, hq, d = q.shape
-    hkv = block_means.shape[2]
-    g = hq // hkv
     slots = decode_slots(topk, cache_len, chunk_size)
     out = torch.full((bsz, hq, slots), -1, dtype=torch.int32, device=q.device)
     for b, n in enumerate(cache_seqlens.tolist()):
@@ -180,11 +175,8 @@ def select_decode_blocks(
         take = min(slots - 1, own)
         if take == 0:
             continue
-        means = block_means[b, :own]  # [own, Hkv, D]
-        scores = torch.einsum("hgd,nhd->hgn", q[b].float().view(hkv, g, d), means).reshape(hq, own)
-        # A stable descending sort keeps the earlier block first among equal scores (the tie rule).
-        order = torch.sort(scores, dim=-1, descending=True, stable=True).indices
-        out[b, :, 1 : 1 + take] = order[:, :take].to(torch.int32)
+        # the prefill reference's rule (naive.top_blocks): every block before the own one may be chosen
+        out[b, :, 1 : 1 + take] = top_blocks(score_blocks(q[b], block_means[b, :own]), take).to(torch.int32)
     return out
 
 
@@ -286,9 +278,8 @@ def moba_decode(
         raise MobaError(f"q and k_cache must have the same head dim, got {d} and {dk}")
     if hq == 0 or hkv == 0 or hq % hkv != 0:
         raise MobaError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    check_moba_params(chunk_size, topk)
-    if softmax_scale is not None and not (softmax_scale > 0):
-        raise MobaError(f"softmax_scale must be positive, got {softmax_scale}")
+    chunk_size, topk = check_moba_params(chunk_size, topk)
+    check_scale(softmax_scale)
     backend = resolve_backend(backend, q)
     _check_lengths("cache_seqlens", cache_seqlens, bsz, q.device, 1, cache_len, values=check_lengths)
     _check_means(block_means, bsz, hkv, d, (cache_len - 1) // chunk_size, q.device)

@@ -105,3 +105,9 @@ def num_slots(topk: int, max_blocks: int) -> int:
     """Blocks each query attends at most: its own block plus ``topk - 1`` past blocks, capped by the
     number of blocks the longest sequence has."""
     return max(1, min(topk, max_blocks))
+
+
+def decode_slots(topk: int, cache_len: int, chunk_size: int) -> int:
+    """Blocks per head in decode's ``block_ids``: own block plus ``topk - 1``, capped by the cache's block
+    count."""
+    return max(1, min(topk, -(-cache_len // chunk_size)))

@@ -7,7 +7,10 @@ Selection format shared with the Triton backend: ``block_idx [T, Hq, slots]`` in
 ids (see :mod:`moba_cli.ops.moba.layout`). Slot 0 is the query's own block; slots 1.. hold the chosen
 past blocks in decreasing gate score, ``-1`` where a query has fewer past blocks than ``topk - 1``.
 
-Tie rule: blocks with equal gate scores are ranked by block index, the earlier block first.
+Tie rule: blocks with equal gate scores are ranked by block index, the earlier block first. A NaN score
+(a NaN key in the block) ranks above every number, as in the Triton gates' integer keys, so the NaN
+reaches the output as it does in dense attention. :func:`score_blocks` and :func:`top_blocks` are the
+gate rule in torch, shared by the decode reference, the bench's check and ``moba compare``.
 """
 
 from __future__ import annotations
@@ -33,6 +36,26 @@ def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return out
 
 
+def score_blocks(q: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """Gate scores ``q . mean`` in float32: q ``[..., Hq, D]``, means ``[NB, Hkv, D]`` float32 ->
+    ``[..., Hq, NB]``. Heads that share a KV head score the same means, without copying them."""
+    hkv = means.shape[1]
+    lead, hq, d = q.shape[:-2], q.shape[-2], q.shape[-1]
+    qg = q.float().reshape(-1, hkv, hq // hkv, d)
+    scores = torch.einsum("shgd,nhd->shgn", qg, means.float())
+    return scores.reshape(*lead, hq, means.shape[0])
+
+
+def top_blocks(scores: torch.Tensor, n: int) -> torch.Tensor:
+    """The gate's pick: the ``n`` best of ``scores [..., NB]`` (``-inf`` where a block may not be chosen) ->
+    local block indices ``[..., n]`` int64, best first, ``-1`` where fewer than ``n`` may be chosen.
+    Ties go to the earlier block; NaN ranks first (see the module docstring)."""
+    # A stable descending sort keeps the earlier block first among equal scores and puts NaN first.
+    order = torch.sort(scores, dim=-1, descending=True, stable=True)
+    val, idx = order.values[..., :n], order.indices[..., :n]
+    return torch.where(val != float("-inf"), idx, torch.full_like(idx, -1))
+
+
 def gate_scores(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, seq: int) -> torch.Tensor:
     """Gate scores of sequence ``seq``: ``[S_i, Hq, nb_i]`` float32, q . mean(block keys).
 
@@ -40,14 +63,8 @@ def gate_scores(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, seq: int)
     """
     cu = layout.cu_seqlens.tolist()
     s0, s1 = cu[seq], cu[seq + 1]
-    qs = q[s0:s1].float()
-    hkv = k.shape[1]
-    g = qs.shape[1] // hkv
     blocks = torch.nonzero((layout.block_start >= s0) & (layout.block_start < s1)).flatten()
-    means = block_means(k, layout)[blocks]  # [nb_i, Hkv, D]
-    # Grouped view: heads that share a KV head score the same block means, without copying them.
-    scores = torch.einsum("shgd,nhd->shgn", qs.view(s1 - s0, hkv, g, -1), means)
-    scores = scores.reshape(s1 - s0, hkv * g, -1)
+    scores = score_blocks(q[s0:s1], block_means(k, layout)[blocks])
     own_local = (layout.token_block[s0:s1] - layout.token_first_block[s0:s1]).long()
     past = torch.arange(len(blocks), device=q.device)[None, :] < own_local[:, None]  # [S_i, nb_i]
     return scores.masked_fill(~past[:, None, :], float("-inf"))
@@ -67,15 +84,9 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
         if s1 == s0:
             continue
         scores = gate_scores(q, k, layout, i)
-        # A stable descending sort keeps the earlier block first among equal scores (the tie rule).
-        order = torch.sort(scores, dim=-1, descending=True, stable=True)
         n = min(slots - 1, scores.shape[-1])
-        top_val, top_idx = order.values[..., :n], order.indices[..., :n]
-        chosen = torch.where(
-            torch.isfinite(top_val),
-            top_idx + layout.token_first_block[s0:s1, None, None].long(),
-            torch.full_like(top_idx, -1),
-        )
+        local = top_blocks(scores, n)
+        chosen = torch.where(local >= 0, local + layout.token_first_block[s0:s1, None, None].long(), local)
         out[s0:s1, :, 1 : 1 + n] = chosen.to(torch.int32)
     return out
 
@@ -136,18 +147,23 @@ def moba_attention_naive(
             o = torch.einsum("qhgk,khd->qhgd", p, vf[:r1]).reshape(r1 - r0, hq, d)
             outs.append(o)
             lses.append(lse)
+    if not outs:  # no tokens (S = 0, T = 0 or B = 0): empty results, as the kernels give, still in the graph
+        # so that backward gives q, k and v (empty) gradients
+        empty = q.float()[:0] * 0 + (k.float().sum() + v.float().sum()) * 0
+        return empty, empty[..., 0]
     return torch.cat(outs, 0), torch.cat(lses, 0)
 
 
 def full_attention_naive(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, softmax_scale: float | None
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: list[int], softmax_scale: float | None
 ) -> torch.Tensor:
-    """Dense causal attention in float32, one sequence at a time. Same layout as above; ``[T, Hq, D]``."""
+    """Dense causal attention in float32, one sequence at a time. Same layout as above, ``cu_seqlens`` a
+    host list; ``[T, Hq, D]``."""
     t_total, hq, d = q.shape
     hkv = k.shape[1]
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(d)
     out = torch.empty(t_total, hq, d, dtype=torch.float32, device=q.device)
-    cu = cu_seqlens.tolist()
+    cu = cu_seqlens
     for i in range(len(cu) - 1):
         s0, s1 = cu[i], cu[i + 1]
         if s1 == s0:

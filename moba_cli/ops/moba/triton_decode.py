@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .decode import decode_slots
+from .layout import decode_slots
 from .triton_keys import pack_keys
 
 # Below every packed gate key: the high half of a real key is at least -2^31 and its low half is a

@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
-import os
+import math
+import numbers
 
 import torch
 
 from moba_cli.errors import MobaError
 
+from .common import is_interp
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 TRITON_HEAD_DIMS = (32, 64, 128)
 BACKENDS = ("auto", "naive", "triton")
+# Token positions and block ids are int32 in the kernels and the layout: larger sizes would overflow.
+MAX_SIZE = 2**31 - 1
 
 
-def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def autocast_inputs(q, k, v):
+    """q, k, v cast to the autocast dtype when autocast is on for their device (as SDPA does), else as
+    given. Only floating tensors are cast; anything else is left for the checks to refuse."""
+    if not all(isinstance(t, torch.Tensor) and t.is_floating_point() for t in (q, k, v)):
+        return q, k, v
+    dev = q.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return q, k, v
+    dtype = torch.get_autocast_dtype(dev)
+    return tuple(t if t.dtype == dtype else t.to(dtype) for t in (q, k, v))
 
 
 def check_inputs(
@@ -24,8 +37,9 @@ def check_inputs(
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
     softmax_scale: float | None,
-) -> None:
-    """Check shapes, dtypes and devices of q ``[B,S,Hq,D]`` / k, v ``[B,S,Hkv,D]`` or packed ``[T,H,D]``."""
+) -> list[int] | None:
+    """Check shapes, dtypes and devices of q ``[B,S,Hq,D]`` / k, v ``[B,S,Hkv,D]`` or packed ``[T,H,D]``.
+    Returns ``cu_seqlens`` as a host list (read once here), None without it."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise MobaError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -51,15 +65,16 @@ def check_inputs(
     hq, hkv = q.shape[-2], k.shape[-2]
     if hkv == 0 or hq % hkv != 0:
         raise MobaError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
-    if softmax_scale is not None and not (softmax_scale > 0):
-        raise MobaError(f"softmax_scale must be positive, got {softmax_scale}")
+    check_scale(softmax_scale)
     if cu_seqlens is not None:
-        check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+        return check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+    return None
 
 
 def check_cu_seqlens(
     cu_seqlens: torch.Tensor, total: int, device: torch.device, max_seqlen: int | None
-) -> None:
+) -> list[int]:
+    """Check packed offsets ``cu_seqlens [n+1]`` against ``total`` tokens; returns them as a host list."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise MobaError("cu_seqlens must be a 1-D tensor [num_seqs + 1] of sequence offsets")
     if cu_seqlens.dtype != torch.int32:
@@ -76,13 +91,33 @@ def check_cu_seqlens(
     longest = max(b - a for a, b in zip(cu[:-1], cu[1:], strict=True))
     if max_seqlen is not None and max_seqlen < longest:
         raise MobaError(f"max_seqlen={max_seqlen} is shorter than the longest sequence ({longest})")
+    return cu
 
 
-def check_moba_params(chunk_size: int, topk: int) -> None:
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size <= 0:
+def check_scale(softmax_scale: object) -> None:
+    """``softmax_scale`` is None or a finite positive real number (numpy scalars included)."""
+    if softmax_scale is None:
+        return
+    ok = isinstance(softmax_scale, numbers.Real) and not isinstance(softmax_scale, bool)
+    if not (ok and math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise MobaError(f"softmax_scale must be a finite positive number, got {softmax_scale!r}")
+
+
+def _integer(x: object) -> bool:
+    # numbers.Integral takes numpy integers too; bool is an int but never a size
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def check_moba_params(chunk_size: int, topk: int) -> tuple[int, int]:
+    """Check ``chunk_size`` and ``topk`` (Python or numpy integers, 1 .. 2^31-1); returns them as ints."""
+    if not _integer(chunk_size) or chunk_size <= 0:
         raise MobaError(f"chunk_size must be a positive integer, got {chunk_size!r}")
-    if isinstance(topk, bool) or not isinstance(topk, int) or topk < 1:
+    if not _integer(topk) or topk < 1:
         raise MobaError(f"topk must be an integer >= 1 (it counts the query's own block), got {topk!r}")
+    for name, x in (("chunk_size", chunk_size), ("topk", topk)):
+        if x > MAX_SIZE:
+            raise MobaError(f"{name} must be at most {MAX_SIZE} (int32 block arithmetic), got {x}")
+    return int(chunk_size), int(topk)
 
 
 def resolve_backend(backend: str, q: torch.Tensor) -> str:
@@ -91,11 +126,11 @@ def resolve_backend(backend: str, q: torch.Tensor) -> str:
     if backend not in BACKENDS:
         raise MobaError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     # Triton 3.6's interpreter reads bfloat16 dot operands as raw integers: its results would be garbage.
-    interp_ok = triton_interpreting() and q.device.type == "cpu" and q.dtype != torch.bfloat16
+    interp_ok = is_interp() and q.device.type == "cpu" and q.dtype != torch.bfloat16
     if backend == "auto":
         return "triton" if (q.is_cuda or interp_ok) else "naive"
     if backend == "triton":
-        if not q.is_cuda and not triton_interpreting():
+        if not q.is_cuda and not is_interp():
             raise MobaError(
                 "the triton backend needs CUDA tensors (or TRITON_INTERPRET=1 for CPU tests); "
                 f"got tensors on {q.device}. Use backend='naive' on CPU."
