@@ -139,7 +139,7 @@ def write_result(result: dict[str, Any], out: Path | str | None, default_dir: Pa
     from moba_cli.errors import MobaError
 
     target = Path(out) if out is not None else Path(default_dir)
-    if target.suffix != ".json":
+    if target.suffix.lower() != ".json":  # r.JSON is a file too
         stamp = result["created"].replace(":", "").replace("-", "")
         target = target / f"{result['kind']}-{stamp}.json"
     tmp = target.with_suffix(".json.tmp")
@@ -165,7 +165,7 @@ def check_out(out: Path | str | None, default_dir: Path | str, flag: str = "--ou
 
     target = Path(out) if out is not None else Path(default_dir)
     where = f"{flag} {target}" if out is not None else f"the results folder {target} (choose another with {flag})"
-    if target.suffix == ".json":
+    if target.suffix.lower() == ".json":
         if target.is_dir():
             raise MobaError(f"{where} is a folder; give a new .json file name or the folder without .json")
         folder = target.parent

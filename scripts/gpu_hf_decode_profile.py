@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import gpu_hf_prefill as g  # noqa: E402
 
 from moba_cli import load_model  # noqa: E402
-from moba_cli.integrations.hf import attention_mode  # noqa: E402
+from moba_cli.integrations import attention_mode  # noqa: E402
 
 
 def steps(model, tok, kw, n):

@@ -17,15 +17,16 @@ transformers = pytest.importorskip("transformers")
 from hf_tiny import TINY_TYPES, save_random_checkpoint, tiny_config  # noqa: E402
 
 from moba_cli.errors import MobaError  # noqa: E402
-from moba_cli.integrations.hf import (  # noqa: E402
+from moba_cli.integrations import (  # noqa: E402
     attention_mode,
     load_model,
-    moba_attention_forward,
     moba_stats,
     parse_full_layers,
     reset_moba_stats,
 )
-from moba_cli.integrations.hf_convert import check_attention_interface, convert_checkpoint  # noqa: E402
+from moba_cli.integrations.attention import moba_attention_forward  # noqa: E402
+from moba_cli.integrations.convert import convert_checkpoint  # noqa: E402
+from moba_cli.integrations.support import check_attention_interface  # noqa: E402
 
 CHUNK = 8
 VOCAB = 128
@@ -419,7 +420,7 @@ def test_static_cache_is_refused(ckpts, tmp_path, loader):
 
 
 def test_row_spans_from_masks():
-    from moba_cli.integrations.hf import row_spans
+    from moba_cli.integrations.masks import row_spans
 
     left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     sp = row_spans(left, 2, 5)

@@ -1,6 +1,6 @@
 """Compare a converted checkpoint with MoBA against the same weights with full attention.
 
-One model is loaded; :func:`moba_cli.integrations.hf.attention_mode` switches it between MoBA and
+One model is loaded; :func:`moba_cli.integrations.loading.attention_mode` switches it between MoBA and
 transformers' dense SDPA attention, so both runs share every weight. Reported: per-layer hidden-state
 differences, final-logit differences (max abs, relative L2, top-1 agreement, KL(full || MoBA)) and the
 perplexity of each on the text.
@@ -159,8 +159,9 @@ def compare_model(
     Returns ``(config, records, summary, notes)`` for :func:`moba_cli.results.make_result`: one record per
     hidden state (embeddings, then each layer's output), the logit and perplexity numbers in ``summary``.
     """
-    from moba_cli.integrations.hf import MobaSettings, attention_mode, load_model, moba_stats, reset_moba_stats
-    from moba_cli.integrations.hf_convert import expected_sparsity
+    from moba_cli.integrations.loading import attention_mode, load_model, moba_stats, reset_moba_stats
+    from moba_cli.integrations.settings import MobaSettings
+    from moba_cli.integrations.sparsity import expected_sparsity
 
     path = Path(path)
     if text is not None and Path(text).is_dir():
