@@ -207,6 +207,21 @@ def test_force_replaces_only_an_unchanged_convert_output(src, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     _ok(_run(src, empty, "--force"))
+    (empty / "data").symlink_to(mine, target_is_directory=True)  # a link to the user's folder
+    _one_line_error(_run(src, empty, "--force"), "the link data")
+    assert (mine / "thesis.tex").read_text() == "years of work"
+
+
+def test_a_failed_run_removes_the_folders_it_created(src, tmp_path, monkeypatch):
+    from moba_cli.integrations import convert as convert_mod
+
+    def full_disk(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(convert_mod, "move_into_place", full_disk)
+    res = _run(src, tmp_path / "new" / "deeper" / "moba", "--out", tmp_path / "new" / "r.json")
+    _one_line_error(res, "No space left")
+    assert list(tmp_path.iterdir()) == []
 
 
 # --------------------------------------------------------------------------------------------- signals, umask

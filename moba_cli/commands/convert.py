@@ -40,7 +40,8 @@ def convert(
         str,
         typer.Option(
             "--full-layers",
-            help="Layers kept on full attention: last:N, first:N, a list like 0,5,31 (ranges 4-7), none, all.",
+            help="Layers kept on full attention: last:N, first:N, a list like 0,5,31 (ranges 4-7; -1 is the last "
+            "layer), none, all.",
         ),
     ] = "last:3",
     force: Annotated[
@@ -60,7 +61,9 @@ def convert(
         ),
     ] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Also write the result JSON here (file or folder).")
+        Path | None, typer.Option(
+            "--out", help="Also write the result JSON here: a folder, or a file ending in .json (any case)."
+        )
     ] = None,
 ) -> None:
     with user_errors():

@@ -171,7 +171,8 @@ def _check_shapes(shapes: dict[str, list[int]], config: Any) -> None:
     rows = {"q_proj": hq * d, "k_proj": hkv * d, "v_proj": hkv * d, "qkv_proj": (hq + 2 * hkv) * d}
     for name, shape in shapes.items():
         m = re.search(r"\.(q_proj|k_proj|v_proj|qkv_proj)\.weight$", name)
-        if m is None or shape[0] == rows[m.group(1)]:
+        # Quantised checkpoints pack their weights in other shapes: only plain [rows, hidden] is read.
+        if m is None or len(shape) != 2 or shape[1] != config.hidden_size or shape[0] == rows[m.group(1)]:
             continue
         heads = f"num_key_value_heads={hkv}" if m.group(1) in ("k_proj", "v_proj") else f"num_attention_heads={hq}"
         if m.group(1) == "qkv_proj":

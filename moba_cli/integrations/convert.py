@@ -107,11 +107,13 @@ def convert_checkpoint(
         _check_out_in_dst(out, out_rel, {str(rel) for rel, _ in files})
     elif out is not None:
         check_out(out, out)  # before DST is built, so a bad --out leaves nothing behind
+    made = [a for a in reversed(dst.parents) if not a.exists()]  # folders to remove again on failure
     try:
         dst.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_stages(dst.parent)
         stage = make_stage(dst)
     except OSError as e:  # DST's folder is a file, read-only, or not ours
+        _remove_empty(made)
         blocker = next((a for a in dst.parents if a.exists() and not a.is_dir()), None)
         reason = f"{blocker} is a file, not a folder" if blocker is not None else (e.strerror or str(e))
         raise MobaError(f"cannot create DST {dst}: {reason}") from None
@@ -139,6 +141,7 @@ def convert_checkpoint(
             shutil.rmtree(stage, ignore_errors=True)
             if out_file is not None:
                 out_file.unlink(missing_ok=True)
+            _remove_empty(made)
             if isinstance(e, OSError):
                 raise MobaError(f"cannot write {dst}: {e.strerror or e}") from None
             raise
@@ -146,6 +149,15 @@ def convert_checkpoint(
     if final_out is not None:
         result["summary"]["out_file"] = str(final_out)
     return result
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders this run created on the way to DST (deepest first), as long as they are empty."""
+    for folder in reversed(folders):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def _inside(out: str | Path | None, d_abs: Path) -> Path | None:

@@ -237,12 +237,16 @@ def check_replaceable(dst: Path, force: bool) -> None:
             f"DST {dst} was not written by moba convert (no {MARKER} record); --force replaces only such "
             "folders: choose another DST or remove it yourself"
         ) from None
-    for root, _, names in os.walk(dst):
-        for name in names:
+    for root, dirs, names in os.walk(dst):
+        for name in dirs + names:
             p = Path(root) / name
             rel = str(p.relative_to(dst))
+            if p.is_dir() and not p.is_symlink():
+                continue
             if rel == MARKER:
                 continue
+            if p.is_symlink():
+                raise MobaError(f"DST {dst} holds the link {rel}, which moba convert did not write; remove it first")
             st = p.stat()
             if rel not in recorded:
                 raise MobaError(f"DST {dst} holds {rel}, which moba convert did not write; --force would lose it")
