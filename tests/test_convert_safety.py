@@ -282,13 +282,16 @@ def test_signals_and_kills_leave_no_hidden_folder(src, tmp_path, sig):
 def test_stale_stages_of_dead_runs_are_removed_live_ones_kept(src, tmp_path):
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = tmp_path / f".old.moba-tmp-{dead.pid}-x1y2z3"
+    host = files_mod.HOST
+    stale = tmp_path / f".old.moba-tmp-{host}-{dead.pid}-x1y2z3"
     (stale / "sub").mkdir(parents=True)
     (stale / "sub" / "model.safetensors").write_bytes(b"half")
-    live = tmp_path / f".other.moba-tmp-{os.getppid()}-a1b2c3"
+    live = tmp_path / f".other.moba-tmp-{host}-{os.getppid()}-a1b2c3"
+    other_host = tmp_path / f".other.moba-tmp-{host}x-{dead.pid}-a1b2c3"  # maybe running there (NFS)
     live.mkdir()
+    other_host.mkdir()
     _ok(_run(src, tmp_path / "moba", "--chunk", "8"))
-    assert not stale.exists() and live.is_dir()
+    assert not stale.exists() and live.is_dir() and other_host.is_dir()
 
 
 def test_dst_gets_the_users_umask(src, tmp_path):

@@ -5,9 +5,9 @@
   followed, so a Hugging Face cache snapshot (relative links into ``blobs/``) gives real files. Hard links
   only with ``link=True``, and then only for weight files: a hard link *is* SRC's file, so writing into DST
   (``save_pretrained``, ``torch.save``) would change SRC.
-* DST is built in a hidden sibling ``.<name>.moba-tmp-<pid>-<random>`` and renamed into place at the end.
-  SIGTERM and SIGHUP clean it up like an exception; what a SIGKILL leaves behind is removed by the next
-  run (its pid is gone).
+* DST is built in a hidden sibling ``.<name>.moba-tmp-<host>-<pid>-<random>`` and renamed into place at
+  the end. SIGTERM and SIGHUP clean it up like an exception; what a SIGKILL leaves behind is removed by the
+  next run on the same host (its pid is gone).
 * An existing DST is replaced only when an earlier ``moba convert`` wrote it (its :data:`MARKER` lists the
   files it wrote, with sizes and times) and nothing in it was added or changed since.
 """
@@ -21,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -33,7 +34,9 @@ from moba_cli.errors import MobaError
 
 MARKER = ".moba-convert"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack")
-_STAGE = re.compile(r"^\.(?P<name>.+)\.moba-(?:tmp|old)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
+# Stage folders carry host and pid: only this host's dead processes are cleaned up (NFS homes are shared).
+HOST = re.sub(r"[^A-Za-z0-9]", "", socket.gethostname())[:32] or "host"
+_STAGE = re.compile(r"^\.(?P<name>.+)\.moba-(?:tmp|old)-(?P<host>[A-Za-z0-9]+)-(?P<pid>\d+)-[A-Za-z0-9_]+$")
 _FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 
@@ -174,7 +177,7 @@ def current_umask() -> int:
 def make_stage(dst: Path) -> Path:
     """Create the hidden sibling of ``dst`` where the checkpoint is built, with the user's umask
     (``mkdtemp`` makes 0700, which the final rename would give DST)."""
-    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.moba-tmp-{os.getpid()}-", dir=dst.parent))
+    stage = Path(tempfile.mkdtemp(prefix=f".{dst.name}.moba-tmp-{HOST}-{os.getpid()}-", dir=dst.parent))
     os.chmod(stage, 0o777 & ~current_umask())
     return stage
 
@@ -188,7 +191,9 @@ def remove_stale_stages(parent: Path) -> list[str]:
         return removed
     for p in entries:
         m = _STAGE.match(p.name)
-        if m is None or p.is_symlink() or not p.is_dir() or _pid_alive(int(m.group("pid"))):
+        if m is None or m.group("host") != HOST or p.is_symlink() or not p.is_dir():
+            continue
+        if _pid_alive(int(m.group("pid"))):
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p.name)
@@ -260,7 +265,7 @@ def move_into_place(stage: Path, dst: Path, force: bool) -> None:
     if not (dst.exists() or dst.is_symlink()):
         stage.rename(dst)
         return
-    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.moba-old-{os.getpid()}-", dir=dst.parent))
+    aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.moba-old-{HOST}-{os.getpid()}-", dir=dst.parent))
     aside.rmdir()
     dst.rename(aside)
     stage.rename(dst)
