@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moba_cli.errors import MobaError
+from moba_cli.integrations.settings import first_line
 
 _WORDS = (
     "the a of and to in is was for on with as by at from that this it an be are were which or has had "
@@ -78,7 +79,7 @@ def tokenize(path: Path, text_file: Path | None, seq: int, vocab_size: int) -> T
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except Exception as e:  # noqa: BLE001 - any tokenizer failure falls back to bytes, said aloud
-            notes.append(f"the tokenizer in {path} could not be loaded ({str(e).splitlines()[0]}); using bytes")
+            notes.append(f"the tokenizer in {path} could not be loaded ({first_line(e)}); using bytes")
         else:
             ids = list(tok(text, add_special_tokens=True)["input_ids"])
             return _finish(ids, seq, "tokenizer", source, notes)
