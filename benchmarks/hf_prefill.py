@@ -78,7 +78,7 @@ def _cache_kw(model, cache) -> dict:
 def build_and_convert(root: Path) -> Path:
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from moba_cli.integrations.hf_convert import convert_checkpoint
+    from moba_cli.integrations import convert_checkpoint
 
     config = LlamaConfig(**MODEL_CONFIG)
     torch.manual_seed(0)
@@ -127,8 +127,7 @@ def main() -> int:
     import transformers
 
     import moba_cli  # noqa: F401 - registers the `moba` attention implementation
-    from moba_cli.integrations.hf import attention_mode, load_model, moba_stats, reset_moba_stats
-    from moba_cli.integrations.hf_convert import expected_sparsity
+    from moba_cli.integrations import attention_mode, expected_sparsity, load_model, moba_stats, reset_moba_stats
     from moba_cli.ops.moba.validate import resolve_backend
     from moba_cli.results import make_result, write_result
 

@@ -14,8 +14,9 @@ from hf_tiny import save_random_checkpoint, tiny_config  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from moba_cli.cli import app  # noqa: E402
-from moba_cli.integrations import hf_convert  # noqa: E402
-from moba_cli.integrations.hf_convert import expected_sparsity  # noqa: E402
+from moba_cli.integrations import convert as convert_mod  # noqa: E402
+from moba_cli.integrations import files as files_mod  # noqa: E402
+from moba_cli.integrations.sparsity import expected_sparsity  # noqa: E402
 from moba_cli.ops.moba.layout import make_layout  # noqa: E402
 from moba_cli.ops.moba.naive import select_blocks  # noqa: E402
 from moba_cli.ops.moba.pairs import attended_pairs  # noqa: E402
@@ -48,7 +49,7 @@ def _leftovers(parent) -> list[str]:
 # --------------------------------------------------------------------------------------------- success
 
 
-def test_convert_writes_linked_weights_config_summary_and_result(src, tmp_path):
+def test_convert_writes_independent_weights_config_summary_and_result(src, tmp_path):
     dst, out = tmp_path / "moba", tmp_path / "res.json"
     res = _run(src, dst, "--chunk", "16", "--topk", "3", "--full-layers", "last:3", "--out", out)
     assert res.exit_code == 0, res.output
@@ -57,10 +58,10 @@ def test_convert_writes_linked_weights_config_summary_and_result(src, tmp_path):
     assert "heads: 2, KV heads: 1, head dim: 32" in text
     for size in ("32k", "128k", "1m"):
         assert size in text
-    # Weights untouched: the same inode (hard link) or at least the same bytes.
+    # The same bytes in a file of DST's own (no hard link: writing into DST must not reach SRC).
     w_src, w_dst = src / "model.safetensors", dst / "model.safetensors"
     assert w_dst.read_bytes() == w_src.read_bytes()
-    assert os.stat(w_src).st_ino == os.stat(w_dst).st_ino
+    assert os.stat(w_src).st_ino != os.stat(w_dst).st_ino
     cfg = json.loads((dst / "config.json").read_text())
     assert cfg["attn_implementation"] == "moba"
     assert cfg["moba"] == {"version": 1, "chunk_size": 16, "topk": 3, "full_layers": [3, 4, 5]}
@@ -95,7 +96,7 @@ def test_sliding_window_wider_than_context_is_dropped(tmp_path):
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "moba" / "config.json").read_text())
     assert cfg["sliding_window"] is None and cfg["moba"]["dropped"] == {"sliding_window": 4096}
-    from moba_cli.integrations.hf import load_model
+    from moba_cli.integrations import load_model
 
     model = load_model(tmp_path / "moba", backend="naive")
     with torch.no_grad():
@@ -247,7 +248,7 @@ def test_failure_at_the_end_leaves_nothing(src, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(hf_convert, "_swap_into_place", boom)
+    monkeypatch.setattr(convert_mod, "move_into_place", boom)
     dst, out = tmp_path / "moba", tmp_path / "res.json"
     _assert_one_line_error(_run(src, dst, "--out", out), "No space left on device")
     assert not dst.exists() and not out.exists()
@@ -268,7 +269,7 @@ def test_dst_that_cannot_be_created(src, tmp_path, monkeypatch):
     def refused(*a, **k):  # a read-only or foreign folder (root ignores permission bits, so simulate it)
         raise PermissionError(13, "Permission denied", str(tmp_path))
 
-    monkeypatch.setattr(hf_convert.tempfile, "mkdtemp", refused)
+    monkeypatch.setattr(files_mod.tempfile, "mkdtemp", refused)
     _assert_one_line_error(_run(src, tmp_path / "moba"), "cannot create DST")
     _assert_one_line_error(_run(src, tmp_path / "moba"), "Permission denied")
     assert not (tmp_path / "moba").exists()

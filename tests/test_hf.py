@@ -17,15 +17,16 @@ transformers = pytest.importorskip("transformers")
 from hf_tiny import TINY_TYPES, save_random_checkpoint, tiny_config  # noqa: E402
 
 from moba_cli.errors import MobaError  # noqa: E402
-from moba_cli.integrations.hf import (  # noqa: E402
+from moba_cli.integrations import (  # noqa: E402
     attention_mode,
     load_model,
-    moba_attention_forward,
     moba_stats,
     parse_full_layers,
     reset_moba_stats,
 )
-from moba_cli.integrations.hf_convert import check_attention_interface, convert_checkpoint  # noqa: E402
+from moba_cli.integrations.attention import moba_attention_forward  # noqa: E402
+from moba_cli.integrations.convert import convert_checkpoint  # noqa: E402
+from moba_cli.integrations.support import check_attention_interface  # noqa: E402
 
 CHUNK = 8
 VOCAB = 128
@@ -419,7 +420,7 @@ def test_static_cache_is_refused(ckpts, tmp_path, loader):
 
 
 def test_row_spans_from_masks():
-    from moba_cli.integrations.hf import row_spans
+    from moba_cli.integrations.masks import row_spans
 
     left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     sp = row_spans(left, 2, 5)
@@ -434,3 +435,40 @@ def test_row_spans_from_masks():
     assert row_spans(additive, 1, 5).starts == [2]
     with pytest.raises(MobaError, match="keys are"):
         row_spans(torch.ones(1, 4, dtype=torch.bool), 1, 5)
+
+
+# --------------------------------------------------------------------------------------------- layout
+
+
+def test_integrations_modules_have_no_cycles_no_private_imports_and_stay_small():
+    """The transformers glue by concern: no import cycle among its modules, no other module's ``_name``
+    imported, nothing from the command layer, no file over 500 lines; the stable names all resolve."""
+    import ast
+    from pathlib import Path
+
+    import moba_cli.integrations as integ
+
+    folder = Path(integ.__file__).parent
+    graph: dict[str, set[str]] = {}
+    for f in sorted(folder.glob("*.py")):
+        text = f.read_text()
+        assert len(text.splitlines()) <= 500, f.name
+        deps = set()
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("moba_cli"):
+                assert not node.module.startswith("moba_cli.commands"), f.name
+                private = [a.name for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+                assert not private, (f.name, node.module, private)
+                if node.module.startswith("moba_cli.integrations."):
+                    deps.add(node.module.rsplit(".", 1)[1])
+        graph[f.stem] = deps
+
+    def visit(mod: str, path: list[str]) -> None:
+        for dep in graph.get(mod, ()):
+            assert dep not in path, f"import cycle: {' -> '.join([*path, dep])}"
+            visit(dep, [*path, dep])
+
+    for mod in graph:
+        visit(mod, [mod])
+    for name in integ.__all__:
+        assert getattr(integ, name) is not None, name

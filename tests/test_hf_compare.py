@@ -10,8 +10,8 @@ from hf_tiny import save_random_checkpoint, tiny_config  # noqa: E402
 from typer.testing import CliRunner  # noqa: E402
 
 from moba_cli.cli import app  # noqa: E402
-from moba_cli.integrations.hf_compare import generated_text  # noqa: E402
-from moba_cli.integrations.hf_convert import convert_checkpoint  # noqa: E402
+from moba_cli.integrations.convert import convert_checkpoint  # noqa: E402
+from moba_cli.integrations.model_compare import generated_text  # noqa: E402
 from moba_cli.results import read_result  # noqa: E402
 
 runner = CliRunner()

@@ -1,7 +1,7 @@
 """`moba compare --model DIR [--text FILE]`: a converted checkpoint with MoBA against full attention.
 
 Called lazily by :mod:`moba_cli.commands.compare` inside its ``user_errors()`` block; the work is in
-:mod:`moba_cli.integrations.hf_compare`.
+:mod:`moba_cli.integrations.model_compare`.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def run_model_compare(
     """
     import torch
 
-    from moba_cli.integrations.hf_compare import compare_model
+    from moba_cli.integrations.model_compare import compare_model
     from moba_cli.results import check_out, make_result, write_result
 
     path = Path(model)

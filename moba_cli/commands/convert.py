@@ -12,16 +12,20 @@ from moba_cli.commands._common import console, user_errors
 
 HELP = (
     "Switch a transformers checkpoint's attention to MoBA.\n\n"
-    "SRC is a local checkpoint directory (or a hub id where the network allows). DST receives the same "
-    "weights (hard links where possible, else copies) and a config.json recording the MoBA settings, so that "
+    "SRC is a local checkpoint directory (a Hugging Face cache snapshot works too), or a hub id where the "
+    "network allows. DST receives its own copy of every file (a copy-on-write clone where the filesystem "
+    "supports it, so no extra space on btrfs/XFS) and a config.json recording the MoBA settings, so that "
     "`moba_cli.load_model(DST)`, or `AutoModelForCausalLM.from_pretrained(DST)` after `import moba_cli`, "
     "runs MoBA. Supported: Llama, Mistral/Mixtral, Qwen2/Qwen3 (and their MoE variants), Phi-3, with head "
     "dim 32, 64 or 128 and no sliding window narrower than the context (a wider one is dropped from the "
     "config).\n\n"
     "Prints the layer split and the expected sparsity at 32K, 128K and 1M tokens, and writes a result JSON "
-    "into DST (and to --out). DST is built in a temporary directory and renamed at the end: a failure "
-    "leaves nothing behind.\n\n"
-    "Example: moba convert ./Llama-3.2-1B ./Llama-3.2-1B-moba --chunk 4096 --topk 12 --full-layers last:3"
+    "into DST (and to --out, which may lie inside DST). DST is built in a hidden folder beside it and renamed "
+    "at the end: a failure or a kill leaves nothing behind (at the latest after the next run). SRC is never "
+    "changed, and --force replaces only a folder an earlier `moba convert` wrote and nobody changed since.\n\n"
+    "Examples:\n\n"
+    "  moba convert ./Llama-3.2-1B ./Llama-3.2-1B-moba --chunk 4096 --topk 12 --full-layers last:3\n\n"
+    "  moba convert ~/.cache/huggingface/hub/models--org--name/snapshots/<rev> ./name-moba --full-layers 0,30-31"
 )
 
 
@@ -36,17 +40,35 @@ def convert(
         str,
         typer.Option(
             "--full-layers",
-            help="Layers kept on full attention: last:N, first:N, a list like 0,5,31 (ranges 4-7), none, all.",
+            help="Layers kept on full attention: last:N, first:N, a list like 0,5,31 (ranges 4-7; -1 is the last "
+            "layer), none, all.",
         ),
     ] = "last:3",
-    force: Annotated[bool, typer.Option("--force", help="Replace DST if it exists.")] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace DST if an earlier `moba convert` wrote it and nothing in it changed since "
+            "(any other existing folder is refused).",
+        ),
+    ] = False,
+    link: Annotated[
+        bool,
+        typer.Option(
+            "--link",
+            help="Hard-link the weight files instead of copying them: no extra disk space, but DST's weights "
+            "ARE SRC's files, so writing into DST's weights (save_pretrained, torch.save) changes SRC.",
+        ),
+    ] = False,
     out: Annotated[
-        Path | None, typer.Option("--out", help="Also write the result JSON here (file or folder).")
+        Path | None, typer.Option(
+            "--out", help="Also write the result JSON here: a folder, or a file ending in .json (any case)."
+        )
     ] = None,
 ) -> None:
     with user_errors():
         from moba_cli.errors import MobaError
-        from moba_cli.integrations.hf_convert import convert_checkpoint
+        from moba_cli.integrations.convert import convert_checkpoint
         from moba_cli.utils.sizes import parse_size
 
         try:
@@ -54,7 +76,7 @@ def convert(
         except MobaError as e:
             raise MobaError(f"--chunk: {e}") from None
         result = convert_checkpoint(
-            src, dst, chunk_size=chunk_size, topk=topk, full_layers=full_layers, force=force, out=out
+            src, dst, chunk_size=chunk_size, topk=topk, full_layers=full_layers, force=force, out=out, link=link
         )
         print_summary(result)
 
@@ -98,11 +120,14 @@ def print_summary(result: dict[str, Any]) -> None:
             f"{100 * r['sparsity_moba_layer']:.2f}%", f"{100 * r['sparsity_model']:.2f}%",
         )
     console.print(table)
+    how = [f"{s[k]} {word}" for k, word in (("files_cloned", "cloned (copy-on-write)"), ("files_copied", "copied"),
+           ("files_linked", "hard-linked to SRC")) if s.get(k)]
     console.print(
-        f"weights: {len(s['weights'])} file(s), {s['files_linked']} file(s) hard-linked, "
-        f"{s['files_copied']} copied; result: {s['result_file']}",
+        f"weights: {len(s['weights'])} file(s); files: {', '.join(how) or 'none'}; result: {s['result_file']}",
         highlight=False,
         soft_wrap=True,
     )
+    if s.get("skipped"):
+        console.print(f"not copied (hidden): {', '.join(s['skipped'])}", highlight=False, soft_wrap=True)
     if s.get("out_file"):
         console.print(f"result also written to {s['out_file']}", highlight=False, soft_wrap=True)

@@ -20,7 +20,7 @@ _TARGET = "transformers.modeling_utils"
 
 
 def _register() -> None:
-    from moba_cli.integrations.hf import register
+    from moba_cli.integrations.attention import register
 
     register()
 

@@ -1,6 +1,6 @@
 """Compare a converted checkpoint with MoBA against the same weights with full attention.
 
-One model is loaded; :func:`moba_cli.integrations.hf.attention_mode` switches it between MoBA and
+One model is loaded; :func:`moba_cli.integrations.loading.attention_mode` switches it between MoBA and
 transformers' dense SDPA attention, so both runs share every weight. Reported: per-layer hidden-state
 differences, final-logit differences (max abs, relative L2, top-1 agreement, KL(full || MoBA)) and the
 perplexity of each on the text.
@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moba_cli.errors import MobaError
+from moba_cli.integrations.settings import first_line
 
 _WORDS = (
     "the a of and to in is was for on with as by at from that this it an be are were which or has had "
@@ -78,7 +79,7 @@ def tokenize(path: Path, text_file: Path | None, seq: int, vocab_size: int) -> T
         try:
             tok = AutoTokenizer.from_pretrained(path)
         except Exception as e:  # noqa: BLE001 - any tokenizer failure falls back to bytes, said aloud
-            notes.append(f"the tokenizer in {path} could not be loaded ({str(e).splitlines()[0]}); using bytes")
+            notes.append(f"the tokenizer in {path} could not be loaded ({first_line(e)}); using bytes")
         else:
             ids = list(tok(text, add_special_tokens=True)["input_ids"])
             return _finish(ids, seq, "tokenizer", source, notes)
@@ -163,8 +164,9 @@ def compare_model(
     Returns ``(config, records, summary, notes)`` for :func:`moba_cli.results.make_result`: one record per
     hidden state (embeddings, then each layer's output), the logit and perplexity numbers in ``summary``.
     """
-    from moba_cli.integrations.hf import MobaSettings, attention_mode, load_model, moba_stats, reset_moba_stats
-    from moba_cli.integrations.hf_convert import expected_sparsity
+    from moba_cli.integrations.loading import attention_mode, load_model, moba_stats, reset_moba_stats
+    from moba_cli.integrations.settings import MobaSettings
+    from moba_cli.integrations.sparsity import expected_sparsity
 
     path = Path(path)
     if text is not None and Path(text).is_dir():

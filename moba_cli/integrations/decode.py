@@ -6,7 +6,7 @@ on ``[B, L, Hkv, D]`` views of the cache (no copies): each query's gate scores t
 it reads only the chosen blocks plus its own partial block, and the parts merge by log-sum-exp.
 
 Block means live in a small side-state on the attention module (one per layer), together with a weak
-reference to the cache tensor they describe. A forward pre-hook (see :func:`hf._capture_cache_keys`)
+reference to the cache tensor they describe. A forward pre-hook (in :mod:`moba_cli.integrations.attention`)
 checks that the cache still holds, before this step's update, the tensor the state saw after the last
 one: then the cache has only grown and the means are updated incrementally, once per completed block.
 Otherwise (a new cache, a beam reorder, a crop) they are rebuilt once from the cached keys.
@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from moba_cli.errors import MobaError
-from moba_cli.integrations.hf import MobaSettings, Spans
+from moba_cli.integrations.masks import Spans
+from moba_cli.integrations.settings import MobaSettings
 
 
 @dataclass
