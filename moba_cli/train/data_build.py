@@ -1,0 +1,287 @@
+"""Build a dataset folder from a :class:`~moba_cli.train.data_config.DataConfig` (``moba data build``).
+
+Layout of DATA (read by :class:`moba_cli.train.data.TokenDataset`):
+
+- ``tokenizer/``: transformers tokenizer (byte-level BPE; bos, eos, pad);
+- ``{split}.tokens``: little-endian token ids (uint16 when the vocabulary fits, else uint32), the split's
+  documents one after the other, each ``[bos] + tokens + [eos]``;
+- ``{split}.docs.npy``: int64 ``[n_docs + 1]`` document start offsets (last entry: the token count);
+- ``{split}.mask``: uint8 per token, 1 where it counts in the loss (only when a source gives SFT pairs);
+- ``manifest.json``: schema ``moba-data/1``, counts, per-source statistics, the build config,
+  ``files_hash`` (SHA-256 over every data file: the same tokens give the same hash on any machine) and
+  ``manifest_hash`` (over the manifest itself).
+
+Everything is written into a hidden ``.NAME.partial-*`` folder beside DATA and renamed at the end, so an
+interrupted build never leaves a folder that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moba_cli.errors import MobaError
+from moba_cli.train.data import SCHEMA, read_manifest
+from moba_cli.train.data_config import DataConfig, SyntheticSource, mixture_weights, validate
+from moba_cli.train.data_sources import Doc, SourceStats, iter_source
+from moba_cli.train.data_synth import CountMany, chars_estimate
+from moba_cli.train.data_tokenizer import BOS, EOS, PAD, copy_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
+
+SPLITS = ("train", "val")
+Progress = Callable[[str, int, int | None], None]
+"""``progress(phase, done, total)``: phase ``"tokenizer"`` counts bytes, ``"tokens"`` counts tokens."""
+
+_ENCODE_BATCH = 64  # documents encoded together (tokenizers runs a batch on all cores)
+
+
+@dataclass
+class _Mixer:
+    """Deals documents from the sources so each source's share of tokens follows its weight.
+
+    The next document comes from the source furthest below its share; shares are counted in estimated
+    tokens (characters times each source's tokens per character so far), which the consumer refines in ``rate``.
+    The mixture ends when every bounded source is used up (or, if all are unbounded, never: the caller
+    stops at ``max_tokens``).
+    """
+
+    streams: list[Iterator[Doc]]
+    weights: list[float]
+    bounded: list[bool]
+    rate: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.rate = [0.3] * len(self.streams)
+        self.done = [0.0] * len(self.streams)
+        self.alive = [True] * len(self.streams)
+
+    def __iter__(self) -> Iterator[tuple[int, Doc]]:
+        while True:
+            if any(self.bounded) and not any(a and b for a, b in zip(self.alive, self.bounded, strict=True)):
+                return
+            live = [i for i, a in enumerate(self.alive) if a]
+            if not live:
+                return
+            i = min(live, key=lambda j: (self.done[j] / self.weights[j], j))
+            doc = next(self.streams[i], None)
+            if doc is None:
+                self.alive[i] = False
+                continue
+            self.done[i] += self.rate[i] * (len(doc.text) + len(doc.answer or ""))
+            yield i, doc
+
+
+def _mixture(cfg: DataConfig, count: CountMany) -> tuple[_Mixer, list[SourceStats]]:
+    stats = [SourceStats() for _ in cfg.sources]
+    streams = [iter_source(s, i, cfg.seed, count, stats[i]) for i, s in enumerate(cfg.sources)]
+    bounded = [not (isinstance(s, SyntheticSource) and s.docs is None) for s in cfg.sources]
+    weights = [max(w, 1e-9) for w in mixture_weights(cfg)]
+    return _Mixer(streams, weights, bounded), stats
+
+
+def _in_val(doc: Doc, seed: int, val_fraction: float) -> bool:
+    """The split is a hash of the document and the seed: the same document always lands on the same side."""
+    h = hashlib.blake2b(digest_size=8, key=seed.to_bytes(8, "little", signed=True))
+    h.update(doc.text.encode())
+    h.update(b"\0" + (doc.answer or "").encode())
+    return int.from_bytes(h.digest(), "little") / 2.0**64 < val_fraction
+
+
+class _SplitWriter:
+    """Appends documents to one split's files, hashing the bytes as they go."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, with_mask: bool) -> None:
+        self.folder, self.split, self.dtype = folder, split, dtype
+        self.tokens = (folder / f"{split}.tokens").open("wb")
+        self.mask = (folder / f"{split}.mask").open("wb") if with_mask else None
+        self.hash_tokens, self.hash_mask = hashlib.sha256(), hashlib.sha256()
+        self.starts = [0]
+
+    def add(self, ids: np.ndarray, mask: np.ndarray | None) -> None:
+        data = ids.astype(self.dtype).tobytes()
+        self.tokens.write(data)
+        self.hash_tokens.update(data)
+        if self.mask is not None:
+            m = (mask if mask is not None else np.ones(len(ids), np.uint8)).tobytes()
+            self.mask.write(m)
+            self.hash_mask.update(m)
+        self.starts.append(self.starts[-1] + len(ids))
+
+    def close(self) -> dict[str, str]:
+        """Close the files, write the document offsets; returns each file's SHA-256."""
+        self.tokens.close()
+        hashes = {f"{self.split}.tokens": self.hash_tokens.hexdigest()}
+        if self.mask is not None:
+            self.mask.close()
+            hashes[f"{self.split}.mask"] = self.hash_mask.hexdigest()
+        docs = self.folder / f"{self.split}.docs.npy"
+        np.save(docs, np.asarray(self.starts, dtype=np.int64))
+        hashes[docs.name] = hashlib.sha256(np.asarray(self.starts, dtype="<i8").tobytes()).hexdigest()
+        return hashes
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise MobaError(f"{out} is a file; give a folder for the dataset")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise MobaError(f"{out} already exists and is not empty; choose another folder or pass --overwrite")
+        if not (out / "manifest.json").is_file():
+            raise MobaError(f"{out} is not a dataset built by moba (no manifest.json); refusing to replace it")
+        read_manifest(out)  # replaces only what a build made
+
+
+def _train_tokenizer(cfg: DataConfig, progress: Progress | None) -> Any:
+    mixer, _ = _mixture(cfg, chars_estimate)
+    budget = cfg.tokenizer_bytes
+    approx_cap = None if cfg.max_tokens is None else cfg.max_tokens * 4  # chars_estimate's 4 bytes a token
+
+    def texts() -> Iterator[str]:
+        seen = 0
+        for _, doc in mixer:
+            text = doc.text + (doc.answer or "")
+            yield text
+            seen += len(text)
+            if progress:
+                progress("tokenizer", min(seen, budget), budget)
+            if seen >= budget or (approx_cap is not None and seen >= approx_cap):
+                return
+
+    tok = train_tokenizer(texts(), cfg.vocab_size)
+    if not any(mixer.done):
+        raise MobaError("the sources gave no documents (empty corpus); check the paths, include lists and sizes")
+    return tok
+
+
+def build_dataset(cfg: DataConfig, out: str | Path | None = None, overwrite: bool = False,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Build the dataset described by ``cfg`` into ``out`` (default ``cfg.out``); returns its manifest.
+
+    The manifest also carries, outside the hashed part, ``build`` timings under the key ``build``.
+    """
+    validate(cfg)
+    if out is None:
+        if cfg.out is None:
+            raise MobaError("no output folder: give --out DATA (or 'out' in the data config)")
+        out = cfg.out
+    out = Path(out)
+    _check_out(out, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    start = time.perf_counter()
+    try:
+        manifest = _build_into(cfg, tmp, progress)
+        manifest["build"] = {"seconds": round(time.perf_counter() - start, 3)}
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    if out.exists():
+        out.rename(old)
+    tmp.rename(out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _build_into(cfg: DataConfig, folder: Path, progress: Progress | None) -> dict[str, Any]:
+    if cfg.tokenizer is not None:
+        tok = load_tokenizer(cfg.tokenizer)
+        copy_tokenizer(cfg.tokenizer, folder / "tokenizer")
+    else:
+        tok = _train_tokenizer(cfg, progress)
+        save_tokenizer(tok, folder / "tokenizer")
+    vocab = tok.get_vocab_size()
+    dtype = np.dtype("<u2") if vocab <= 1 << 16 else np.dtype("<u4")
+    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+
+    def count(pieces: list[str]) -> list[int]:
+        return [len(e.ids) for e in tok.encode_batch(pieces, add_special_tokens=False)]
+
+    mixer, stats = _mixture(cfg, count)
+    with_mask = any(getattr(s, "sft", False) or getattr(s, "answer_field", None) for s in cfg.sources)
+    writers = {s: _SplitWriter(folder, s, dtype, with_mask) for s in SPLITS}
+    kept = [{"docs": 0, "tokens": 0, "bytes": 0} for _ in cfg.sources]
+    content = [hashlib.sha256() for _ in cfg.sources]
+    chars = [0] * len(cfg.sources)
+    total = 0
+    stream = iter(mixer)
+    while cfg.max_tokens is None or total < cfg.max_tokens:
+        batch = [item for _, item in zip(range(_ENCODE_BATCH), stream, strict=False)]
+        if not batch:
+            break
+        texts = [d.text for _, d in batch] + [d.answer or "" for _, d in batch]
+        enc = tok.encode_batch(texts, add_special_tokens=False)
+        for k, (src, doc) in enumerate(batch):
+            prompt, answer = enc[k].ids, enc[len(batch) + k].ids
+            ids = np.array([bos, *prompt, *answer, eos], dtype=np.int64)
+            mask = None
+            if doc.answer is not None:
+                mask = np.zeros(len(ids), np.uint8)
+                mask[1 + len(prompt):] = 1  # the answer and the eos after it
+            split = "val" if _in_val(doc, cfg.seed, cfg.val_fraction) else "train"
+            writers[split].add(ids, mask)
+            nbytes = len(doc.text.encode()) + len((doc.answer or "").encode())
+            kept[src]["docs"] += 1
+            kept[src]["tokens"] += len(ids)
+            kept[src]["bytes"] += nbytes
+            chars[src] += len(doc.text) + len(doc.answer or "")
+            mixer.rate[src] = kept[src]["tokens"] / max(1, chars[src])
+            content[src].update(f"{doc.name}\0{len(doc.text)}\0".encode() + doc.text.encode()
+                                + (doc.answer or "").encode())
+            total += len(ids)
+            if progress:
+                progress("tokens", total, cfg.max_tokens)
+            if cfg.max_tokens is not None and total >= cfg.max_tokens:
+                break
+    hashes: dict[str, str] = {}
+    for w in writers.values():
+        hashes.update(w.close())
+    splits = {s: {"tokens": w.starts[-1], "docs": len(w.starts) - 1} for s, w in writers.items()}
+    if splits["train"]["docs"] == 0:
+        raise MobaError("the sources gave no documents (empty corpus); check the paths, include lists and sizes")
+    if cfg.val_fraction > 0 and splits["val"]["docs"] == 0:
+        raise MobaError(f"the validation split is empty ({splits['train']['docs']} documents, val_fraction "
+                        f"{cfg.val_fraction:g}); raise val_fraction or add documents")
+    hashes["tokenizer/tokenizer.json"] = hashlib.sha256((folder / "tokenizer" / "tokenizer.json").read_bytes()
+                                                        ).hexdigest()
+    files_hash = hashlib.sha256(json.dumps(hashes, sort_keys=True).encode()).hexdigest()
+    sources = [
+        {"kind": s.kind, **kept[i], "skipped": stats[i].skipped, "content_hash": content[i].hexdigest()}
+        for i, s in enumerate(cfg.sources)
+    ]
+    manifest: dict[str, Any] = {
+        "schema": SCHEMA,
+        "dtype": dtype.name,
+        "vocab_size": vocab,
+        "special_tokens": {"bos": bos, "eos": eos, "pad": tok.token_to_id(PAD)},
+        "loss_mask": with_mask,
+        "sources": sources,
+        "files": hashes,
+        "files_hash": files_hash,
+        "splits": splits,
+        "config": cfg.to_dict(),
+    }
+    manifest["manifest_hash"] = manifest_hash(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def manifest_hash(manifest: dict[str, Any]) -> str:
+    """SHA-256 of the manifest's canonical JSON, leaving out the hash itself and the build timings."""
+    body = {k: v for k, v in manifest.items() if k not in ("manifest_hash", "build")}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+

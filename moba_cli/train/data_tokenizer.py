@@ -1,0 +1,69 @@
+"""The dataset's tokenizer: a byte-level BPE trained locally with ``tokenizers``, saved for transformers."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from moba_cli.errors import MobaError
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+SPECIALS = (BOS, EOS, PAD)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
+    """A byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` entries (bos, eos, pad first).
+
+    Every byte is in the alphabet, so any text encodes without unknown tokens.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=list(SPECIALS),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        min_frequency=2,
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer=trainer)
+    return tok
+
+
+def save_tokenizer(tok: Any, folder: Path) -> None:
+    """Save as a transformers ``PreTrainedTokenizerFast`` (bos, eos and pad set) in ``folder``."""
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD)
+    fast.save_pretrained(str(folder))
+
+
+def find_tokenizer(path: str | Path) -> Path:
+    """The tokenizer folder given either as itself or as a dataset folder holding ``tokenizer/``."""
+    p = Path(path)
+    if (p / "tokenizer" / "tokenizer.json").is_file():
+        return p / "tokenizer"
+    if (p / "tokenizer.json").is_file():
+        return p
+    raise MobaError(f"no tokenizer at {path} (expected tokenizer.json there or in {p / 'tokenizer'})")
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """A ``tokenizers.Tokenizer`` to reuse; it must have the bos, eos and pad tokens."""
+    from tokenizers import Tokenizer
+
+    folder = find_tokenizer(path)
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    missing = [s for s in SPECIALS if tok.token_to_id(s) is None]
+    if missing:
+        raise MobaError(f"the tokenizer at {folder} lacks the special token(s) {', '.join(missing)}")
+    return tok
+
+
+def copy_tokenizer(path: str | Path, folder: Path) -> None:
+    """Copy a reused tokenizer's files into ``folder``."""
+    shutil.copytree(find_tokenizer(path), folder)
