@@ -23,7 +23,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,25 +42,31 @@ Progress = Callable[[str, int, int | None], None]
 _ENCODE_BATCH = 64  # documents encoded together (tokenizers runs a batch on all cores)
 
 
-@dataclass
 class _Mixer:
     """Deals documents from the sources so each source's share of tokens follows its weight.
 
-    The next document comes from the source furthest below its share; shares are counted in estimated
-    tokens (characters times each source's tokens per character so far), which the consumer refines in ``rate``.
-    The mixture ends when every bounded source is used up (or, if all are unbounded, never: the caller
-    stops at ``max_tokens``).
+    The next document comes from the source furthest below its share. Shares count the tokens the
+    consumer has reported (:meth:`record`) plus an estimate for documents dealt but not yet encoded (their
+    characters times the source's tokens per character so far). The mixture ends when every bounded source
+    is used up (if all are unbounded, never: the caller stops at ``max_tokens``).
     """
 
-    streams: list[Iterator[Doc]]
-    weights: list[float]
-    bounded: list[bool]
-    rate: list[float] = field(default_factory=list)
+    def __init__(self, streams: list[Iterator[Doc]], weights: list[float], bounded: list[bool]) -> None:
+        self.streams, self.weights, self.bounded = streams, weights, bounded
+        n = len(streams)
+        self.tokens, self.chars, self.pending = [0] * n, [0] * n, [0] * n
+        self.alive = [True] * n
+        self.dealt = 0
 
-    def __post_init__(self) -> None:
-        self.rate = [0.3] * len(self.streams)
-        self.done = [0.0] * len(self.streams)
-        self.alive = [True] * len(self.streams)
+    def _share(self, i: int) -> float:
+        rate = self.tokens[i] / self.chars[i] if self.chars[i] else 0.3
+        return (self.tokens[i] + rate * self.pending[i]) / self.weights[i]
+
+    def record(self, i: int, chars: int, tokens: int) -> None:
+        """A document of source ``i`` dealt earlier turned out ``tokens`` tokens long."""
+        self.pending[i] -= chars
+        self.chars[i] += chars
+        self.tokens[i] += tokens
 
     def __iter__(self) -> Iterator[tuple[int, Doc]]:
         while True:
@@ -70,12 +75,13 @@ class _Mixer:
             live = [i for i, a in enumerate(self.alive) if a]
             if not live:
                 return
-            i = min(live, key=lambda j: (self.done[j] / self.weights[j], j))
+            i = min(live, key=lambda j: (self._share(j), j))
             doc = next(self.streams[i], None)
             if doc is None:
                 self.alive[i] = False
                 continue
-            self.done[i] += self.rate[i] * (len(doc.text) + len(doc.answer or ""))
+            self.pending[i] += len(doc.text) + len(doc.answer or "")
+            self.dealt += 1
             yield i, doc
 
 
@@ -156,7 +162,7 @@ def _train_tokenizer(cfg: DataConfig, progress: Progress | None) -> Any:
                 return
 
     tok = train_tokenizer(texts(), cfg.vocab_size)
-    if not any(mixer.done):
+    if not mixer.dealt:
         raise MobaError("the sources gave no documents (empty corpus); check the paths, include lists and sizes")
     return tok
 
@@ -216,11 +222,12 @@ def _build_into(cfg: DataConfig, folder: Path, progress: Progress | None) -> dic
     writers = {s: _SplitWriter(folder, s, dtype, with_mask) for s in SPLITS}
     kept = [{"docs": 0, "tokens": 0, "bytes": 0} for _ in cfg.sources]
     content = [hashlib.sha256() for _ in cfg.sources]
-    chars = [0] * len(cfg.sources)
     total = 0
     stream = iter(mixer)
     while cfg.max_tokens is None or total < cfg.max_tokens:
-        batch = [item for _, item in zip(range(_ENCODE_BATCH), stream, strict=False)]
+        # small batches first, so the mixer learns each source's tokens per character before dealing many
+        size = min(_ENCODE_BATCH, 1 + mixer.dealt)
+        batch = [item for _, item in zip(range(size), stream, strict=False)]
         if not batch:
             break
         texts = [d.text for _, d in batch] + [d.answer or "" for _, d in batch]
@@ -238,8 +245,7 @@ def _build_into(cfg: DataConfig, folder: Path, progress: Progress | None) -> dic
             kept[src]["docs"] += 1
             kept[src]["tokens"] += len(ids)
             kept[src]["bytes"] += nbytes
-            chars[src] += len(doc.text) + len(doc.answer or "")
-            mixer.rate[src] = kept[src]["tokens"] / max(1, chars[src])
+            mixer.record(src, len(doc.text) + len(doc.answer or ""), len(ids))
             content[src].update(f"{doc.name}\0{len(doc.text)}\0".encode() + doc.text.encode()
                                 + (doc.answer or "").encode())
             total += len(ids)

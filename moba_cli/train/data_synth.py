@@ -105,7 +105,7 @@ def _passkey(rng: np.random.Generator, target: int, count: CountMany) -> tuple[s
 def _kv(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
     head = "Each record below maps a key to a value. Keys are unique.\n"
     tail = "\n\nQuestion: what is the value of record KEY?\nAnswer:"
-    budget = _budget(target, [head, tail, " " + "0" * 8], count)
+    budget = _budget(target, [head, tail.replace("KEY", "0" * 8), " " + "0" * 8], count)
     record = lambda: f"\nrecord {_code(rng, 8, _HEX)} -> {_code(rng, 8, _HEX)}"
     records = _fill(rng, budget, count, record) or [record()]
     pick = records[int(rng.integers(len(records)))]
