@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -84,6 +87,25 @@ def test_build_is_deterministic(tmp_path, corpus, built):
     assert again["files_hash"] == first["files_hash"] and again["manifest_hash"] == first["manifest_hash"]
     other = build_dataset(cfg(c.to_dict()["sources"], seed=1), tmp_path / "seed1")
     assert other["files_hash"] != first["files_hash"]
+
+
+def test_build_is_the_same_in_another_process(tmp_path, corpus, built):
+    """Another hash seed and thread count (as on another machine) must not change a byte."""
+    _, first = built
+    code = (
+        "import json, sys\n"
+        "from moba_cli.train.data_build import build_dataset\n"
+        "from moba_cli.train.data_config import config_from_dict\n"
+        "cfg = config_from_dict(json.loads(sys.argv[1]))\n"
+        "print(build_dataset(cfg, sys.argv[2])['manifest_hash'])\n"
+    )
+    data = {"vocab_size": 320, "val_fraction": 0.25, "sources": [{"kind": "files", "paths": [str(corpus)]},
+                                                                  {"kind": "synthetic", "docs": 4, "lengths": [200]}]}
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "RAYON_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-c", code, json.dumps(data), str(tmp_path / "other")], env=env,
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == first["manifest_hash"]
 
 
 def test_split_is_by_document(tmp_path):

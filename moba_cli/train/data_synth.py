@@ -117,10 +117,11 @@ def _vartrack(rng: np.random.Generator, target: int, count: CountMany) -> tuple[
     """Chains ``LET A = 12345``, ``LET B = A``, ... in order, one chain asked for, others distractors."""
     hops = int(rng.integers(3, 6))
     n_chains = 3
-    names = set()
-    while len(names) < hops * n_chains:
-        names.add(_code(rng, 4, _LETTERS))
-    order = list(names)
+    order: list[str] = []  # a list, not a set: set order changes with PYTHONHASHSEED
+    while len(order) < hops * n_chains:
+        name = _code(rng, 4, _LETTERS)
+        if name not in order:
+            order.append(name)
     chains = [order[i * hops: (i + 1) * hops] for i in range(n_chains)]
     values = [_number(rng) for _ in range(n_chains)]
     lines = []
