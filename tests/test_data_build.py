@@ -68,6 +68,8 @@ def test_tokens_decode_to_the_documents(built, corpus):
     texts = {p.read_text() for p in corpus.iterdir()}
     tok = TokenDataset(out).tokenizer()
     assert (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|bos|>", "<|eos|>", "<|pad|>")
+    ids = tok("return y")["input_ids"]  # as an evaluation would encode a prompt: bos first, like training
+    assert ids[0] == tok.bos_token_id and tok.decode(ids[1:]) == "return y"
     found = 0
     for split in ("train", "val"):
         ds = TokenDataset(out, split)

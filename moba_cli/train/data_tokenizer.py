@@ -16,9 +16,10 @@ SPECIALS = (BOS, EOS, PAD)
 def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
     """A byte-level BPE ``tokenizers.Tokenizer`` with ``vocab_size`` entries (bos, eos, pad first).
 
-    Every byte is in the alphabet, so any text encodes without unknown tokens.
+    Every byte is in the alphabet, so any text encodes without unknown tokens. Encoding with special
+    tokens puts bos in front (no eos: a prompt goes on); the build itself adds bos and eos around documents.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -31,6 +32,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Any:
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
+    # training documents start with bos, so text encoded later for evaluation (tok(text)) starts with it too
+    bos = tok.token_to_id(BOS)
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                       special_tokens=[(BOS, bos)])
     return tok
 
 
