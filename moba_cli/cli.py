@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from moba_cli import __version__
-from moba_cli.commands import bench, compare, convert
+from moba_cli.commands import bench, compare, convert, data
 
 app = typer.Typer(
     name="moba",
@@ -46,6 +46,8 @@ app.command("bench", help=bench.HELP, short_help="Time MoBA against dense attent
 app.command("convert", help=convert.HELP, short_help="Switch a transformers checkpoint's attention to MoBA.")(
     convert.convert
 )
+
+app.add_typer(data.app, name="data", help="Build training datasets offline (tokenizer, token files, manifest).")
 
 
 def main() -> None:
