@@ -272,6 +272,22 @@ def test_build_errors_leave_nothing(tmp_path, corpus):
         build_dataset(cfg([{"kind": "files", "paths": [str(corpus / "doc00.txt")]}]), tmp_path / "d")
 
 
+def test_nothing_looks_complete_before_the_end(tmp_path, corpus):
+    """While the build runs (where a kill could strike) DATA does not exist; a killed build's leftovers go."""
+    out = tmp_path / "ds"
+    stale = tmp_path / ".ds.partial-999999999"  # a build killed earlier: no such process
+    stale.mkdir()
+    seen = []
+
+    def progress(phase, done, total):
+        partial = list(tmp_path.glob(".ds.partial-*"))
+        seen.append((out.exists(), len(partial), any((p / "manifest.json").exists() for p in partial)))
+
+    build_dataset(cfg([{"kind": "files", "paths": [str(corpus)]}]), out, progress=progress)
+    assert seen and all(s == (False, 1, False) for s in seen)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
 def test_existing_output_is_protected(tmp_path, corpus):
     mine = tmp_path / "mine"
     mine.mkdir()
@@ -287,3 +303,19 @@ def test_existing_output_is_protected(tmp_path, corpus):
     second = build_dataset(c, out, overwrite=True)
     assert first["files_hash"] == second["files_hash"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds", "mine"]
+
+
+def test_parquet_rows(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [f"row {i} " * 30 for i in range(20)]
+    pq.write_table(pa.table({"body": rows, "n": list(range(20))}), tmp_path / "d.parquet")
+    out = tmp_path / "ds"
+    m = build_dataset(cfg([{"kind": "files", "paths": [str(tmp_path / "d.parquet")], "text_field": "body"}]), out)
+    assert sum(s["docs"] for s in m["splits"].values()) == 20
+    tok = TokenDataset(out).tokenizer()
+    ds = TokenDataset(out)
+    assert all(tok.decode(ds.doc(i)[1:-1].tolist()) in rows for i in range(ds.n_docs))
+    with pytest.raises(MobaError, match="no column 'text'"):
+        build_dataset(cfg([{"kind": "files", "paths": [str(tmp_path / "d.parquet")]}]), tmp_path / "bad")

@@ -181,6 +181,7 @@ def build_dataset(cfg: DataConfig, out: str | Path | None = None, overwrite: boo
     out = Path(out)
     _check_out(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_partials(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
@@ -193,6 +194,20 @@ def build_dataset(cfg: DataConfig, out: str | Path | None = None, overwrite: boo
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return manifest
+
+
+def _remove_stale_partials(out: Path) -> None:
+    """Remove the hidden partial folders of builds of ``out`` that were killed (their process is gone)."""
+    for p in out.parent.glob(f".{out.name}.partial-*"):
+        pid = p.name.rsplit("-", 1)[-1]
+        if not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass  # alive (or not ours to signal): leave it
 
 
 def _replace(tmp: Path, out: Path) -> None:
