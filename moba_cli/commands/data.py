@@ -36,9 +36,9 @@ HELP = (
     "moba data build --source files --files notes/ --out data/notes --tokenizer data/code\n"
     "moba data build --config data.yaml   (the DataConfig keys, or a recipe with data: {path, build: {...}})\n\n"
     "[bold]Output[/]: DATA/tokenizer/, {train,val}.tokens (+ .docs.npy, .mask for SFT), manifest.json with "
-    "files_hash and manifest_hash (the same sources and package versions give the same hashes on any machine). The build goes to "
-    "a hidden .partial folder first and is renamed at the end, so an interrupted build leaves no dataset "
-    "behind. A JSON summary goes to results/data/ (or --result)."
+    "files_hash and manifest_hash (the same sources and package versions give the same hashes on any "
+    "machine). The build goes to a hidden .partial folder first and is renamed at the end, so an interrupted "
+    "build leaves no dataset behind. A JSON summary goes to results/data/ (or --result)."
 )
 
 Opt = typer.Option
