@@ -133,6 +133,30 @@ def test_reuse_tokenizer(tmp_path, built, corpus):
     assert again["vocab_size"] == first["vocab_size"]
 
 
+def test_reuse_a_foreign_tokenizer(tmp_path, corpus):
+    """A checkpoint's own tokenizer (other special tokens, no pad) serves too; pad falls back to eos."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.train_from_iterator([p.read_text() for p in corpus.iterdir()],
+                            trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"]))
+    PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+                            ).save_pretrained(str(tmp_path / "ckpt"))
+    m = build_dataset(cfg([{"kind": "files", "paths": [str(corpus)]}], tokenizer=str(tmp_path / "ckpt")),
+                      tmp_path / "ds")
+    assert m["special_tokens"] == {"bos": 1, "eos": 2, "pad": 2}
+    ds = TokenDataset(tmp_path / "ds")
+    assert ds.doc(0)[0] == 1 and ds.doc(0)[-1] == 2 and ds.tokenizer().pad_token == "</s>"
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>").save_pretrained(str(tmp_path / "nobos"))
+    with pytest.raises(MobaError, match="has no bos token"):
+        build_dataset(cfg([{"kind": "files", "paths": [str(corpus)]}], tokenizer=str(tmp_path / "nobos")),
+                      tmp_path / "bad")
+    with pytest.raises(MobaError, match="no tokenizer at"):
+        build_dataset(cfg([{"kind": "files", "paths": [str(corpus)]}], tokenizer=str(corpus)), tmp_path / "bad")
+
+
 def test_code_source_reads_packages_in_order(tmp_path):
     root = tmp_path / "site-packages"
     for name, text in {"zeta/__init__.py": "Z = 1\n", "alpha/b.py": "B = 2\n", "alpha/a.py": "A = 3\n",

@@ -33,7 +33,7 @@ from moba_cli.train.data import SCHEMA, read_manifest
 from moba_cli.train.data_config import DataConfig, SyntheticSource, mixture_weights, validate
 from moba_cli.train.data_sources import Doc, SourceStats, iter_source
 from moba_cli.train.data_synth import CountMany, chars_estimate
-from moba_cli.train.data_tokenizer import BOS, EOS, PAD, copy_tokenizer, load_tokenizer, save_tokenizer, train_tokenizer
+from moba_cli.train.data_tokenizer import BOS, EOS, PAD, reuse_tokenizer, save_tokenizer, train_tokenizer
 
 SPLITS = ("train", "val")
 Progress = Callable[[str, int, int | None], None]
@@ -220,14 +220,14 @@ def _replace(tmp: Path, out: Path) -> None:
 
 def _build_into(cfg: DataConfig, folder: Path, progress: Progress | None) -> dict[str, Any]:
     if cfg.tokenizer is not None:
-        tok = load_tokenizer(cfg.tokenizer)
-        copy_tokenizer(cfg.tokenizer, folder / "tokenizer")
+        tok, special = reuse_tokenizer(cfg.tokenizer, folder / "tokenizer")
     else:
         tok = _train_tokenizer(cfg, progress)
         save_tokenizer(tok, folder / "tokenizer")
+        special = {"bos": tok.token_to_id(BOS), "eos": tok.token_to_id(EOS), "pad": tok.token_to_id(PAD)}
     vocab = tok.get_vocab_size()
     dtype = np.dtype("<u2") if vocab <= 1 << 16 else np.dtype("<u4")
-    bos, eos = tok.token_to_id(BOS), tok.token_to_id(EOS)
+    bos, eos = special["bos"], special["eos"]
 
     def count(pieces: list[str]) -> list[int]:
         return [len(e.ids) for e in tok.encode_batch(pieces, add_special_tokens=False)]
@@ -272,8 +272,11 @@ def _build_into(cfg: DataConfig, folder: Path, progress: Progress | None) -> dic
     for w in writers.values():
         hashes.update(w.close())
     splits = {s: {"tokens": w.starts[-1], "docs": len(w.starts) - 1} for s, w in writers.items()}
-    if splits["train"]["docs"] == 0:
+    if splits["train"]["docs"] + splits["val"]["docs"] == 0:
         raise MobaError("the sources gave no documents (empty corpus); check the paths, include lists and sizes")
+    if splits["train"]["docs"] == 0:
+        raise MobaError(f"the training split is empty ({splits['val']['docs']} documents, all in validation); "
+                        "lower val_fraction or add documents")
     if cfg.val_fraction > 0 and splits["val"]["docs"] == 0:
         raise MobaError(f"the validation split is empty ({splits['train']['docs']} documents, val_fraction "
                         f"{cfg.val_fraction:g}); raise val_fraction or add documents")
@@ -288,7 +291,7 @@ def _build_into(cfg: DataConfig, folder: Path, progress: Progress | None) -> dic
         "schema": SCHEMA,
         "dtype": dtype.name,
         "vocab_size": vocab,
-        "special_tokens": {"bos": bos, "eos": eos, "pad": tok.token_to_id(PAD)},
+        "special_tokens": special,
         "loss_mask": with_mask,
         "sources": sources,
         "files": hashes,

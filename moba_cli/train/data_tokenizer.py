@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -57,18 +56,25 @@ def find_tokenizer(path: str | Path) -> Path:
     raise MobaError(f"no tokenizer at {path} (expected tokenizer.json there or in {p / 'tokenizer'})")
 
 
-def load_tokenizer(path: str | Path) -> Any:
-    """A ``tokenizers.Tokenizer`` to reuse; it must have the bos, eos and pad tokens."""
+def reuse_tokenizer(path: str | Path, folder: Path) -> tuple[Any, dict[str, int]]:
+    """Copy a tokenizer to ``folder`` for a new dataset; returns it and its bos/eos/pad ids.
+
+    Any transformers fast tokenizer with bos and eos works (a checkpoint's own, for continued pre-training);
+    one without a pad token gets eos as pad, as the data contract asks for all three.
+    """
     from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
-    folder = find_tokenizer(path)
-    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    missing = [s for s in SPECIALS if tok.token_to_id(s) is None]
-    if missing:
-        raise MobaError(f"the tokenizer at {folder} lacks the special token(s) {', '.join(missing)}")
-    return tok
-
-
-def copy_tokenizer(path: str | Path, folder: Path) -> None:
-    """Copy a reused tokenizer's files into ``folder``."""
-    shutil.copytree(find_tokenizer(path), folder)
+    src = find_tokenizer(path)
+    try:
+        fast = PreTrainedTokenizerFast.from_pretrained(str(src))
+    except (OSError, ValueError) as e:
+        raise MobaError(f"cannot load the tokenizer at {src}: {e}") from None
+    if fast.bos_token is None or fast.eos_token is None:
+        raise MobaError(f"the tokenizer at {src} has no {'bos' if fast.bos_token is None else 'eos'} token; "
+                        "documents are stored as [bos] + text + [eos]")
+    if fast.pad_token is None:
+        fast.pad_token = fast.eos_token
+    fast.save_pretrained(str(folder))
+    ids = {"bos": fast.bos_token_id, "eos": fast.eos_token_id, "pad": fast.pad_token_id}
+    return Tokenizer.from_file(str(folder / "tokenizer.json")), ids
