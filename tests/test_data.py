@@ -62,16 +62,17 @@ def test_dataset_reads_the_files(ds):
         assert len(doc) == LENGTHS[i] and doc[0] == BOS and doc[-1] == EOS
 
 
-def test_rows_follow_document_boundaries(ds):
+@pytest.mark.parametrize("pack", ["documents", "whole"])
+def test_rows_follow_document_boundaries(ds, pack):
     """doc_lens, position_ids and labels against a brute-force walk over the corpus."""
     s = 37  # odd, shorter than some documents and longer than others
-    loader = PackedLoader(ds, seq_len=s, batch_size=3, seed=5, shuffle=False, epochs=1)
+    loader = PackedLoader(ds, seq_len=s, batch_size=3, seed=5, shuffle=False, epochs=1, pack=pack)
     doc_of = np.searchsorted(ds.doc_starts, np.arange(len(ds)), side="right") - 1
     rows = 0
     for batch in loader:
         assert batch.input_ids.dtype == batch.labels.dtype == batch.position_ids.dtype == torch.int64
         for r in range(batch.input_ids.shape[0]):
-            lo = rows * s
+            lo = int(loader.window_starts[rows])
             rows += 1
             ids = batch.input_ids[r].numpy()
             np.testing.assert_array_equal(ids, ds.tokens[lo: lo + s])
@@ -91,7 +92,36 @@ def test_rows_follow_document_boundaries(ds):
             # a piece starting at a true document start begins with bos
             true_start = np.isin(lo + starts, ds.doc_starts)
             assert (ids[starts[true_start]] == BOS).all()
-    assert rows == (len(ds) // s) // 3 * 3
+    assert rows == loader.n_windows // 3 * 3
+    if pack == "documents":
+        assert loader.n_windows == len(ds) // s
+
+
+def test_whole_packing_keeps_short_documents_whole(ds):
+    s = 64
+    loader = PackedLoader(ds, seq_len=s, batch_size=1, seed=0, shuffle=False, epochs=1, pack="whole")
+    starts = loader.window_starts
+    assert (np.diff(starts) > 0).all() and (np.diff(starts) <= s).all() and starts[-1] + s <= len(ds)
+    d = ds.doc_starts
+    for w in starts:  # a row starts at a document start or S tokens on inside a long document
+        owner = np.searchsorted(d, w, side="right") - 1
+        assert (w - d[owner]) % s == 0
+    covered = 0
+    for i in range(ds.n_docs):
+        lo, hi = d[i], d[i + 1]
+        if hi - lo > s or hi > starts[-1] + s:
+            continue
+        k = np.searchsorted(starts, lo, side="right") - 1  # the row that holds document i whole
+        assert starts[k] <= lo and hi <= starts[k] + s
+        covered += 1
+    assert covered > 0.9 * sum(n <= s for n in LENGTHS)
+    # resuming works the same with this packing
+    full = batches(PackedLoader(ds, seq_len=s, batch_size=2, seed=9, pack="whole"), 6)
+    part = PackedLoader(ds, seq_len=s, batch_size=2, seed=9, pack="whole")
+    batches(part, 2)
+    again = PackedLoader(ds, seq_len=s, batch_size=2, seed=9, pack="whole")
+    again.load_state_dict(part.state_dict())
+    assert all(same(x, y) for x, y in zip(full[2:], batches(again, 4), strict=True))
 
 
 def test_cu_seqlens_match_position_restarts(ds):
@@ -191,6 +221,8 @@ def test_errors(ds, tmp_path):
     with pytest.raises(MobaError, match="packing"):
         PackedLoader(ds, seq_len=8, batch_size=1, seed=0, pack="rows")
     state = PackedLoader(ds, seq_len=8, batch_size=2, seed=0).state_dict()
+    with pytest.raises(MobaError, match="saved pack"):
+        PackedLoader(ds, seq_len=8, batch_size=2, seed=0, pack="whole").load_state_dict(state)
     with pytest.raises(MobaError, match="seed"):
         PackedLoader(ds, seq_len=8, batch_size=2, seed=1).load_state_dict(state)
     with pytest.raises(MobaError, match="global_batch"):

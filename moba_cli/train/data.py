@@ -23,6 +23,7 @@ from moba_cli.errors import MobaError
 SCHEMA = "moba-data/1"
 IGNORE_INDEX = -100  # transformers' cross-entropy skips these labels
 _STATE_VERSION = 1
+PACKINGS = ("documents", "whole")
 
 
 def read_manifest(root: str | Path) -> dict[str, Any]:
@@ -118,11 +119,35 @@ class Batch:
         return torch.tensor(np.concatenate([[0], np.cumsum(lens)]), dtype=torch.int32)
 
 
+def window_starts(doc_starts: np.ndarray, seq_len: int, pack: str) -> np.ndarray:
+    """Token offsets of the rows (each ``seq_len`` consecutive tokens) for a packing mode.
+
+    ``documents``: back-to-back windows ``0, S, 2S, ...``: every token once an epoch; a document may be cut
+    between two rows. ``whole``: each row starts at a document start (or ``S`` tokens into a document
+    longer than ``S``) and runs on into the following documents; the next row starts at the document the
+    previous one cut, so every document of at most ``S`` tokens is whole in one row (the cut head at a
+    row's end is also trained on: tokens there count twice an epoch). For retrieval documents whose
+    question must see its answer's context.
+    """
+    n = int(doc_starts[-1])
+    if pack == "documents":
+        return np.arange(n // seq_len, dtype=np.int64) * seq_len
+    out: list[int] = []
+    cur = 0
+    while cur + seq_len <= n:
+        out.append(cur)
+        end = cur + seq_len
+        # the last document start in (cur, end]: the document this row cut (or the one starting right after)
+        j = int(np.searchsorted(doc_starts, end, side="right")) - 1
+        cur = int(doc_starts[j]) if doc_starts[j] > cur else end
+    return np.asarray(out, dtype=np.int64)
+
+
 class PackedLoader:
     """Deterministic, resumable batches of ``seq_len``-token windows cut from a :class:`TokenDataset`.
 
-    The split is cut into ``len(ds) // seq_len`` windows of consecutive tokens (a document longer than a
-    window spans several; the tail shorter than a window is left out). Each epoch shuffles the windows
+    The split is cut into windows of ``seq_len`` consecutive tokens (see :func:`window_starts` for the
+    ``documents`` and ``whole`` packings; the tail shorter than a window is left out). Each epoch shuffles the windows
     with ``seed + epoch`` (``shuffle=False`` keeps corpus order) and deals them out in global batches of
     ``batch_size * world_size`` rows; rank ``r`` takes rows ``[r * batch_size, (r + 1) * batch_size)``.
     An epoch's last incomplete global batch is skipped. ``epochs=None`` repeats forever (training);
@@ -142,8 +167,8 @@ class PackedLoader:
         shuffle: bool = True,
         epochs: int | None = None,
     ) -> None:
-        if pack != "documents":
-            raise MobaError(f"unknown packing {pack!r}; only 'documents' is supported")
+        if pack not in PACKINGS:
+            raise MobaError(f"unknown packing {pack!r}; choose {' or '.join(PACKINGS)}")
         if seq_len < 1 or batch_size < 1 or world_size < 1:
             raise MobaError("seq_len, batch_size and world_size must be positive")
         if not 0 <= rank < world_size:
@@ -157,7 +182,9 @@ class PackedLoader:
         self.shuffle = shuffle
         self.epochs = epochs
         self.global_batch = batch_size * world_size
-        self.n_windows = len(ds) // seq_len
+        self.pack = pack
+        self.window_starts = window_starts(ds.doc_starts, seq_len, pack)
+        self.n_windows = len(self.window_starts)
         if self.n_windows < self.global_batch:
             raise MobaError(
                 f"the {ds.split} split has {len(ds)} tokens: {self.n_windows} windows of {seq_len}, fewer than one "
@@ -204,7 +231,8 @@ class PackedLoader:
         doc_lens: list[list[int]] = []
         starts = self.ds.doc_starts
         for row, w in enumerate(windows):
-            lo, hi = int(w) * s, int(w) * s + s
+            lo = int(self.window_starts[w])
+            hi = lo + s
             ids[row] = self.ds.tokens[lo:hi]
             # document starts strictly inside the window, plus the window's own start
             inner = starts[np.searchsorted(starts, lo, side="right"): np.searchsorted(starts, hi, side="left")]
@@ -229,6 +257,7 @@ class PackedLoader:
             "global_batch": self.global_batch,
             "n_windows": self.n_windows,
             "shuffle": self.shuffle,
+            "pack": self.pack,
             "epoch": self.epoch,
             "step_in_epoch": self.step_in_epoch,
         }
@@ -238,7 +267,7 @@ class PackedLoader:
         if state.get("version") != _STATE_VERSION:
             raise MobaError(f"data loader state version {state.get('version')!r} is not {_STATE_VERSION}")
         mine = self.state_dict()
-        for key in ("seed", "seq_len", "global_batch", "n_windows", "shuffle"):
+        for key in ("seed", "seq_len", "global_batch", "pack", "shuffle", "n_windows"):
             if state[key] != mine[key]:
                 raise MobaError(
                     f"cannot resume the data order: the saved {key} is {state[key]!r}, this run has {mine[key]!r}"
