@@ -4,7 +4,7 @@ The on-disk layout is described in :mod:`moba_cli.train.data_build`; in short a 
 (documents ``[bos] + tokens + [eos]`` one after the other), the document start offsets, and for SFT data a
 loss mask. :class:`PackedLoader` cuts the split into windows of ``seq_len`` consecutive tokens, shuffles the
 windows per epoch from a seed, and hands out global batches that every rank slices the same way, so the
-order depends only on (seed, seq_len, global batch) and never on the GPU count.
+order depends only on (seed, seq_len, packing, global batch) and never on the GPU count.
 """
 
 from __future__ import annotations
@@ -147,8 +147,8 @@ class PackedLoader:
     """Deterministic, resumable batches of ``seq_len``-token windows cut from a :class:`TokenDataset`.
 
     The split is cut into windows of ``seq_len`` consecutive tokens (see :func:`window_starts` for the
-    ``documents`` and ``whole`` packings; the tail shorter than a window is left out). Each epoch shuffles the windows
-    with ``seed + epoch`` (``shuffle=False`` keeps corpus order) and deals them out in global batches of
+    ``documents`` and ``whole`` packings; the tail shorter than a window is left out). Each epoch shuffles
+    the windows from ``(seed, epoch)`` (``shuffle=False`` keeps corpus order) and deals them out in global batches of
     ``batch_size * world_size`` rows; rank ``r`` takes rows ``[r * batch_size, (r + 1) * batch_size)``.
     An epoch's last incomplete global batch is skipped. ``epochs=None`` repeats forever (training);
     ``epochs=1`` makes one pass (validation).
