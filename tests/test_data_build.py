@@ -14,7 +14,7 @@ import pytest
 
 from moba_cli.errors import MobaError
 from moba_cli.train.data import IGNORE_INDEX, PackedLoader, TokenDataset
-from moba_cli.train.data_build import build_dataset, manifest_hash
+from moba_cli.train.data_build import build_dataset, manifest_hash, tokenizer_sample
 from moba_cli.train.data_config import config_from_dict
 from moba_cli.train.data_sources import code_files
 from moba_cli.train.data_synth import make_document
@@ -177,6 +177,17 @@ def test_code_source_reads_packages_in_order(tmp_path):
     ds = TokenDataset(out)
     assert [tok.decode(ds.doc(i)[1:-1].tolist()) for i in range(ds.n_docs)] == ["A = 3\n", "B = 2\n", "S = 4\n",
                                                                                "Z = 1\n"]
+
+
+def test_tokenizer_sample_spreads_over_the_corpus(tmp_path):
+    folder = make_corpus(tmp_path / "c", n=80)
+    chars = sum(len(p.read_text()) for p in folder.iterdir())
+    c = cfg([{"kind": "files", "paths": [str(folder)]}], max_tokens=chars // 4, tokenizer_bytes=chars // 4)
+    texts = {p.read_text(): int(p.stem[3:]) for p in folder.iterdir()}
+    picked = [texts[t] for t in tokenizer_sample(c)]
+    assert 0.1 * chars < sum(len(t) for t in tokenizer_sample(c)) < 0.5 * chars
+    assert picked == sorted(picked) and max(picked) >= 60 and len(picked) < 50  # not just the first files
+    assert list(tokenizer_sample(c)) == list(tokenizer_sample(c))
 
 
 def test_max_tokens_and_max_bytes(tmp_path, corpus):

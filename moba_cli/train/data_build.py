@@ -18,6 +18,7 @@ interrupted build never leaves a folder that looks complete.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -95,10 +96,8 @@ def _mixture(cfg: DataConfig, count: CountMany) -> tuple[_Mixer, list[SourceStat
 
 def _in_val(doc: Doc, seed: int, val_fraction: float) -> bool:
     """The split is a hash of the document and the seed: the same document always lands on the same side."""
-    h = hashlib.blake2b(digest_size=8, key=seed.to_bytes(8, "little", signed=True))
-    h.update(doc.text.encode())
-    h.update(b"\0" + (doc.answer or "").encode())
-    return int.from_bytes(h.digest(), "little") / 2.0**64 < val_fraction
+    key = seed.to_bytes(8, "little", signed=True)
+    return _unit_hash(doc.text + "\0" + (doc.answer or ""), key) < val_fraction
 
 
 class _SplitWriter:
@@ -145,26 +144,42 @@ def _check_out(out: Path, overwrite: bool) -> None:
         read_manifest(out)  # replaces only what a build made
 
 
-def _train_tokenizer(cfg: DataConfig, progress: Progress | None) -> Any:
+def tokenizer_sample(cfg: DataConfig, progress: Progress | None = None) -> Iterator[str]:
+    """The texts that train the tokenizer: about ``tokenizer_bytes`` spread over the whole corpus.
+
+    With ``max_tokens`` the corpus is about ``4 * max_tokens`` characters; a document is taken when a hash
+    of it falls below ``tokenizer_bytes`` over that, so a large corpus is sampled evenly rather than by its
+    first packages. Without ``max_tokens`` the first ``tokenizer_bytes`` are taken.
+    """
     mixer, _ = _mixture(cfg, chars_estimate)
     budget = cfg.tokenizer_bytes
-    approx_cap = None if cfg.max_tokens is None else cfg.max_tokens * 4  # chars_estimate's 4 bytes a token
-
-    def texts() -> Iterator[str]:
-        seen = 0
-        for _, doc in mixer:
-            text = doc.text + (doc.answer or "")
+    approx = None if cfg.max_tokens is None else cfg.max_tokens * 4  # chars_estimate's 4 characters a token
+    rate = 1.0 if approx is None else min(1.0, budget / approx)
+    seen = taken = 0
+    for _, doc in mixer:
+        text = doc.text + (doc.answer or "")
+        seen += len(text)
+        if rate >= 1.0 or _unit_hash(text, b"tokenizer") < rate:
+            taken += len(text)
             yield text
-            seen += len(text)
-            if progress:
-                progress("tokenizer", min(seen, budget), budget)
-            if seen >= budget or (approx_cap is not None and seen >= approx_cap):
-                return
+        if progress:
+            progress("tokenizer", min(taken, budget), budget)
+        if taken >= budget or (approx is not None and seen >= approx):
+            return
 
-    tok = train_tokenizer(texts(), cfg.vocab_size)
-    if not mixer.dealt:
+
+def _train_tokenizer(cfg: DataConfig, progress: Progress | None) -> Any:
+    texts = tokenizer_sample(cfg, progress)
+    first = next(texts, None)
+    if first is None:
         raise MobaError("the sources gave no documents (empty corpus); check the paths, include lists and sizes")
-    return tok
+    return train_tokenizer(itertools.chain([first], texts), cfg.vocab_size)
+
+
+def _unit_hash(text: str, key: bytes) -> float:
+    """A number in [0, 1) from ``text`` alone (the same on every machine and run)."""
+    h = hashlib.blake2b(text.encode(), digest_size=8, key=key)
+    return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
 def build_dataset(cfg: DataConfig, out: str | Path | None = None, overwrite: bool = False,

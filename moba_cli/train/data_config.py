@@ -170,7 +170,8 @@ def validate(cfg: DataConfig, where: str = "data") -> None:
         raise MobaError(f"{where}: the fractions given add up to 1, leaving nothing for the sources without one")
     unbounded = all(isinstance(s, SyntheticSource) and s.docs is None for s in cfg.sources)
     if unbounded and cfg.max_tokens is None:
-        raise MobaError(f"{where}: synthetic sources without 'docs' never end; set max_tokens or docs")
+        raise MobaError(f"{where}: synthetic sources without 'docs' (--synthetic-docs) never end; set max_tokens "
+                        "(--max-tokens) or docs")
 
 
 def mixture_weights(cfg: DataConfig) -> list[float]:
