@@ -16,7 +16,7 @@ from moba_cli.errors import MobaError
 from moba_cli.train.data import IGNORE_INDEX, PackedLoader, TokenDataset
 from moba_cli.train.data_build import build_dataset, manifest_hash, tokenizer_sample
 from moba_cli.train.data_config import config_from_dict
-from moba_cli.train.data_sources import code_files
+from moba_cli.train.data_sources import SourceStats, code_files, iter_code
 from moba_cli.train.data_synth import make_document
 
 WORDS = ["alpha", "beta", "gamma", "delta", "x = 1", "def f():", "return y", "  # note", "ünïcødé", "\n"]
@@ -177,6 +177,15 @@ def test_code_source_reads_packages_in_order(tmp_path):
     ds = TokenDataset(out)
     assert [tok.decode(ds.doc(i)[1:-1].tolist()) for i in range(ds.n_docs)] == ["A = 3\n", "B = 2\n", "S = 4\n",
                                                                                "Z = 1\n"]
+    # one document per package, files in order; a package over max_doc_bytes continues in a new document
+    src = config_from_dict({"sources": [{"kind": "code", "roots": [str(root)], "group": "package",
+                                         "max_file_bytes": 100}]}).sources[0]
+    docs = [d.text for d in iter_code(src, SourceStats())]
+    assert docs == ["# file: alpha/a.py\nA = 3\n# file: alpha/b.py\nB = 2\n", "# file: solo.py\nS = 4\n",
+                    "# file: zeta/__init__.py\nZ = 1\n"]
+    src.max_doc_bytes = 20
+    assert [d.text for d in iter_code(src, SourceStats())][:2] == ["# file: alpha/a.py\nA = 3\n",
+                                                                   "# file: alpha/b.py\nB = 2\n"]
 
 
 def test_tokenizer_sample_spreads_over_the_corpus(tmp_path):
@@ -284,6 +293,7 @@ def test_jsonl_text_and_pairs(tmp_path):
         ({"sources": [{"kind": "code", "fraction": 0.7}, {"kind": "synthetic", "fraction": 0.7, "docs": 1}]},
          "add up to 1.4"),
         ({"sources": [{"kind": "files", "paths": ["x"], "prompt_field": "q"}]}, "both prompt_field"),
+        ({"sources": [{"kind": "code", "group": "module"}]}, "group must be file or package"),
     ],
 )
 def test_config_errors(data, message):

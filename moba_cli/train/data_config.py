@@ -35,6 +35,12 @@ class CodeSource:
     """Stop reading this source after this many bytes of text (None: no cap)."""
     max_file_bytes: int = field(default=1 << 20, metadata=_SIZE)
     """Skip files larger than this (generated tables and vendored bundles are not code to learn from)."""
+    group: str = "file"
+    """``file``: one document per file. ``package``: one per top-level package, its files joined in path
+    order under ``# file: NAME`` lines: long documents with real long-range structure (imports, calls
+    across files), for long-context training."""
+    max_doc_bytes: int = field(default=8 << 20, metadata=_SIZE)
+    """``group: package``: start a new document (at a file boundary) once one reaches this size."""
     fraction: float | None = None
     """Share of the dataset's tokens from this source when several are mixed (None: an equal share of
     what the sources with a fraction leave)."""
@@ -148,6 +154,8 @@ def validate(cfg: DataConfig, where: str = "data") -> None:
         name = f"{where}.sources[{i}]"
         if s.fraction is not None and not 0.0 < s.fraction <= 1.0:
             raise MobaError(f"{name}.fraction must be in (0, 1], got {s.fraction}")
+        if isinstance(s, CodeSource) and s.group not in ("file", "package"):
+            raise MobaError(f"{name}.group must be file or package, got {s.group!r}")
         if isinstance(s, FilesSource):
             if not s.paths:
                 raise MobaError(f"{name}: a files source needs paths")

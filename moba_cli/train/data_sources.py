@@ -88,7 +88,7 @@ def code_files(src: CodeSource) -> list[tuple[str, Path]]:
     return sorted(files.items())
 
 
-def iter_code(src: CodeSource, stats: SourceStats) -> Iterator[Doc]:
+def _code_texts(src: CodeSource, stats: SourceStats) -> Iterator[tuple[str, str]]:
     for name, path in code_files(src):
         try:
             size = path.stat().st_size
@@ -102,7 +102,29 @@ def iter_code(src: CodeSource, stats: SourceStats) -> Iterator[Doc]:
         if not text.strip():
             stats.skipped += 1
             continue
-        yield Doc(text, None, name)
+        yield name, text
+
+
+def iter_code(src: CodeSource, stats: SourceStats) -> Iterator[Doc]:
+    """One document per file, or (``group: package``) per top-level package, its files in order."""
+    if src.group == "file":
+        for name, text in _code_texts(src, stats):
+            yield Doc(text, None, name)
+        return
+    parts: list[str] = []
+    size, package, first = 0, None, ""
+    for name, text in _code_texts(src, stats):
+        top = name.split("/")[0]
+        if parts and (top != package or size + len(text) > src.max_doc_bytes):
+            yield Doc("".join(parts), None, first)
+            parts, size = [], 0
+        if not parts:
+            package, first = top, name
+        piece = f"# file: {name}\n{text}" + ("" if text.endswith("\n") else "\n")
+        parts.append(piece)
+        size += len(piece)
+    if parts:
+        yield Doc("".join(parts), None, first)
 
 
 def _files_of(paths: list[str]) -> list[Path]:
