@@ -87,6 +87,8 @@ def test_build_is_deterministic(tmp_path, corpus, built):
     c = cfg([{"kind": "files", "paths": [str(corpus)]}, {"kind": "synthetic", "docs": 4, "lengths": [200]}])
     again = build_dataset(c, tmp_path / "again")
     assert again["files_hash"] == first["files_hash"] and again["manifest_hash"] == first["manifest_hash"]
+    as_dict = build_dataset({**c.to_dict(), "out": str(tmp_path / "dict")})  # a recipe's data.build mapping
+    assert as_dict["manifest_hash"] == first["manifest_hash"]
     other = build_dataset(cfg(c.to_dict()["sources"], seed=1), tmp_path / "seed1")
     assert other["files_hash"] != first["files_hash"]
 

@@ -31,7 +31,7 @@ import numpy as np
 
 from moba_cli.errors import MobaError
 from moba_cli.train.data import SCHEMA, read_manifest
-from moba_cli.train.data_config import DataConfig, SyntheticSource, mixture_weights, validate
+from moba_cli.train.data_config import DataConfig, SyntheticSource, config_from_dict, mixture_weights, validate
 from moba_cli.train.data_sources import Doc, SourceStats, iter_source
 from moba_cli.train.data_synth import CountMany, chars_estimate
 from moba_cli.train.data_tokenizer import BOS, EOS, PAD, reuse_tokenizer, save_tokenizer, train_tokenizer
@@ -182,12 +182,13 @@ def _unit_hash(text: str, key: bytes) -> float:
     return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
-def build_dataset(cfg: DataConfig, out: str | Path | None = None, overwrite: bool = False,
+def build_dataset(cfg: DataConfig | dict[str, Any], out: str | Path | None = None, overwrite: bool = False,
                   progress: Progress | None = None) -> dict[str, Any]:
-    """Build the dataset described by ``cfg`` into ``out`` (default ``cfg.out``); returns its manifest.
-
-    The manifest also carries, outside the hashed part, ``build`` timings under the key ``build``.
+    """Build the dataset described by ``cfg`` (or a recipe's ``data.build`` mapping) into ``out`` (default
+    ``cfg.out``); returns its manifest, plus the build's ``seconds`` under ``build`` (not in the file).
     """
+    if isinstance(cfg, dict):
+        cfg = config_from_dict(cfg)
     validate(cfg)
     if out is None:
         if cfg.out is None:
