@@ -296,6 +296,9 @@ def test_jsonl_text_and_pairs(tmp_path):
          "add up to 1.4"),
         ({"sources": [{"kind": "files", "paths": ["x"], "prompt_field": "q"}]}, "both prompt_field"),
         ({"sources": [{"kind": "code", "group": "module"}]}, "group must be file or package"),
+        ({"sources": [{"kind": "code"}], "max_tokens": 0}, "max_tokens must be positive"),
+        ({"sources": [{"kind": "code", "max_bytes": -5}]}, "max_bytes must be positive"),
+        ({"sources": [{"kind": "synthetic", "docs": 2, "lengths": [10]}]}, "at least 64 tokens"),
     ],
 )
 def test_config_errors(data, message):

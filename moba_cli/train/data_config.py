@@ -147,6 +147,9 @@ def validate(cfg: DataConfig, where: str = "data") -> None:
                         f"{MIN_VOCAB} (256 bytes, 3 special tokens, one merge)")
     if cfg.vocab_size > 1 << 32:
         raise MobaError(f"{where}.vocab_size {cfg.vocab_size} does not fit uint32 token ids")
+    for key in ("max_tokens", "tokenizer_bytes"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise MobaError(f"{where}.{key} must be positive, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise MobaError(f"{where}.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     fractions = [s.fraction for s in cfg.sources if s.fraction is not None]
@@ -154,6 +157,9 @@ def validate(cfg: DataConfig, where: str = "data") -> None:
         name = f"{where}.sources[{i}]"
         if s.fraction is not None and not 0.0 < s.fraction <= 1.0:
             raise MobaError(f"{name}.fraction must be in (0, 1], got {s.fraction}")
+        for key in ("max_bytes", "max_file_bytes", "max_doc_bytes"):
+            if getattr(s, key, None) is not None and getattr(s, key) < 1:
+                raise MobaError(f"{name}.{key} must be positive, got {getattr(s, key)}")
         if isinstance(s, CodeSource) and s.group not in ("file", "package"):
             raise MobaError(f"{name}.group must be file or package, got {s.group!r}")
         if isinstance(s, FilesSource):
@@ -166,8 +172,8 @@ def validate(cfg: DataConfig, where: str = "data") -> None:
             if bad or not s.tasks:
                 raise MobaError(f"{name}.tasks: unknown {bad or 'empty list'}; "
                                 f"choose from {', '.join(SYNTHETIC_TASKS)}")
-            if not s.lengths:
-                raise MobaError(f"{name}.lengths: give at least one target length")
+            if not s.lengths or min(s.lengths) < 64:
+                raise MobaError(f"{name}.lengths: give target lengths of at least 64 tokens, got {s.lengths}")
             if s.docs is not None and s.docs < 1:
                 raise MobaError(f"{name}.docs must be positive")
     total = sum(fractions)
