@@ -39,6 +39,7 @@ COMMANDS: dict[str, Lazy] = {
     "compare": Lazy("moba_cli.commands.compare:compare", "Check MoBA against full attention on the same inputs."),
     "bench": Lazy("moba_cli.commands.bench:bench", "Time MoBA against dense attention (up to 1M+ tokens)."),
     "convert": Lazy("moba_cli.commands.convert:convert", "Switch a transformers checkpoint's attention to MoBA."),
+    "data": Lazy("moba_cli.commands.data:app", "Build training datasets offline (tokenizer, token files, manifest)."),
 }
 
 # click's UsageError (bad option value, unknown option or command); typer vendors click, so it is reached
