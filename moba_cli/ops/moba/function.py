@@ -9,8 +9,9 @@ Pipeline, all on the packed layout (q ``[T, Hq, D]``, k/v ``[T, Hkv, D]``, see :
 3. Schedule (:mod:`.schedule`, torch): the (query, head, slot) pairs are sorted by (slot, head, block),
    so every key block gets a dense list of the queries that chose it ("gather and densify").
 4. Forward (:mod:`.fwd`): one program per tile of gathered queries of one (slot, head, block), merged
-   slot by slot into a float32 accumulator by log-sum-exp; the own-block slot runs last and writes the
-   output.
+   slot by slot by log-sum-exp into a partial result kept in the output's own memory; the own-block slot
+   runs last and writes the output. Without a gradient, steps 2-4 run slot by slot and in pieces of heads
+   and rows (:mod:`.fwd_pieces`), so their buffers stay small beside the output.
 5. Backward (:mod:`.bwd`, :mod:`.gluon_bwd` on Hopper): per key tile, every query that chose its block;
    dQ by atomics (fused) or by its own pass.
 
@@ -26,8 +27,9 @@ import torch
 
 from . import cudnn_blocks, dense_prefix
 from .bwd import backward, bwd_config
-from .common import contig_last
-from .fwd import forward, forward_with_prefix, fwd_config
+from .common import contig_last, empty
+from .fwd import forward, fwd_config, run_with_prefix
+from .fwd_pieces import forward_in_pieces
 from .gate import select_blocks
 from .layout import BlockLayout
 from .options import KernelOptions
@@ -40,8 +42,9 @@ class MobaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout: BlockLayout, topk: int, scale: float, prefix: dense_prefix.Prefix | None,
                 blocks: cudnn_blocks.Plan | None, opts: KernelOptions):
-        block_idx = select_blocks(q, k, layout, topk, opts)
         need_grad = any(ctx.needs_input_grad[:3])
+        # Without a backward the sparse forward chooses its blocks piece by piece (:mod:`.fwd_pieces`).
+        block_idx = select_blocks(q, k, layout, topk, opts) if need_grad or blocks is not None else None
         bm_f = fwd_config(q.shape[-1], q.dtype, layout.chunk_size, opts.fwd_cfg)["BLOCK_M"]
         # The backward path is decided once here, so the schedule kept for it always fits.
         fused = opts.bwd_fused
@@ -55,12 +58,22 @@ class MobaFunction(torch.autograd.Function):
         if blocks is not None:
             out, lse = cudnn_blocks.forward(q, k, v, layout, block_idx, scale, blocks, opts)
         else:
-            sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
-            if prefix is None:
-                out, lse = forward(q, k, v, layout, sched, scale, opts)
+            out = empty(*q.shape, dtype=q.dtype, device=q.device, poison=opts.poison_outputs)
+            if need_grad:
+                sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
+
+                def sparse(o):
+                    return forward(q, k, v, layout, sched, scale, opts, o)[1]
             else:
-                out, lse, state = forward_with_prefix(q, k, v, layout, sched, scale, prefix, need_grad, opts)
-            sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
+
+                def sparse(o):
+                    return forward_in_pieces(q, k, v, layout, topk, scale, skip, bm_f, o, opts)
+            if prefix is None:
+                lse = sparse(out)
+            else:
+                lse, state = run_with_prefix(q, k, v, out, prefix, scale, need_grad, opts, sparse)
+            if sched is not None:
+                sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
         if need_grad:
             lists = BwdLists(block_idx, layout.num_blocks, skip)
             # The separate dQ pass (not fused) walks tiles like the forward's, of the backward's size.

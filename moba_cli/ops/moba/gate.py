@@ -222,9 +222,9 @@ def block_means(k: torch.Tensor, layout: BlockLayout, poison: bool = False) -> t
     return km
 
 
-def all_past_blocks(layout: BlockLayout, hq: int, slots: int) -> torch.Tensor:
+def all_past_blocks(layout: BlockLayout, hq: int, slots: int, rows: slice = slice(None)) -> torch.Tensor:
     """Selection when top-k covers every block: own block, then every past block in order."""
-    tb, fb = layout.token_block, layout.token_first_block
+    tb, fb = layout.token_block[rows], layout.token_first_block[rows]
     past = fb[:, None] + torch.arange(slots - 1, device=tb.device, dtype=torch.int32)[None, :]
     past = torch.where(past < tb[:, None], past, torch.full_like(past, -1))
     sel = torch.cat([tb[:, None], past], dim=1)
@@ -241,24 +241,36 @@ def gate_kind(npast: int, max_blocks: int, forced: str | None = None) -> str:
     return "sort" if npast > GROUPED_GATE_MAX else kind
 
 
+def index_dtype(num_blocks: int) -> torch.dtype:
+    """The narrowest integer type for the block indices (and -1) of ``num_blocks`` blocks."""
+    return torch.int16 if num_blocks < 2**15 else torch.int32
+
+
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int,
-                  options: KernelOptions | None = None) -> torch.Tensor:
-    """The gate on the GPU: q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> ``block_idx [T, Hq, slots]`` int32."""
+                  options: KernelOptions | None = None, rows: slice = slice(None), km: torch.Tensor | None = None,
+                  dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """The gate on the GPU: q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> ``block_idx [T, Hq, slots]`` int32.
+
+    ``rows``: only the queries ``q[rows]`` (a contiguous range; ``[len, Hq, slots]`` then). ``km``: the
+    block means of ``k`` (:func:`block_means`) when the caller has them. ``dtype``: int16 halves the lists
+    where every block index fits (:func:`index_dtype`)."""
     opts = resolve(options)
+    q = q[rows]
+    tb, fb = layout.token_block[rows], layout.token_first_block[rows]
     t_total, hq, d = q.shape
     slots = num_slots(topk, layout.max_blocks)
     if slots == 1:
-        return layout.token_block[:, None, None].expand(-1, hq, 1).contiguous()
+        return tb[:, None, None].expand(-1, hq, 1).to(dtype)
     if topk >= layout.max_blocks:
-        return all_past_blocks(layout, hq, slots)
+        return all_past_blocks(layout, hq, slots, rows).to(dtype)
     npast = slots - 1
     if npast > MAX_GATE_CANDIDATES:
         raise MobaError(
             f"the triton backend supports topk up to {MAX_GATE_CANDIDATES + 1} unless topk covers every "
             f"block (got topk={topk} with up to {layout.max_blocks} blocks per sequence)"
         )
-    km = block_means(k, layout, opts.poison_outputs)
-    out = empty(t_total, hq, slots, dtype=torch.int32, device=q.device, poison=opts.poison_outputs)
+    km = block_means(k, layout, opts.poison_outputs) if km is None else km
+    out = empty(t_total, hq, slots, dtype=dtype, device=q.device, poison=opts.poison_outputs)
     exact = q.dtype == torch.float32 or is_interp()
     split = q.dtype == torch.bfloat16 and not is_interp()
     kind = gate_kind(npast, layout.max_blocks, opts.gate_kind)
@@ -267,7 +279,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     # The bf16 halves of the float32 means are made once here, not in every program's loop.
     km_hi = km.to(q.dtype) if split else km
     km_lo = (km - km_hi.float()).to(q.dtype) if split else km
-    args = (q, km, km_hi, km_lo, layout.token_block, layout.token_first_block, out)
+    args = (q, km, km_hi, km_lo, tb, fb, out)
     strides = (q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1))
     if kind == "grouped":
         ng = max(2, triton.next_power_of_2(npast))

@@ -53,6 +53,11 @@ class KernelOptions:
     """The forward prefetches each merging tile's float32 partial results into L2 (not under the interpreter)."""
     prefix_stream: bool = True
     """The dense prefix's cuDNN forward runs on a side stream beside the sparse launches (CUDA only)."""
+    fwd_piece_budget: float = 0.12
+    """Inference forward (no gradient): run the gate and schedules for a share of the heads and rows at a time
+    so their buffers stay under this fraction of the output's bytes; 0 runs every query at once."""
+    fwd_piece_min_rows: int = 65536
+    """Fewest rows of such a piece (fewer leave forward tiles part empty, as a block's choosers split up)."""
     poison_outputs: bool = False
     """Fill every kernel-written buffer with NaN (floats) / -7 (ints) first, so an unwritten element shows."""
     gate_kind: str | None = None
@@ -67,6 +72,9 @@ class KernelOptions:
     def __post_init__(self) -> None:
         if self.gate_kind not in (None, *GATE_KINDS):
             raise MobaError(f"gate_kind must be 'grouped', 'sort' or None, got {self.gate_kind!r}")
+        if not (self.fwd_piece_budget >= 0 and self.fwd_piece_min_rows >= 1):
+            raise MobaError("fwd_piece_budget must be >= 0 and fwd_piece_min_rows >= 1, got "
+                            f"{self.fwd_piece_budget!r} and {self.fwd_piece_min_rows!r}")
         if not 0 <= self.own_splits <= 4:
             raise MobaError(f"own_splits must be an integer from 0 to 4, got {self.own_splits!r}")
         for name, sizes in (("fwd_cfg", (4,)), ("bwd_cfg", (4,)), ("gate_cfg", (3, 4, 5))):
