@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from moba_cli import __version__
-from moba_cli.commands import bench, compare, convert
+from moba_cli.commands import bench, compare, convert, train
 
 app = typer.Typer(
     name="moba",
@@ -45,6 +45,9 @@ app.command("bench", help=bench.HELP, short_help="Time MoBA against dense attent
 )
 app.command("convert", help=convert.HELP, short_help="Switch a transformers checkpoint's attention to MoBA.")(
     convert.convert
+)
+app.command("train", help=train.HELP, short_help="Train a MoBA or full-attention model from a YAML recipe.")(
+    train.train
 )
 
 
