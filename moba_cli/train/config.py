@@ -71,6 +71,8 @@ class DataSection:
                        tokens=True)
     pack: str = opt("documents", "Packing mode passed to the loader (documents: rows cut at document ends).")
     sft: bool = opt(False, "Require the SFT loss mask (train.mask): loss only on answer tokens.")
+    build: dict[str, Any] = opt({}, "How `moba data build --config RECIPE` makes data.path (its DataConfig keys: "
+                                    "sources, vocab_size, max_tokens, ...); moba train only reads data.path.")
 
 
 @dataclass
@@ -243,7 +245,7 @@ def coerce(value: Any, tp: Any, key: str, *, tokens: bool = False) -> Any:
 
 def _build(cls: type, raw: Any, prefix: str) -> Any:
     if not isinstance(raw, dict):
-        raise MobaError(f"{prefix or 'the recipe'} must be a mapping of keys to values, got {raw!r}")
+        raise MobaError(f"{prefix.rstrip('.') or 'the recipe'} must be a mapping of keys to values, got {raw!r}")
     hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     kwargs: dict[str, Any] = {}
