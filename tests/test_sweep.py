@@ -1,0 +1,97 @@
+"""`moba sweep`: the grid, the scaling-law fit on synthetic points, and a 2-point sweep end to end on CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from train_stub_data import install_stub, make_data_dir
+from typer.testing import CliRunner
+
+from moba_cli.cli import app
+from moba_cli.errors import MobaError
+from moba_cli.train.config import recipe_from_dict
+from moba_cli.train.fit import fit_power_law, predict
+from moba_cli.train.sweep import grid
+
+install_stub()
+SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
+COMPUTE = np.geomspace(1e15, 1e19, 7)
+
+
+def _noisy(values: np.ndarray, sigma: float, seed: int) -> np.ndarray:
+    return values * np.exp(np.random.default_rng(seed).normal(0, sigma, len(values)))
+
+
+def test_fit_recovers_power_law_exponent():
+    loss = _noisy(6.0 * COMPUTE**-0.06, 0.003, 0)
+    f = fit_power_law(COMPUTE, loss, irreducible=False)
+    assert abs(f["b"] - 0.06) < 3 * f["b_err"] + 1e-3 and f["b_err"] < 0.002
+    assert f["a"] == pytest.approx(6.0, rel=0.1) and f["e"] is None
+
+
+def test_fit_recovers_irreducible_term():
+    pytest.importorskip("scipy")
+    loss = _noisy(1.8 + 300.0 * COMPUTE**-0.15, 0.001, 1)
+    f = fit_power_law(COMPUTE, loss)
+    assert f["irreducible"] == "fitted" and f["method"] == "scipy curve_fit"
+    assert f["b"] == pytest.approx(0.15, abs=0.01) and f["e"] == pytest.approx(1.8, abs=0.05)
+    assert f["e_err"] is not None and np.max(np.abs(predict(f, COMPUTE) / loss - 1)) < 0.01
+
+
+def test_fit_without_scipy_uses_loglog_with_errors(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scipy", None)  # import scipy -> ImportError
+    loss = _noisy(4.0 * COMPUTE**-0.08, 0.002, 2)
+    f = fit_power_law(COMPUTE, loss)
+    assert f["method"] == "log-log least squares" and f["irreducible"] == "needs scipy"
+    assert abs(f["b"] - 0.08) < 4 * f["b_err"] and f["a_err"] > 0
+    exact = fit_power_law(COMPUTE[:2], 4.0 * COMPUTE[:2] ** -0.08)
+    assert exact["b"] == pytest.approx(0.08, rel=1e-9) and exact["b_err"] is None
+
+
+def test_fit_rejects_bad_points():
+    with pytest.raises(MobaError, match="at least two"):
+        fit_power_law([1e18], [3.0])
+    with pytest.raises(MobaError, match="positive"):
+        fit_power_law([1e18, 1e19], [3.0, -1.0])
+    with pytest.raises(MobaError, match="same compute"):
+        fit_power_law([1e18, 1e18], [3.0, 2.0])
+
+
+def test_grid_names_and_order():
+    r = recipe_from_dict({"sweep": {"model.size": ["tiny", "20M"], "attention.kind": ["moba", "full"]}})
+    names = [n for n, _ in grid(r)]
+    assert names == ["size-tiny_kind-moba", "size-tiny_kind-full", "size-20M_kind-moba", "size-20M_kind-full"]
+    with pytest.raises(MobaError, match="no sweep"):
+        grid(recipe_from_dict({}))
+
+
+def test_two_point_sweep_end_to_end(tmp_path):
+    data = make_data_dir(tmp_path / "data", n_docs=40)
+    out = tmp_path / "sweep"
+    args = ["sweep", str(SMOKE), "--out", str(out), "--set", f"data.path={data}", "--set", "train.steps=2",
+            "--set", "eval.every=0", "--set", "checkpoint.every=0", "--set", "log.progress=false",
+            "--set", "sweep={attention.kind: [moba, full]}"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "sweep"
+    recs = summary["records"]
+    assert [r["attn"] for r in recs] == ["moba", "full"] and all(r["final_val_loss"] > 0 for r in recs)
+    assert recs[0]["compute"] < recs[1]["compute"]  # MoBA attends fewer pairs at the same size and tokens
+    gap = summary["summary"]["gaps"][0]
+    assert gap["size"] == "tiny" and gap["gap"] == pytest.approx(recs[0]["final_val_loss"] - recs[1]["final_val_loss"])
+    assert (out / "points" / "kind-moba" / "checkpoints" / "latest").is_file()
+    stamp = (out / "points" / "kind-full" / "metrics.jsonl").stat().st_mtime_ns
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0 and "2 finished, 0 to run" in again.output
+    assert (out / "points" / "kind-full" / "metrics.jsonl").stat().st_mtime_ns == stamp
+
+
+def test_sweep_point_errors_name_the_point(tmp_path):
+    res = CliRunner().invoke(app, ["sweep", str(SMOKE), "--out", str(tmp_path / "s"),
+                                   "--set", "sweep={attention.chunk: [16, 24]}"])
+    assert res.exit_code == 1 and "error: sweep point chunk-24" in res.output and "must divide" in res.output
