@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from moba_cli import __version__
-from moba_cli.commands import bench, compare, convert, train
+from moba_cli.commands import bench, compare, convert, sweep, train
 
 app = typer.Typer(
     name="moba",
@@ -48,6 +48,9 @@ app.command("convert", help=convert.HELP, short_help="Switch a transformers chec
 )
 app.command("train", help=train.HELP, short_help="Train a MoBA or full-attention model from a YAML recipe.")(
     train.train
+)
+app.command("sweep", help=sweep.HELP, short_help="Train a grid of recipes and fit loss against compute.")(
+    sweep.sweep
 )
 
 
