@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from moba_cli import __version__
-from moba_cli.commands import bench, compare, convert, sweep, train
+from moba_cli.commands import bench, compare, convert, data, sweep, train
 
 app = typer.Typer(
     name="moba",
@@ -52,6 +52,8 @@ app.command("train", help=train.HELP, short_help="Train a MoBA or full-attention
 app.command("sweep", help=sweep.HELP, short_help="Train a grid of recipes and fit loss against compute.")(
     sweep.sweep
 )
+
+app.add_typer(data.app, name="data", help="Build training datasets offline (tokenizer, token files, manifest).")
 
 
 def main() -> None:

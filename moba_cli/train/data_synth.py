@@ -1,0 +1,148 @@
+"""Synthetic long-context retrieval documents, from this project's own templates.
+
+Each document hides one fact somewhere in a long text and asks for it at the end, so a model can only
+answer by attending far back:
+
+- ``passkey``: a secret number inside filler prose;
+- ``kv``: a table of random key/value records, asked for one key's value;
+- ``vartrack``: a chain of variable assignments (``LET ABCD = EFGH``) spread through filler, next to
+  distractor chains, asked for the value the chain's last variable holds.
+
+A document is a (prompt, answer) pair; pretraining data joins them, SFT data keeps the loss on the answer.
+Lengths are fitted to a target in tokens with a counting function (the real tokenizer once it exists, a
+characters-per-token estimate before), so every document is generated from its seed alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+CountMany = Callable[[list[str]], list[int]]
+"""Token counts of several pieces of text (in context a piece costs about what it costs alone)."""
+
+_SUBJECTS = ["the gardener", "a quiet engineer", "the old ferry", "my neighbour", "the committee", "a red kite",
+             "the night train", "our librarian", "the market", "a stray cat", "the river", "the weather office"]
+_VERBS = ["painted", "counted", "followed", "repaired", "ignored", "described", "carried", "measured", "visited",
+          "sorted", "borrowed", "watched"]
+_OBJECTS = ["the fence", "seven lanterns", "a crate of pears", "the harbour wall", "the long corridor",
+            "two maps", "the clock tower", "a bag of nails", "the hill path", "every window", "the spare key",
+            "a box of letters"]
+_TAILS = ["before noon", "after the rain", "without a word", "for the third time", "at the edge of town",
+          "with great care", "as usual", "in a hurry", "near the bridge", "on a Tuesday", "by lamplight",
+          "once again"]
+_LETTERS = np.array(list("ABCDEFGHIJKLMNOPQRSTUVWXYZ"))
+_HEX = np.array(list("0123456789abcdef"))
+
+_BATCH = 128  # filler pieces generated (and counted) at a time
+
+
+def chars_estimate(pieces: list[str]) -> list[int]:
+    """A stand-in for token counts before a tokenizer exists: about 4 characters a token."""
+    return [max(1, len(p) // 4) for p in pieces]
+
+
+def make_document(task: str, rng: np.random.Generator, target_tokens: int, count: CountMany) -> tuple[str, str]:
+    """A (prompt, answer) pair of about ``target_tokens`` tokens (bos and eos included)."""
+    if task == "passkey":
+        return _passkey(rng, target_tokens, count)
+    if task == "kv":
+        return _kv(rng, target_tokens, count)
+    if task == "vartrack":
+        return _vartrack(rng, target_tokens, count)
+    raise ValueError(f"unknown synthetic task {task!r}")
+
+
+def _sentence(rng: np.random.Generator) -> str:
+    parts = [_SUBJECTS, _VERBS, _OBJECTS, _TAILS]
+    words = [p[int(rng.integers(len(p)))] for p in parts]
+    return " " + words[0][0].upper() + words[0][1:] + " " + " ".join(words[1:]) + "."
+
+
+def _fill(rng: np.random.Generator, budget: int, count: CountMany, make: Callable[[], str]) -> list[str]:
+    """Pieces from ``make`` until their token counts reach ``budget``."""
+    out: list[str] = []
+    used = 0
+    while used < budget:
+        batch = [make() for _ in range(_BATCH)]
+        for piece, n in zip(batch, count(batch), strict=True):
+            if used + n > budget:
+                return out
+            out.append(piece)
+            used += n
+    return out
+
+
+def _number(rng: np.random.Generator) -> str:
+    digits = int(rng.integers(5, 8))
+    return str(int(rng.integers(10 ** (digits - 1), 10**digits)))
+
+
+def _code(rng: np.random.Generator, n: int, alphabet: np.ndarray) -> str:
+    return "".join(rng.choice(alphabet, n))
+
+
+def _budget(target: int, fixed: list[str], count: CountMany) -> int:
+    return max(0, target - 2 - sum(count(fixed)))  # 2: bos and eos
+
+
+def _insert(pieces: list[str], rng: np.random.Generator, item: str) -> None:
+    pieces.insert(int(rng.integers(len(pieces) + 1)), item)
+
+
+def _passkey(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
+    key = _number(rng)
+    head = "A secret number is hidden somewhere in the notes below. Find it and keep it in mind.\n"
+    fact = f"\n(The secret number is {key}. Remember {key}.)\n"
+    tail = "\n\nQuestion: what is the secret number?\nAnswer:"
+    answer = f" {key}"
+    filler = _fill(rng, _budget(target, [head, fact, tail, answer], count), count, lambda: _sentence(rng))
+    _insert(filler, rng, fact)
+    return head + "".join(filler) + tail, answer
+
+
+def _kv(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
+    head = "Each record below maps a key to a value. Keys are unique.\n"
+    tail = "\n\nQuestion: what is the value of record KEY?\nAnswer:"
+    budget = _budget(target, [head, tail.replace("KEY", "0" * 8), " " + "0" * 8], count)
+    record = lambda: f"\nrecord {_code(rng, 8, _HEX)} -> {_code(rng, 8, _HEX)}"
+    records = _fill(rng, budget, count, record) or [record()]
+    pick = records[int(rng.integers(len(records)))]
+    key, value = pick.split()[1], pick.split()[3]
+    return head + "".join(records) + tail.replace("KEY", key), f" {value}"
+
+
+def _vartrack(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
+    """Chains ``LET A = 12345``, ``LET B = A``, ... in order, one chain asked for, others distractors."""
+    hops = int(rng.integers(3, 6))
+    n_chains = 3
+    order: list[str] = []  # a list, not a set: set order changes with PYTHONHASHSEED
+    while len(order) < hops * n_chains:
+        name = _code(rng, 4, _LETTERS)
+        if name not in order:
+            order.append(name)
+    chains = [order[i * hops: (i + 1) * hops] for i in range(n_chains)]
+    values = [_number(rng) for _ in range(n_chains)]
+    lines = []
+    for chain, value in zip(chains, values, strict=True):
+        steps = [f"\nLET {chain[0]} = {value}."] + [f"\nLET {b} = {a}." for a, b in zip(chain, chain[1:], strict=False)]
+        lines.append(steps)
+    head = "Follow the assignments in the notes below; each LET gives a variable a value.\n"
+    ask = int(rng.integers(n_chains))
+    tail = f"\n\nQuestion: what value does {chains[ask][-1]} hold?\nAnswer:"
+    answer = f" {values[ask]}"
+    fixed = [head, tail, answer] + [s for steps in lines for s in steps]
+    filler = _fill(rng, _budget(target, fixed, count), count, lambda: _sentence(rng))
+    # slot every assignment at a sorted random position so each chain reads in order
+    n_steps = sum(len(s) for s in lines)
+    slots = np.sort(rng.integers(0, len(filler) + 1, size=n_steps))
+    sequence = [steps[k] for k in range(hops) for steps in lines]  # chains interleaved, each in order
+    out: list[str] = []
+    j = 0
+    for i, piece in enumerate(filler + [""]):
+        while j < n_steps and slots[j] == i:
+            out.append(sequence[j])
+            j += 1
+        out.append(piece)
+    return head + "".join(out) + tail, answer
