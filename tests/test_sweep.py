@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_stub_data import install_stub, make_data_dir
+from train_data_fixture import make_data_dir
 from typer.testing import CliRunner
 
 from moba_cli.cli import app
@@ -17,7 +17,6 @@ from moba_cli.train.config import recipe_from_dict
 from moba_cli.train.fit import fit_power_law, predict
 from moba_cli.train.sweep import grid
 
-install_stub()
 SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
 COMPUTE = np.geomspace(1e15, 1e19, 7)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch.multiprocessing as mp
-from train_stub_data import install_stub, make_data_dir
+from train_data_fixture import make_data_dir
 
 SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
 
@@ -21,7 +21,7 @@ def _sets(data: Path, out: Path, micro: int) -> list[str]:
 
 
 def _worker(rank: int, world: int, port: int, data: str, out: str) -> None:
-    install_stub()
+
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))
     from moba_cli.train.config import load_recipe
@@ -42,7 +42,7 @@ def _metrics(run: Path) -> list[dict]:
 
 @pytest.mark.slow
 def test_two_process_ddp_matches_one_process(tmp_path):
-    install_stub()
+
     from moba_cli.train.config import load_recipe
     from moba_cli.train.loop import train
 

@@ -7,13 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_stub_data import install_stub, make_data_dir
+from train_data_fixture import make_data_dir
 from typer.testing import CliRunner
 
 from moba_cli.cli import app
 from moba_cli.train.config import load_recipe
 
-install_stub()
 SMOKE = Path(__file__).resolve().parent.parent / "recipes" / "smoke.yaml"
 
 
@@ -26,9 +25,14 @@ def _metrics(run: Path) -> list[dict]:
     return [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_smoke_recipe_end_to_end(data_dir, tmp_path):
+def test_smoke_recipe_end_to_end(tmp_path):
+    """`moba data build --config recipes/smoke.yaml`, then `moba train recipes/smoke.yaml`."""
+    data = tmp_path / "data"
+    built = CliRunner().invoke(app, ["data", "build", "--config", str(SMOKE), "--out", str(data),
+                                     "--result", str(tmp_path / "build.json")])
+    assert built.exit_code == 0, built.output
     run = tmp_path / "run"
-    args = ["train", str(SMOKE), "--set", f"data.path={data_dir}", "--set", f"log.out={run}",
+    args = ["train", str(SMOKE), "--set", f"data.path={data}", "--set", f"log.out={run}",
             "--set", "log.progress=false"]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -51,7 +55,7 @@ def test_smoke_recipe_end_to_end(data_dir, tmp_path):
 
     ckpt = run / "checkpoints" / "step-6"
     tok = AutoTokenizer.from_pretrained(ckpt)
-    ids = torch.tensor([tok("alpha beta gamma delta")["input_ids"] * 4])
+    ids = torch.tensor([tok("the passkey is 1234; remember it")["input_ids"] * 4])
     moba = moba_cli.load_model(str(ckpt))
     full = moba_cli.load_model(str(ckpt), attn="full")
     assert moba.config.moba["chunk_size"] == 16 and moba.config.moba["topk"] == 2

@@ -162,7 +162,7 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
         _trim_metrics(run_dir / "metrics.jsonl", start)
     it = iter(loader)
     val_loader = data_mod.PackedLoader(val_ds, recipe.data.seq_len, micro, 0, d.rank, d.world,
-                                       pack=recipe.data.pack)
+                                       pack=recipe.data.pack, shuffle=False)
     val_it = iter(val_loader)
     val_batches = _micro_batches(val_it, recipe.eval.batches * accum)  # the same rows at every evaluation
 

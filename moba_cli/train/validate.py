@@ -101,6 +101,13 @@ def validate(recipe: Recipe, *, world_size: int | None = None, check_data: bool 
     if t.batch_size % world or micro < 1 or (t.batch_size // world) % micro:
         raise MobaError(f"train.batch_size ({t.batch_size}) must split evenly over {world} process(es) and "
                         f"micro-batches of train.micro_batch ({t.micro_batch or 'auto'}) rows")
+    from moba_cli.train.data import PACKINGS
+    from moba_cli.train.data_config import config_from_dict
+
+    if d.pack not in PACKINGS:
+        raise MobaError(f"data.pack must be {' or '.join(PACKINGS)}, got {d.pack!r}")
+    if d.build:
+        config_from_dict(d.build, "data.build")  # the same checks `moba data build` makes
     for key in recipe.sweep:
         try:
             get_dotted(recipe, key)
@@ -169,6 +176,8 @@ def check_data_dir(recipe: Recipe) -> dict[str, Any]:
         info = json.loads(manifest.read_text())
     except ValueError as e:
         raise MobaError(f"{manifest} is not valid JSON: {e}") from None
+    if info.get("schema") != "moba-data/1":
+        raise MobaError(f"{manifest} is not a moba-data/1 dataset manifest")
     if recipe.data.sft and not (root / "train.mask").is_file():
         raise MobaError(f"data.sft is true but {root} has no train.mask (build SFT data with its answer mask)")
     return info
