@@ -66,6 +66,14 @@ def test_grid_names_and_order():
     assert names == ["size-tiny_kind-moba", "size-tiny_kind-full", "size-20M_kind-moba", "size-20M_kind-full"]
     with pytest.raises(MobaError, match="no sweep"):
         grid(recipe_from_dict({}))
+    zipped = recipe_from_dict({"sweep": {"model.size,train.steps": [["3M", 10], ["5M", 20]],
+                                         "attention.kind": ["moba"]}})
+    assert grid(zipped) == [("size-3M_steps-10_kind-moba", {"model.size": "3M", "train.steps": 10,
+                                                             "attention.kind": "moba"}),
+                            ("size-5M_steps-20_kind-moba", {"model.size": "5M", "train.steps": 20,
+                                                             "attention.kind": "moba"})]
+    with pytest.raises(MobaError, match="each value must be a list of 2"):
+        grid(recipe_from_dict({"sweep": {"model.size,train.steps": ["3M"]}}))
 
 
 def test_two_point_sweep_end_to_end(tmp_path):

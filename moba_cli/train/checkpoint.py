@@ -99,6 +99,20 @@ def latest(run_dir: Path) -> Path | None:
     return path
 
 
+def resolve(path: str | Path) -> Path:
+    """A model directory from a checkpoint folder, a run folder (its latest checkpoint) or ``checkpoints/``."""
+    p = Path(path)
+    if (p / "config.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        pointer = root / LATEST
+        if pointer.is_file():
+            target = root / pointer.read_text().strip()
+            if (target / "config.json").is_file():
+                return target
+    raise MobaError(f"{path} is neither a model directory (config.json) nor a run folder with a checkpoint")
+
+
 def load(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, loader: Any,
          d: Dist) -> int:
     """Restore everything saved by :func:`save` into live objects. Returns the step to continue from."""

@@ -36,8 +36,8 @@ def opt(default: Any, help: str, *, tokens: bool = False) -> Any:
 class ModelSection:
     """The network: a Llama-architecture causal LM."""
 
-    size: str = opt("tiny", "Named size from moba_cli.train.model.SIZES (tiny, 20M, 50M, 100M, 200M, 400M: "
-                            "non-embedding parameters), or 'custom' with every dimension below given.")
+    size: str = opt("tiny", "Named size from moba_cli.train.model.SIZES (tiny, 3M ... 400M: non-embedding "
+                            "parameters), or 'custom' with every dimension below given.")
     layers: int | None = opt(None, "Transformer blocks (overrides the size's).")
     hidden: int | None = opt(None, "Model width (overrides the size's).")
     heads: int | None = opt(None, "Query heads; hidden / heads is the head dimension (32, 64 or 128 for MoBA).")
@@ -156,7 +156,8 @@ class Recipe:
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     log: LogSection = field(default_factory=LogSection)
     distributed: DistributedSection = field(default_factory=DistributedSection)
-    sweep: dict[str, list] = opt({}, "Grid for `moba sweep`: dotted field -> list of values.")
+    sweep: dict[str, list] = opt({}, "Grid for `moba sweep`: dotted field -> list of values; 'a.b,c.d' -> list of "
+                                     "[a.b value, c.d value] pairs for fields that change together.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

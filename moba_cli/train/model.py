@@ -15,6 +15,9 @@ from moba_cli.errors import MobaError
 # Non-embedding parameter counts name the sizes (head dim 64 except tiny's 32; MHA by default).
 SIZES: dict[str, dict[str, int]] = {
     "tiny": {"layers": 2, "hidden": 64, "heads": 2, "intermediate": 128},
+    "3M": {"layers": 4, "hidden": 256, "heads": 4, "intermediate": 704},
+    "5M": {"layers": 6, "hidden": 256, "heads": 4, "intermediate": 704},
+    "10M": {"layers": 8, "hidden": 320, "heads": 5, "intermediate": 864},
     "20M": {"layers": 6, "hidden": 512, "heads": 8, "intermediate": 1376},
     "50M": {"layers": 10, "hidden": 640, "heads": 10, "intermediate": 1728},
     "100M": {"layers": 14, "hidden": 768, "heads": 12, "intermediate": 2048},
@@ -103,7 +106,10 @@ def build_model(recipe: Any, vocab_size: int, special: dict[str, int | None] | N
     register()
     kind = recipe.attention.kind
     if recipe.model.init_from:
-        model = load_model(recipe.model.init_from, attn="full", dtype=torch.float32)
+        from moba_cli.train.checkpoint import resolve
+
+        model = load_model(resolve(recipe.model.init_from), attn="full", dtype=torch.float32)
+        model.config.max_position_embeddings = max(model.config.max_position_embeddings, recipe.data.seq_len)
         if model.config.vocab_size < vocab_size:
             raise MobaError(f"model.init_from has a vocabulary of {model.config.vocab_size} tokens but the data "
                             f"uses {vocab_size}; build the data with the checkpoint's tokenizer")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-COLORS = {"moba": "tab:blue", "full": "tab:orange"}
+COLORS = {"moba": "tab:blue", "full": "tab:orange", "moba->full": "tab:green", "full->moba": "tab:red"}
 
 
 def plot_sweep(records: list[dict[str, Any]], fits: dict[str, Any], out_dir: Path) -> dict[str, str | None]:
@@ -24,7 +24,7 @@ def plot_sweep(records: list[dict[str, Any]], fits: dict[str, Any], out_dir: Pat
     paths: dict[str, str | None] = {}
     fig, ax = plt.subplots(figsize=(6, 4.5))
     for attn in sorted({r["attn"] for r in records}):
-        pts = [r for r in records if r["attn"] == attn and r["final_val_loss"] and not r["switch_to"]]
+        pts = [r for r in records if r["attn"] == attn and r["final_val_loss"]]
         if not pts:
             continue
         c = np.array([r["compute"] for r in pts])

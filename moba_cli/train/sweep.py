@@ -27,17 +27,29 @@ from moba_cli.train.config import Recipe, apply_overrides, recipe_from_dict
 
 
 def grid(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
-    """The points of ``recipe.sweep`` as ``(name, {dotted key: value})``, in a fixed order."""
+    """The points of ``recipe.sweep`` as ``(name, {dotted key: value})``, in a fixed order.
+
+    A key ``a.b,c.d`` is one axis over several fields that change together: its values are lists
+    ``[value_of_a.b, value_of_c.d]`` (e.g. each model size with its own step count).
+    """
     if not recipe.sweep:
         raise MobaError("the recipe has no sweep: section (e.g. sweep: {model.size: [tiny, 20M], "
                         "attention.kind: [moba, full]})")
-    keys = list(recipe.sweep)
-    for k in keys:
-        if not isinstance(recipe.sweep[k], list) or not recipe.sweep[k]:
-            raise MobaError(f"sweep.{k} must be a non-empty list of values")
+    axes = []
+    for key, values in recipe.sweep.items():
+        if not isinstance(values, list) or not values:
+            raise MobaError(f"sweep.{key} must be a non-empty list of values")
+        fields = [k.strip() for k in key.split(",")]
+        options = []
+        for v in values:
+            vs = v if len(fields) > 1 else [v]
+            if not isinstance(vs, list) or len(vs) != len(fields):
+                raise MobaError(f"sweep.{key}: each value must be a list of {len(fields)} (one per field), got {v!r}")
+            options.append(dict(zip(fields, vs, strict=True)))
+        axes.append(options)
     points = []
-    for values in itertools.product(*(recipe.sweep[k] for k in keys)):
-        assignment = dict(zip(keys, values, strict=True))
+    for combo in itertools.product(*axes):
+        assignment = {k: v for part in combo for k, v in part.items()}
         name = "_".join(f"{k.split('.')[-1]}-{_safe(v)}" for k, v in assignment.items())
         points.append((name, assignment))
     names = [n for n, _ in points]
@@ -51,7 +63,7 @@ def _safe(value: Any) -> str:
     return "".join(c if c.isalnum() or c in ".+" else "-" for c in text) or "none"
 
 
-def point_recipes(recipe: Recipe, sweep_dir: Path) -> list[tuple[str, Recipe]]:
+def point_recipes(recipe: Recipe, sweep_dir: Path, check_data: bool = True) -> list[tuple[str, Recipe]]:
     """Each grid point as a full recipe running in ``sweep_dir/points/<name>`` (all validated first)."""
     from moba_cli.train.validate import validate
 
@@ -67,7 +79,7 @@ def point_recipes(recipe: Recipe, sweep_dir: Path) -> list[tuple[str, Recipe]]:
         except MobaError as e:
             raise MobaError(f"sweep point {name}: {e}") from None
         out.append((name, point))
-    if out:
+    if out and check_data:
         from moba_cli.train.validate import check_data_dir
 
         for _, p in out:
@@ -156,7 +168,7 @@ def summarize(recipe: Recipe, points: list[tuple[str, Recipe]], sweep_dir: Path)
         s = json.loads(path.read_text())["summary"]
         by_pos = s.get("val_loss_by_position") or []
         records.append({
-            "point": name, "attn": point.attention.kind, "switch_to": point.attention.switch_to,
+            "point": name, "attn": attn_label(point), "switch_to": point.attention.switch_to,
             "size": point.model.size, "params": s["params"], "non_embedding_params": s["non_embedding_params"],
             "tokens": s["tokens"], "compute": s["compute_flops"], "seq_len": point.data.seq_len,
             "final_val_loss": s["final_val_loss"], "trailing_val_loss": by_pos[-1] if by_pos else None,
@@ -175,6 +187,12 @@ def summarize(recipe: Recipe, points: list[tuple[str, Recipe]], sweep_dir: Path)
     result["summary"]["plots"] = plot_sweep(records, fits, sweep_dir)
     write_result(result, sweep_dir / "summary.json", sweep_dir)
     return result
+
+
+def attn_label(point: Recipe) -> str:
+    """``moba``, ``full``, or ``moba->full`` for a run that switches: fits and gaps group by this label."""
+    a = point.attention
+    return f"{a.kind}->{a.switch_to}" if a.switch_to else a.kind
 
 
 def grid_values(recipe: Recipe, name: str) -> dict[str, Any]:

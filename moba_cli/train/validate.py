@@ -38,7 +38,8 @@ def validate(recipe: Recipe, *, world_size: int | None = None, check_data: bool 
     """Raise :class:`MobaError` on the first impossible setting.
 
     ``world_size``: processes of this run (None: ``distributed.gpus``). ``cuda_count``: GPUs of the node
-    (None: ask torch). ``check_data``: also look at ``data.path`` (its manifest and SFT mask).
+    (None: ask torch). ``check_data``: also look at the files the recipe names (``data.path``: its manifest and
+    SFT mask; ``model.init_from``: its dimensions); without it the dimensions come from ``model``.
     """
     from moba_cli.train.model import MOBA_HEAD_DIMS, model_dims, resolve_dims
 
@@ -71,7 +72,7 @@ def validate(recipe: Recipe, *, world_size: int | None = None, check_data: bool 
     if recipe.distributed.backend not in ("auto", "nccl", "gloo"):
         raise MobaError(f"distributed.backend must be auto, nccl or gloo, got {recipe.distributed.backend!r}")
 
-    if recipe.model.init_from:
+    if recipe.model.init_from and check_data:
         cfg = _read_config(recipe.model.init_from)
         from types import SimpleNamespace
 
@@ -109,10 +110,11 @@ def validate(recipe: Recipe, *, world_size: int | None = None, check_data: bool 
     if d.build:
         config_from_dict(d.build, "data.build")  # the same checks `moba data build` makes
     for key in recipe.sweep:
-        try:
-            get_dotted(recipe, key)
-        except AttributeError:
-            raise MobaError(f"sweep key {key!r} is not a recipe field") from None
+        for part in key.split(","):
+            try:
+                get_dotted(recipe, part.strip())
+            except AttributeError:
+                raise MobaError(f"sweep key {part.strip()!r} is not a recipe field") from None
         if not isinstance(recipe.sweep[key], list) or not recipe.sweep[key]:
             raise MobaError(f"sweep.{key} must be a non-empty list of values")
     if check_data:
@@ -153,9 +155,12 @@ def _check_gpus(recipe: Recipe, cuda_count: int | None) -> None:
 
 
 def _read_config(path: str) -> dict[str, Any]:
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        raise MobaError(f"model.init_from {path} is not a model directory (no config.json)")
+    from moba_cli.train.checkpoint import resolve
+
+    try:
+        cfg = resolve(path) / "config.json"
+    except MobaError as e:
+        raise MobaError(f"model.init_from: {e}") from None
     try:
         return {k: v for k, v in json.loads(cfg.read_text()).items()
                 if k in ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
