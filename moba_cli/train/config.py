@@ -120,6 +120,7 @@ class CheckpointSection:
 
     every: int = opt(0, "Save every N steps (0: only at the end).")
     keep: int = opt(2, "Keep the newest N step-N/ folders (0: keep all).")
+    final: bool = opt(True, "Save at the last step (off for throughput measurements that need no model).")
 
 
 @dataclass

@@ -233,7 +233,8 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(row) + "\n")
             progress.update(task, completed=done, tok_s=f"{tok_s:,.0f}", loss=f"{loss:.4f}")
-            if (recipe.checkpoint.every and done % recipe.checkpoint.every == 0) or is_last:
+            periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
+            if periodic or (is_last and recipe.checkpoint.final):
                 ckpt.save(run_dir, done, base, optimizer, scheduler, loader, tokenizer, d, recipe.checkpoint.keep)
     if start >= t.steps:  # resumed a finished run: nothing trained, report its last state
         ev = run_eval(t.steps)
