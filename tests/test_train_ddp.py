@@ -61,5 +61,7 @@ def test_two_processes_match_one_process(tmp_path):
         evals_a = [r["val_loss"] for r in a if "val_loss" in r]
         evals_b = [r["val_loss"] for r in b if "val_loss" in r]
         assert len(evals_b) == 2 and evals_b == pytest.approx(evals_a, rel=1e-5), strategy
+        params = [json.loads((run / "result.json").read_text())["summary"]["params"] for run in (one, two)]
+        assert params[0] == params[1] > 0
         ranks = sorted(p.name for p in (two / "checkpoints" / "step-4").glob("rank-*.pt"))
         assert ranks == ["rank-0.pt", "rank-1.pt"]

@@ -170,9 +170,7 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
     vocab = base.config.vocab_size
     seq = recipe.data.seq_len
     peak = peak_flops(device)
-    n_params = sum(p.numel() for p in base.parameters())
-    if d.enabled and recipe.distributed.strategy == "fsdp":
-        n_params = int(all_reduce_sum(torch.tensor(float(n_params), device=device), d).item())
+    n_params = sum(p.numel() for p in base.parameters())  # FSDP2's DTensors report their global size
     tokens_per_step = t.batch_size * seq
     metrics_path = run_dir / "metrics.jsonl"
     records: list[dict[str, Any]] = []
