@@ -65,6 +65,12 @@ def test_smoke_recipe_end_to_end(tmp_path):
 
     again = CliRunner().invoke(app, args)
     assert again.exit_code == 1 and "already holds a run" in again.output
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    other = CliRunner().invoke(app, [*args[:-4], "--set", f"log.out={mine}", "--resume"])
+    assert other.exit_code == 1 and "not a moba run's" in other.output
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
 
 
 def _recipe(data_dir: Path, out: Path, *sets: str):

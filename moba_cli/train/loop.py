@@ -27,7 +27,7 @@ import torch
 from moba_cli.errors import MobaError
 from moba_cli.train import checkpoint as ckpt
 from moba_cli.train.config import Recipe
-from moba_cli.train.distributed import Dist, all_reduce_sum, setup, teardown, wrap
+from moba_cli.train.distributed import Dist, all_reduce_sum, broadcast_object, setup, teardown, wrap
 from moba_cli.train.losses import evaluate, token_loss
 from moba_cli.train.validate import switch_step, validate
 
@@ -66,13 +66,18 @@ def _resolved_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe.to_dict(), sort_keys=False)
 
 
+RUN_FILES = {"recipe.yaml", "metrics.jsonl", "metrics.tmp", "checkpoints", "result.json", "result.json.tmp"}
+
+
 def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
-    """The run folder; a finished or started run is only continued with ``resume``."""
+    """The run folder; a started run is only continued with ``resume``, and no other folder's files are touched."""
     run_dir = recipe.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise MobaError(f"log.out {run_dir} is a file, not a folder")
-    started = (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists()
-    if started and not resume:
+    entries = {p.name for p in run_dir.iterdir()} if run_dir.is_dir() else set()
+    if entries - RUN_FILES:
+        raise MobaError(f"log.out {run_dir} holds files that are not a moba run's; choose a new or empty folder")
+    if entries and not resume:
         raise MobaError(f"{run_dir} already holds a run; pass --resume to continue it or set log.out elsewhere")
     if resume and (run_dir / "recipe.yaml").is_file():
         import yaml
@@ -126,7 +131,17 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
     from moba_cli.train.model import build_model, model_dims, peak_flops, train_flops_per_token
 
     validate(recipe, world_size=d.world)
-    run_dir = prepare_run_dir(recipe, resume)
+    # Rank 0 alone looks at the folder (before anyone writes to it) and every rank gets its verdict.
+    verdict = None
+    if d.main:
+        try:
+            prepare_run_dir(recipe, resume)
+        except MobaError as e:
+            verdict = str(e)
+    verdict = broadcast_object(verdict, d)
+    if verdict is not None:
+        raise MobaError(verdict)
+    run_dir = recipe.run_dir
     t, device = recipe.train, d.device
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 and device.type == "cuda" else (
