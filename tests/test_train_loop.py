@@ -126,3 +126,17 @@ def test_sft_mask_and_init_from(tmp_path):
     cont = _metrics(second)
     # One block of 64 with top-1 is full causal attention: the continued model starts where the first ended.
     assert cont[-1]["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-4)
+
+
+def test_activation_checkpointing_changes_memory_not_math(data_dir, tmp_path):
+    from moba_cli.train import loop
+
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        loop.train(_recipe(data_dir, out, "train.steps=2", "checkpoint.final=false", "checkpoint.every=0",
+                           f"train.activation_checkpointing={flag}"))
+        runs[flag] = _metrics(out)
+        assert not (out / "checkpoints").exists()
+    assert [r["loss"] for r in runs["true"]] == pytest.approx([r["loss"] for r in runs["false"]], rel=1e-6)
+    assert [r["grad_norm"] for r in runs["true"]] == pytest.approx([r["grad_norm"] for r in runs["false"]], rel=1e-5)

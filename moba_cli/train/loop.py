@@ -154,7 +154,10 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
                "pad_token_id": tokenizer.pad_token_id}
     base = build_model(recipe, train_ds.vocab_size, special, device.type).to(device)
     if t.activation_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5 (the old name is deprecated)
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.train()
     model = wrap(base, recipe.distributed.strategy, d, bf16)
     if t.compile:

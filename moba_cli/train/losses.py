@@ -1,4 +1,9 @@
-"""Per-token training loss with document masking, and the validation pass (loss and loss by position)."""
+"""Per-token training loss with document masking, and the validation pass (loss and loss by position).
+
+:func:`moba_cli.evals.position_loss.token_losses` serves single documents; packed training rows need
+``position_ids`` (document masking) and label masks, so the losses are computed here and only the
+bucketing rule (:func:`~moba_cli.evals.position_loss.bucket_means`) is shared.
+"""
 
 from __future__ import annotations
 
