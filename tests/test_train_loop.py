@@ -128,9 +128,12 @@ def test_sft_mask_and_init_from(tmp_path):
     assert cont[-1]["val_loss"] == pytest.approx(rows[-1]["val_loss"], rel=1e-4)
 
 
-def test_activation_checkpointing_changes_memory_not_math(data_dir, tmp_path):
-    from moba_cli.train import loop
+def test_activation_checkpointing_changes_memory_not_math(data_dir, tmp_path, monkeypatch):
+    from moba_cli.train import loop, model
 
+    built = []
+    real_build = model.build_model
+    monkeypatch.setattr(model, "build_model", lambda *a, **k: built.append(real_build(*a, **k)) or built[-1])
     runs = {}
     for flag in ("false", "true"):
         out = tmp_path / flag
@@ -138,5 +141,6 @@ def test_activation_checkpointing_changes_memory_not_math(data_dir, tmp_path):
                            f"train.activation_checkpointing={flag}"))
         runs[flag] = _metrics(out)
         assert not (out / "checkpoints").exists()
+    assert [m.is_gradient_checkpointing for m in built] == [False, True]
     assert [r["loss"] for r in runs["true"]] == pytest.approx([r["loss"] for r in runs["false"]], rel=1e-6)
     assert [r["grad_norm"] for r in runs["true"]] == pytest.approx([r["grad_norm"] for r in runs["false"]], rel=1e-5)
