@@ -2,7 +2,8 @@
 # `moba train` on one GPU (issue 18): training speed and a short needle-small pair. Writes under $OUT:
 #   data/summary.json, data/manifest.json   the dataset built from this machine's installed packages
 #   speed.json                               tokens/s, MFU, step time, memory: 20M at 8K and 32K and 100M at
-#                                            8K, MoBA and full (median over the steps after the first 5)
+#                                            8K, MoBA and full (median over the steps after the first 5);
+#                                            full also with flash-attn's varlen kernel when it is installed
 #   speed/<run>/{metrics.jsonl,result.json,recipe.yaml}
 #   needle/summary.json, needle/points/kind-*/{metrics.jsonl,result.json,recipe.yaml}
 #   needle/ckpt-{moba,full}/   the final checkpoints (HF dirs, ~60 MB each) only with KEEP_CKPT=1; else they
@@ -43,8 +44,9 @@ fi
 cp "$DATA/manifest.json" "$OUT/data/" 2>/dev/null || { say "no data; stopping"; exit 1; }
 
 # 2. Speed: a few dozen steps per case, no checkpoint, one validation batch at the end.
-speed() {  # name size seq chunk kind micro
+speed() {  # name size seq chunk kind micro [more --set ...]
   local name=$1 size=$2 seq=$3 chunk=$4 kind=$5 micro=$6 rows
+  shift 6
   rows=$((131072 / seq))  # 128K tokens a step at every length
   t0=$SECONDS
   COLUMNS=120 timeout 150 python -m moba_cli train recipes/scaling-tiny.yaml --set name="$name" \
@@ -52,7 +54,7 @@ speed() {  # name size seq chunk kind micro
     --set data.seq_len="$seq" --set attention.chunk="$chunk" --set attention.kind="$kind" \
     --set train.steps="$SPEED_STEPS" --set train.batch_size="$rows" --set train.micro_batch="$micro" \
     --set eval.every=0 --set eval.batches=1 --set checkpoint.every=0 --set checkpoint.final=false \
-    --set log.every=1 --set log.progress=false --set optim.warmup_steps=5 >>"$LOG" 2>&1
+    --set log.every=1 --set log.progress=false --set optim.warmup_steps=5 "$@" >>"$LOG" 2>&1
   say "speed $name rc=$? in $((SECONDS - t0)) s"
   mkdir -p "$OUT/speed/$name"
   cp "$WORK/speed/$name"/{metrics.jsonl,result.json,recipe.yaml} "$OUT/speed/$name/" 2>/dev/null
@@ -64,6 +66,14 @@ speed 20M-32k-moba 20M 32768 2048 moba 2
 speed 20M-32k-full 20M 32768 2048 full 2
 speed 100M-8k-moba 100M 8192 512 moba 4
 speed 100M-8k-full 100M 8192 512 full 4
+# Full attention's default is SDPA with a packed block-diagonal mask; flash-attn's variable-length kernel
+# (when installed) is the stronger baseline for document-masked rows.
+if python -c "import flash_attn" 2>/dev/null; then
+  speed 20M-32k-full-fa2 20M 32768 2048 full 2 --set attention.full_impl=flash_attention_2
+  speed 100M-8k-full-fa2 100M 8192 512 full 4 --set attention.full_impl=flash_attention_2
+else
+  say "flash-attn not installed: full attention measured with SDPA only"
+fi
 python - "$OUT" <<'PY' | tee -a "$LOG"
 import json, statistics, sys
 from pathlib import Path

@@ -75,6 +75,7 @@ def test_type_errors(raw, words):
     ({"optim__warmup_steps": 10}, "fewer than train.steps"),
     ({"train__steps": 0}, "train.steps must be positive"),
     ({"sweep": {"model.sise": ["tiny"]}}, "not a recipe field"),
+    ({"attention__full_impl": "xformers"}, "attention.full_impl must be"),
 ])
 def test_impossible_combinations(sets, words):
     assert words in _err(**sets)

@@ -128,7 +128,7 @@ def train(recipe: Recipe, *, resume: bool = False, console: Any = None) -> dict[
 def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any]:
     from moba_cli.integrations import attention_mode
     from moba_cli.train import data as data_mod
-    from moba_cli.train.model import build_model, model_dims, peak_flops, train_flops_per_token
+    from moba_cli.train.model import build_model, impl_name, model_dims, peak_flops, train_flops_per_token
 
     validate(recipe, world_size=d.world)
     # Rank 0 alone looks at the folder (before anyone writes to it) and every rank gets its verdict.
@@ -196,7 +196,7 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
 
     def run_eval(step: int) -> dict[str, Any]:
         kind = attention_at(recipe, max(step - 1, 0))
-        with attention_mode(base, kind):
+        with attention_mode(base, impl_name(kind, recipe.attention)):
             ev = evaluate(model, val_batches, recipe.eval.buckets, device, autocast(),
                           lambda x: all_reduce_sum(x, d))
         return {"step": step, "attention": kind, **ev}
@@ -211,7 +211,7 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
             count = torch.tensor(float(sum(int((b.labels[:, 1:] != -100).sum()) for b in batches)), device=device)
             global_count = all_reduce_sum(count, d).clamp_min(1.0)
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-            with attention_mode(base, kind):
+            with attention_mode(base, impl_name(kind, recipe.attention)):
                 for i, b in enumerate(batches):
                     sync = i == accum - 1 or not hasattr(model, "no_sync")
                     with contextlib.nullcontext() if sync else model.no_sync():

@@ -89,10 +89,14 @@ def moba_settings(attention: Any, layers: int, device_type: str = "cuda"):
     return MobaSettings(chunk_size=attention.chunk, topk=attention.topk, full_layers=tuple(full), backend=backend)
 
 
-def impl_name(kind: str) -> str:
+def impl_name(kind: str, attention: Any = None) -> str:
+    """The transformers attention implementation of ``kind``: ``moba``, or ``attention.full_impl`` for full."""
     from moba_cli.integrations import FULL_IMPL, IMPL_NAME
 
-    return IMPL_NAME if kind == "moba" else FULL_IMPL
+    if kind == "moba":
+        return IMPL_NAME
+    full = getattr(attention, "full_impl", "sdpa")
+    return FULL_IMPL if full == "sdpa" else full
 
 
 def build_model(recipe: Any, vocab_size: int, special: dict[str, int | None] | None = None,
@@ -115,7 +119,7 @@ def build_model(recipe: Any, vocab_size: int, special: dict[str, int | None] | N
                             f"uses {vocab_size}; build the data with the checkpoint's tokenizer")
         settings = moba_settings(recipe.attention, model.config.num_hidden_layers, device_type)
         setattr(model.config, CONFIG_KEY, settings.to_config())
-        model.config._attn_implementation = impl_name(kind)
+        model.config._attn_implementation = impl_name(kind, recipe.attention)
         return model
     dims = resolve_dims(recipe.model)
     settings = moba_settings(recipe.attention, dims.layers, device_type)
@@ -127,7 +131,8 @@ def build_model(recipe: Any, vocab_size: int, special: dict[str, int | None] | N
     )
     setattr(config, CONFIG_KEY, settings.to_config())
     torch.manual_seed(recipe.train.seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl_name(kind), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation=impl_name(kind, recipe.attention),
+                                             dtype=torch.float32)
     return model
 
 

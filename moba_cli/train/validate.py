@@ -11,6 +11,7 @@ from moba_cli.train.config import Recipe, get_dotted
 
 ATTN_KINDS = ("moba", "full")
 BACKENDS = ("auto", "triton", "naive")
+FULL_IMPLS = ("sdpa", "flash_attention_2", "flex_attention", "eager")
 
 
 def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
@@ -62,6 +63,13 @@ def validate(recipe: Recipe, *, world_size: int | None = None, check_data: bool 
         raise MobaError(f"attention.kind must be moba or full, got {a.kind!r}")
     if a.backend not in BACKENDS:
         raise MobaError(f"attention.backend must be auto, triton or naive, got {a.backend!r}")
+    if a.full_impl not in FULL_IMPLS:
+        raise MobaError(f"attention.full_impl must be {', '.join(FULL_IMPLS)}, got {a.full_impl!r}")
+    if a.full_impl == "flash_attention_2" and "full" in kinds_used(recipe):
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None:
+            raise MobaError("attention.full_impl is flash_attention_2 but the flash-attn package is not installed")
     _check_switch(recipe)
     if t.device not in ("auto", "cpu", "cuda"):
         raise MobaError(f"train.device must be auto, cpu or cuda, got {t.device!r}")
