@@ -102,3 +102,23 @@ def test_sweep_point_errors_name_the_point(tmp_path):
     res = CliRunner().invoke(app, ["sweep", str(SMOKE), "--out", str(tmp_path / "s"),
                                    "--set", "sweep={attention.chunk: [16, 24]}"])
     assert res.exit_code == 1 and "error: sweep point chunk-24" in res.output and "must divide" in res.output
+
+
+@pytest.mark.slow
+def test_points_side_by_side_as_subprocesses(tmp_path, monkeypatch):
+    """--gpus 2: each point is a `moba train` subprocess with its own CUDA_VISIBLE_DEVICES (CPU-run here)."""
+    from moba_cli.train import sweep
+    from moba_cli.train.config import load_recipe
+    from moba_cli.train.sweep import run_sweep
+
+    monkeypatch.setattr(sweep, "gpu_count", lambda: 2)
+    data = make_data_dir(tmp_path / "data", n_docs=40)
+    recipe = load_recipe(SMOKE, [f"data.path={data}", "train.steps=2", "eval.every=0", "checkpoint.every=0",
+                                 "train.device=cpu", "sweep={attention.kind: [moba, full]}"])
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)  # `python -m moba_cli` imports this tree
+    result = run_sweep(recipe, tmp_path / "sweep", gpus=2)
+    assert [r["attn"] for r in result["records"]] == ["moba", "full"]
+    logs = sorted(p.name for p in (tmp_path / "sweep" / "logs").iterdir())
+    assert logs == ["kind-full.log", "kind-moba.log"]
+    with pytest.raises(MobaError, match="this node has 2 GPU"):
+        run_sweep(recipe, tmp_path / "other", gpus=3)

@@ -116,12 +116,17 @@ def run_sweep(recipe: Recipe, sweep_dir: Path, *, gpus: int = 0, console: Any = 
     return summarize(recipe, points, sweep_dir)
 
 
+def gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def _run_parallel(todo: list[tuple[str, Recipe]], sweep_dir: Path, gpus: int, say: Any) -> None:
     """One point per GPU (``CUDA_VISIBLE_DEVICES``), a new one as soon as a GPU is free."""
-    import torch
     import yaml
 
-    have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    have = gpu_count()
     if gpus > have:
         raise MobaError(f"--gpus {gpus} but this node has {have} GPU(s)")
     logs = sweep_dir / "logs"
