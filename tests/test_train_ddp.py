@@ -28,7 +28,7 @@ def _worker(rank: int, world: int, port: int, data: str, out: str, strategy: str
     from moba_cli.train.config import load_recipe
     from moba_cli.train.loop import train
 
-    train(load_recipe(SMOKE, _sets(Path(data), Path(out), micro=2, strategy=strategy)))
+    train(load_recipe(SMOKE, _sets(Path(data), Path(out), micro=1, strategy=strategy)))
 
 
 def _free_port() -> int:
@@ -49,7 +49,8 @@ def test_two_processes_match_one_process(tmp_path):
 
     data = make_data_dir(tmp_path / "data", n_docs=50)
     one = tmp_path / "one"
-    # One process: 4 rows a step in 2 micro-batches of 2 (accumulation). Two processes: 2 rows each.
+    # One process: 4 rows a step in 2 micro-batches of 2. Two processes: 2 rows each, in 2 micro-batches of 1
+    # (accumulation without gradient sync on the first).
     train(load_recipe(SMOKE, _sets(data, one, micro=2)))
     for strategy in ("ddp", "fsdp"):
         two = tmp_path / strategy

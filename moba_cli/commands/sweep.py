@@ -11,8 +11,8 @@ from moba_cli.commands._common import console, err_console, user_errors
 
 HELP = (
     "Train a grid of recipe variants and fit the loss against compute per attention kind.\n\n"
-    "The recipe's sweep: section lists values per field, e.g. sweep: {model.size: [20M, 50M, 100M, 200M], "
-    "attention.kind: [moba, full]}; every combination is a `moba train` run in SWEEP/points/<name>/. "
+    "The recipe's sweep: section lists values per field, e.g. sweep: {model.size: \\[20M, 50M, 100M, 200M], "
+    "attention.kind: \\[moba, full]}; every combination is a `moba train` run in SWEEP/points/<name>/. "
     "Finished points are skipped and started ones resumed, so rerunning the command continues a sweep. "
     "--gpus N runs N points side by side, one per GPU.\n\n"
     "SWEEP/summary.json (kind sweep) holds a record per point (attn, size, parameters, tokens, compute, "
@@ -20,7 +20,7 @@ HELP = (
     "errors, and the MoBA-minus-full loss gap per size; loss_vs_compute.png and trailing_loss.png plot them.\n\n"
     "Examples:\n\n"
     "  moba sweep recipes/scaling-tiny.yaml --out runs/scaling-tiny --gpus 1\n\n"
-    "  moba sweep recipes/smoke.yaml --set 'sweep={attention.kind: [moba, full]}' --out runs/smoke-sweep"
+    "  moba sweep recipes/smoke.yaml --set 'sweep={attention.kind: \\[moba, full]}' --out runs/smoke-sweep"
 )
 
 

@@ -71,11 +71,12 @@ def train(
 
 
 def print_fields() -> None:
+    from rich.markup import escape
     from rich.table import Table
 
     from moba_cli.train.config import field_help
 
     table = Table("field", "default", "meaning", show_lines=False)
     for key, text, default in field_help():
-        table.add_row(key, repr(default), text)
+        table.add_row(key, escape(repr(default)), escape(text))
     console.print(table)

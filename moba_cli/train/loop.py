@@ -213,7 +213,10 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
             loss_sum = torch.zeros((), device=device, dtype=torch.float64)
             with attention_mode(base, impl_name(kind, recipe.attention)):
                 for i, b in enumerate(batches):
-                    sync = i == accum - 1 or not hasattr(model, "no_sync")
+                    last = i == accum - 1
+                    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter on the last only
+                        model.set_requires_gradient_sync(last)
+                    sync = last or not hasattr(model, "no_sync")  # DDP: all-reduce on the last only
                     with contextlib.nullcontext() if sync else model.no_sync():
                         losses, _ = token_loss(model, b.input_ids.to(device), b.labels.to(device),
                                                b.position_ids.to(device), autocast())
