@@ -122,3 +122,26 @@ def test_points_side_by_side_as_subprocesses(tmp_path, monkeypatch):
     assert logs == ["kind-full.log", "kind-moba.log"]
     with pytest.raises(MobaError, match="this node has 2 GPU"):
         run_sweep(recipe, tmp_path / "other", gpus=3)
+
+
+def test_plots_and_gaps_with_fits(tmp_path):
+    pytest.importorskip("matplotlib")
+    from moba_cli.train.plots import plot_sweep
+    from moba_cli.train.sweep import loss_gaps
+
+    records = []
+    for attn, offset in (("moba", 0.02), ("full", 0.0)):
+        for size, c in (("3M", 1e16), ("5M", 3e16), ("10M", 1e17)):
+            loss = 20 * c**-0.05 + offset
+            records.append({"attn": attn, "size": size, "compute": c, "final_val_loss": loss, "switch_to": None,
+                            "trailing_val_loss": loss + 0.1, "val_loss_by_position": [loss + 0.3, loss + 0.1],
+                            "seq_len": 8192})
+    fits = {a: fit_power_law([r["compute"] for r in records if r["attn"] == a],
+                             [r["final_val_loss"] for r in records if r["attn"] == a]) for a in ("moba", "full")}
+    assert fits["full"]["b"] == pytest.approx(0.05, rel=1e-3)
+    paths = plot_sweep(records, fits, tmp_path)
+    for key in ("loss_vs_compute", "trailing_loss"):
+        assert Path(paths[key]).stat().st_size > 10_000
+    gaps = loss_gaps(records)
+    assert [g["size"] for g in gaps] == ["3M", "5M", "10M"]
+    assert all(g["gap"] == pytest.approx(0.02) and g["trailing_gap"] == pytest.approx(0.02) for g in gaps)
