@@ -40,6 +40,11 @@ def plot_sweep(records: list[dict[str, Any]], fits: dict[str, Any], out_dir: Pat
                     label=f"{attn} fit: {f['a']:.3g}·C^-{f['b']:.3f}{err}{extra}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    from matplotlib.ticker import FormatStrFormatter
+
+    # Losses span a narrow range: plain numbers on the y axis, not 2.5x10^0.
+    ax.yaxis.set_major_formatter(FormatStrFormatter("%.4g"))
+    ax.yaxis.set_minor_formatter(FormatStrFormatter("%.4g"))
     ax.set_xlabel("training compute (FLOPs)")
     ax.set_ylabel("validation LM loss")
     ax.set_title("MoBA vs full attention: loss against compute")
