@@ -87,7 +87,10 @@ for run in sorted((out / "speed").iterdir()):
     lines = [json.loads(x) for x in m.read_text().splitlines()]
     steady = [x for x in lines if x["step"] > 5] or lines
     res = json.loads((run / "result.json").read_text()) if (run / "result.json").is_file() else {}
-    rows.append({"run": run.name, "steps": len(lines),
+    cfg = res.get("config", {})
+    rows.append({"run": run.name, "size": cfg.get("model", {}).get("size"),
+                 "seq_len": cfg.get("data", {}).get("seq_len"), "attn": cfg.get("attention", {}).get("kind"),
+                 "full_impl": cfg.get("attention", {}).get("full_impl"), "steps": len(lines),
                  "tokens_per_s": statistics.median(x["tokens_per_s"] for x in steady),
                  "step_s": statistics.median(x["step_s"] for x in steady),
                  "mfu": statistics.median(x["mfu"] for x in steady) if steady[0].get("mfu") is not None else None,
