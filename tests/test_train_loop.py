@@ -59,6 +59,12 @@ def test_smoke_recipe_end_to_end(tmp_path):
     moba = moba_cli.load_model(str(ckpt))
     full = moba_cli.load_model(str(ckpt), attn="full")
     assert moba.config.moba["chunk_size"] == 16 and moba.config.moba["topk"] == 2
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert saved["attn_implementation"] == "moba" and saved["use_cache"] is True
+    assert "backend" not in saved["moba"]  # the recipe's auto, not the CPU's reference choice
+    from transformers import AutoModelForCausalLM
+
+    assert AutoModelForCausalLM.from_pretrained(ckpt).config._attn_implementation == "moba"
     with torch.no_grad():
         a, b = moba(input_ids=ids).logits, full(input_ids=ids).logits
     assert torch.isfinite(a).all() and a.shape == b.shape

@@ -47,8 +47,12 @@ def _full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
 
 
 def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-         loader: Any, tokenizer: Any, d: Dist, keep: int) -> Path:
-    """Write ``step-<step>/`` (every rank takes part), point ``latest`` at it, drop old ones beyond ``keep``."""
+         loader: Any, tokenizer: Any, d: Dist, keep: int, config_extra: dict[str, Any] | None = None) -> Path:
+    """Write ``step-<step>/`` (every rank takes part), point ``latest`` at it, drop old ones beyond ``keep``.
+
+    ``config_extra``: keys replaced in the saved config.json (what a later load should see, e.g. the
+    recipe's MoBA backend rather than this machine's choice).
+    """
     root = run_dir / "checkpoints"
     final = root / f"step-{step}"
     tmp = root / f".tmp-step-{step}"
@@ -64,6 +68,12 @@ def save(run_dir: Path, step: int, model: torch.nn.Module, optimizer: torch.opti
         hf_logging.disable_progress_bar()  # the run has its own progress bar
         model.save_pretrained(tmp, state_dict=model_sd)
         tokenizer.save_pretrained(tmp)
+        if config_extra:
+            import json
+
+            cfg = json.loads((tmp / "config.json").read_text())
+            cfg.update(config_extra)
+            (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
         torch.save({"step": step, "optimizer": optim_sd, "scheduler": scheduler.state_dict()}, tmp / "trainer.pt")
     torch.save({"loader": loader.state_dict(), "rng": rng_state()}, tmp / f"rank-{d.rank}.pt")
     barrier(d)

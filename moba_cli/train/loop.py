@@ -109,6 +109,19 @@ def _trim_metrics(path: Path, upto: int) -> None:
     tmp.replace(path)
 
 
+def saved_config(recipe: Recipe, model: Any, kind: str) -> dict[str, Any]:
+    """config.json keys of a checkpoint: the recipe's MoBA settings (not this machine's backend choice), the
+    attention the model was last trained with (so ``from_pretrained`` picks it), and the KV cache on."""
+    from moba_cli.integrations import CONFIG_KEY
+    from moba_cli.train.model import impl_name, moba_settings
+
+    extra: dict[str, Any] = {CONFIG_KEY: moba_settings(recipe.attention, model.config.num_hidden_layers).to_config(),
+                             "use_cache": True}
+    if kind == "moba":
+        extra["attn_implementation"] = impl_name(kind)
+    return extra
+
+
 def _micro_batches(it: Any, n: int) -> list[Any]:
     return [next(it) for _ in range(n)]
 
@@ -254,7 +267,8 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
             progress.update(task, completed=done, tok_s=f"{tok_s:,.0f}", loss=f"{loss:.4f}")
             periodic = recipe.checkpoint.every and done % recipe.checkpoint.every == 0
             if periodic or (is_last and recipe.checkpoint.final):
-                ckpt.save(run_dir, done, base, optimizer, scheduler, loader, tokenizer, d, recipe.checkpoint.keep)
+                ckpt.save(run_dir, done, base, optimizer, scheduler, loader, tokenizer, d, recipe.checkpoint.keep,
+                          saved_config(recipe, base, kind))
     if start >= t.steps:  # resumed a finished run: nothing trained, report its last state
         ev = run_eval(t.steps)
         records.append(ev)

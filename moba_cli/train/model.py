@@ -127,7 +127,7 @@ def build_model(recipe: Any, vocab_size: int, special: dict[str, int | None] | N
         vocab_size=vocab_size, hidden_size=dims.hidden, intermediate_size=dims.intermediate,
         num_hidden_layers=dims.layers, num_attention_heads=dims.heads, num_key_value_heads=dims.kv_heads,
         max_position_embeddings=recipe.data.seq_len, rope_theta=recipe.model.rope_theta,
-        tie_word_embeddings=False, attention_dropout=0.0, use_cache=False, **(special or {}),
+        tie_word_embeddings=False, attention_dropout=0.0, **(special or {}),
     )
     setattr(config, CONFIG_KEY, settings.to_config())
     torch.manual_seed(recipe.train.seed)
