@@ -60,6 +60,8 @@ def grid(recipe: Recipe) -> list[tuple[str, dict[str, Any]]]:
 
 def _safe(value: Any) -> str:
     text = str(value)
+    if "/" in text:  # a path (init_from): its last part names it
+        text = text.rstrip("/").rsplit("/", 1)[-1]
     return "".join(c if c.isalnum() or c in ".+" else "-" for c in text) or "none"
 
 
