@@ -9,13 +9,15 @@
 #   needle/ckpt-{moba,full}/   the final checkpoints (HF dirs, ~60 MB each) only with KEEP_CKPT=1; else they
 #                              stay in $WORK/needle/points/kind-*/checkpoints/latest for `moba eval` there
 #   log.txt                                  every command's output
-# Run from the repository root:  OUT=/tmp/out bash benchmarks/train_gpu.sh   (about 6-8 min on an H100;
-# SPEED_STEPS, NEEDLE_STEPS, DATA_TOKENS shorten or lengthen it).
+# Run from the repository root:  OUT=/tmp/out bash benchmarks/train_gpu.sh   (about 6-8 min on an H100, an
+# estimate; SPEED_STEPS, NEEDLE_STEPS, DATA_TOKENS shorten or lengthen it, STAGES="speed" or "needle" runs
+# one part; the data of $WORK/data is reused when present).
 set -u
 OUT=${OUT:-/tmp/moba-train-out}
 WORK=${WORK:-/tmp/moba-train-work}
 SPEED_STEPS=${SPEED_STEPS:-30}
-NEEDLE_STEPS=${NEEDLE_STEPS:-300}
+NEEDLE_STEPS=${NEEDLE_STEPS:-250}
+STAGES=${STAGES:-speed needle}
 DATA_TOKENS=${DATA_TOKENS:-24m}
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT/speed" "$OUT/needle" "$OUT/data" "$WORK"
@@ -59,6 +61,7 @@ speed() {  # name size seq chunk kind micro [more --set ...]
   mkdir -p "$OUT/speed/$name"
   cp "$WORK/speed/$name"/{metrics.jsonl,result.json,recipe.yaml} "$OUT/speed/$name/" 2>/dev/null
 }
+if [[ " $STAGES " == *" speed "* ]]; then
 rm -rf "$WORK/speed"
 speed 20M-8k-moba 20M 8192 512 moba 8
 speed 20M-8k-full 20M 8192 512 full 8
@@ -101,8 +104,10 @@ for run in sorted((out / "speed").iterdir()):
 for r in rows:
     print(r)
 PY
+fi
 
 # 3. needle-small, short: MoBA and full on the same data (checkpoints for `moba eval needle`).
+[[ " $STAGES " == *" needle "* ]] || exit 0
 t0=$SECONDS
 COLUMNS=120 timeout 300 python -m moba_cli sweep recipes/needle-small.yaml --out "$WORK/needle" \
   --set data.path="$DATA" --set train.steps="$NEEDLE_STEPS" --set eval.every=100 --set checkpoint.every=0 \
