@@ -84,6 +84,11 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
 
         old = yaml.safe_load((run_dir / "recipe.yaml").read_text())
         new = recipe.to_dict()
+        # What may change between a run and its resumption: how it is observed and executed, not what it computes.
+        for section, keys in (("train", ("compile", "activation_checkpointing")), ("distributed", ("backend",))):
+            for k in keys:
+                for d in (old, new):
+                    d.get(section, {}).pop(k, None)
         keep_free = {"log", "eval", "checkpoint", "sweep", "description"}
         diff = sorted(k for k in new if k not in keep_free and old.get(k) != new[k])
         if diff:
