@@ -15,12 +15,13 @@ from moba_cli.train.data import IGNORE_INDEX, SCHEMA, Batch, PackedLoader, Token
 BOS, EOS = 0, 1
 
 
-def write_raw(root: Path, lengths: list[int], seed: int = 0, mask: bool = False, vocab: int = 500) -> Path:
+def write_raw(root: Path, lengths: list[int], seed: int = 0, mask: bool = False, vocab: int = 500,
+              dtype: str = "uint16") -> Path:
     """A dataset folder with one document per length (bos + random ids + eos), same docs in train and val."""
     rng = np.random.default_rng(seed)
     root.mkdir(parents=True, exist_ok=True)
     docs = [np.concatenate([[BOS], rng.integers(3, vocab, n - 2), [EOS]]) for n in lengths]
-    tokens = np.concatenate(docs).astype("<u2")
+    tokens = np.concatenate(docs).astype(np.dtype(dtype).newbyteorder("<"))
     starts = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
     splits = {}
     for split in ("train", "val"):
@@ -31,7 +32,7 @@ def write_raw(root: Path, lengths: list[int], seed: int = 0, mask: bool = False,
             m = np.concatenate([(np.arange(n) >= n // 2).astype(np.uint8) for n in lengths])
             m.tofile(root / f"{split}.mask")
         splits[split] = {"tokens": int(len(tokens)), "docs": len(lengths)}
-    manifest = {"schema": SCHEMA, "dtype": "uint16", "vocab_size": vocab, "splits": splits}
+    manifest = {"schema": SCHEMA, "dtype": dtype, "vocab_size": vocab, "splits": splits}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -60,6 +61,13 @@ def test_dataset_reads_the_files(ds):
     for i in (0, 4, 9):
         doc = ds.doc(i)
         assert len(doc) == LENGTHS[i] and doc[0] == BOS and doc[-1] == EOS
+
+
+def test_uint32_ids(tmp_path):
+    big = TokenDataset(write_raw(tmp_path / "big", [40, 70, 9], vocab=100_000, dtype="uint32"))
+    assert big.tokens.dtype == np.dtype("<u4") and big.tokens.max() >= 1 << 16
+    batch = next(iter(PackedLoader(big, seq_len=50, batch_size=2, seed=0)))
+    assert batch.input_ids.max() >= 1 << 16 and batch.input_ids.dtype == torch.int64
 
 
 @pytest.mark.parametrize("pack", ["documents", "whole"])

@@ -16,7 +16,7 @@ from moba_cli.errors import MobaError
 from moba_cli.train.data import IGNORE_INDEX, PackedLoader, TokenDataset
 from moba_cli.train.data_build import build_dataset, manifest_hash, tokenizer_sample
 from moba_cli.train.data_config import config_from_dict
-from moba_cli.train.data_sources import code_files
+from moba_cli.train.data_sources import SourceStats, code_files, iter_code
 from moba_cli.train.data_synth import make_document
 
 WORDS = ["alpha", "beta", "gamma", "delta", "x = 1", "def f():", "return y", "  # note", "ünïcødé", "\n"]
@@ -87,6 +87,8 @@ def test_build_is_deterministic(tmp_path, corpus, built):
     c = cfg([{"kind": "files", "paths": [str(corpus)]}, {"kind": "synthetic", "docs": 4, "lengths": [200]}])
     again = build_dataset(c, tmp_path / "again")
     assert again["files_hash"] == first["files_hash"] and again["manifest_hash"] == first["manifest_hash"]
+    as_dict = build_dataset({**c.to_dict(), "out": str(tmp_path / "dict")})  # a recipe's data.build mapping
+    assert as_dict["manifest_hash"] == first["manifest_hash"]
     other = build_dataset(cfg(c.to_dict()["sources"], seed=1), tmp_path / "seed1")
     assert other["files_hash"] != first["files_hash"]
 
@@ -177,6 +179,15 @@ def test_code_source_reads_packages_in_order(tmp_path):
     ds = TokenDataset(out)
     assert [tok.decode(ds.doc(i)[1:-1].tolist()) for i in range(ds.n_docs)] == ["A = 3\n", "B = 2\n", "S = 4\n",
                                                                                "Z = 1\n"]
+    # one document per package, files in order; a package over max_doc_bytes continues in a new document
+    src = config_from_dict({"sources": [{"kind": "code", "roots": [str(root)], "group": "package",
+                                         "max_file_bytes": 100}]}).sources[0]
+    docs = [d.text for d in iter_code(src, SourceStats())]
+    assert docs == ["# file: alpha/a.py\nA = 3\n# file: alpha/b.py\nB = 2\n", "# file: solo.py\nS = 4\n",
+                    "# file: zeta/__init__.py\nZ = 1\n"]
+    src.max_doc_bytes = 20
+    assert [d.text for d in iter_code(src, SourceStats())][:2] == ["# file: alpha/a.py\nA = 3\n",
+                                                                   "# file: alpha/b.py\nB = 2\n"]
 
 
 def test_tokenizer_sample_spreads_over_the_corpus(tmp_path):
@@ -284,6 +295,10 @@ def test_jsonl_text_and_pairs(tmp_path):
         ({"sources": [{"kind": "code", "fraction": 0.7}, {"kind": "synthetic", "fraction": 0.7, "docs": 1}]},
          "add up to 1.4"),
         ({"sources": [{"kind": "files", "paths": ["x"], "prompt_field": "q"}]}, "both prompt_field"),
+        ({"sources": [{"kind": "code", "group": "module"}]}, "group must be file or package"),
+        ({"sources": [{"kind": "code"}], "max_tokens": 0}, "max_tokens must be positive"),
+        ({"sources": [{"kind": "code", "max_bytes": -5}]}, "max_bytes must be positive"),
+        ({"sources": [{"kind": "synthetic", "docs": 2, "lengths": [10]}]}, "at least 64 tokens"),
     ],
 )
 def test_config_errors(data, message):

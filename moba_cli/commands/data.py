@@ -24,7 +24,8 @@ HELP = (
     "memory-mapped token files with a train/validation split, ready for `moba train`.\n\n"
     "[bold]Sources[/] (--source, repeat to mix; --*-fraction sets each one's share of tokens):\n"
     "code: every .py file of this Python's installed packages (site-packages), in sorted path order; narrow "
-    "it with --include/--exclude (package names or globs), cap it with --code-max-bytes.\n"
+    "it with --include/--exclude (package names or globs), cap it with --code-max-bytes; --code-group package "
+    "makes one long document per package.\n"
     "files: local .txt/.md/.rst files (one document each), .jsonl (one a line, text in --field) or .parquet "
     "(needs pyarrow); folders are read recursively. With --prompt-field and --answer-field they are SFT pairs.\n"
     "synthetic: long-context retrieval documents (passkey, kv lookup, vartrack = variable chains) of "
@@ -66,6 +67,8 @@ def build(
     suffix: Annotated[list[str] | None, Opt("--suffix", help="code: file endings to read. (default: .py)")] = None,
     code_max_bytes: Annotated[str | None, Opt("--code-max-bytes", help="code: stop after this much text.")] = None,
     code_fraction: Annotated[float | None, Opt("--code-fraction", help="code: share of tokens.")] = None,
+    code_group: Annotated[str, Opt("--code-group", help="code: one document per file, or per package (long "
+                                   "documents for long-context training).")] = "file",
     files: Annotated[list[Path] | None, Opt("--files", help="files: a file or folder; repeat for more.")] = None,
     field: Annotated[str, Opt("--field", help="files: text field of .jsonl / column of .parquet.")] = "text",
     prompt_field: Annotated[str | None, Opt("--prompt-field", help="files: prompt field of SFT pairs.")] = None,
@@ -97,7 +100,7 @@ def build(
             if not source:
                 raise MobaError("nothing to build: give --source (code, files, synthetic) or --config FILE")
             raw = {"sources": [_source(
-                s, include, exclude, suffix, code_max_bytes, code_fraction, files, field, prompt_field,
+                s, include, exclude, suffix, code_max_bytes, code_fraction, code_group, files, field, prompt_field,
                 answer_field, files_fraction, synthetic_tasks, synthetic_lengths, synthetic_docs,
                 synthetic_fraction, sft) for s in source]}
             where = "options"
@@ -151,13 +154,13 @@ def _read_config(path: Path) -> tuple[dict[str, Any], str | None]:
     return doc, None
 
 
-def _source(kind: str, include, exclude, suffix, code_max_bytes, code_fraction, files, field, prompt_field,
+def _source(kind: str, include, exclude, suffix, code_max_bytes, code_fraction, code_group, files, field, prompt_field,
             answer_field, files_fraction, synthetic_tasks, synthetic_lengths, synthetic_docs, synthetic_fraction,
             sft) -> dict[str, Any]:
     """One source mapping from the flags that belong to it."""
     if kind == "code":
         src: dict[str, Any] = {"kind": "code", "include": include or [], "exclude": exclude or [],
-                               "max_bytes": code_max_bytes, "fraction": code_fraction}
+                               "max_bytes": code_max_bytes, "fraction": code_fraction, "group": code_group}
         if suffix:
             src["suffixes"] = [s if s.startswith(".") else "." + s for s in suffix]
         return src

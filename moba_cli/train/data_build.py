@@ -31,8 +31,15 @@ import numpy as np
 
 from moba_cli.errors import MobaError
 from moba_cli.train.data import SCHEMA, read_manifest
-from moba_cli.train.data_config import DataConfig, SyntheticSource, mixture_weights, validate
-from moba_cli.train.data_sources import Doc, SourceStats, iter_source
+from moba_cli.train.data_config import (
+    CodeSource,
+    DataConfig,
+    SyntheticSource,
+    config_from_dict,
+    mixture_weights,
+    validate,
+)
+from moba_cli.train.data_sources import Doc, Listing, SourceStats, code_files, iter_source
 from moba_cli.train.data_synth import CountMany, chars_estimate
 from moba_cli.train.data_tokenizer import BOS, EOS, PAD, reuse_tokenizer, save_tokenizer, train_tokenizer
 
@@ -86,9 +93,11 @@ class _Mixer:
             yield i, doc
 
 
-def _mixture(cfg: DataConfig, count: CountMany) -> tuple[_Mixer, list[SourceStats]]:
+def _mixture(cfg: DataConfig, count: CountMany, listings: dict[int, Listing] | None = None
+             ) -> tuple[_Mixer, list[SourceStats]]:
     stats = [SourceStats() for _ in cfg.sources]
-    streams = [iter_source(s, i, cfg.seed, count, stats[i]) for i, s in enumerate(cfg.sources)]
+    listings = listings or {}
+    streams = [iter_source(s, i, cfg.seed, count, stats[i], listings.get(i)) for i, s in enumerate(cfg.sources)]
     bounded = [not (isinstance(s, SyntheticSource) and s.docs is None) for s in cfg.sources]
     weights = [max(w, 1e-9) for w in mixture_weights(cfg)]
     return _Mixer(streams, weights, bounded), stats
@@ -144,14 +153,15 @@ def _check_out(out: Path, overwrite: bool) -> None:
         read_manifest(out)  # replaces only what a build made
 
 
-def tokenizer_sample(cfg: DataConfig, progress: Progress | None = None) -> Iterator[str]:
+def tokenizer_sample(cfg: DataConfig, progress: Progress | None = None,
+                     listings: dict[int, Listing] | None = None) -> Iterator[str]:
     """The texts that train the tokenizer: about ``tokenizer_bytes`` spread over the whole corpus.
 
     With ``max_tokens`` the corpus is about ``4 * max_tokens`` characters; a document is taken when a hash
     of it falls below ``tokenizer_bytes`` over that, so a large corpus is sampled evenly rather than by its
     first packages. Without ``max_tokens`` the first ``tokenizer_bytes`` are taken.
     """
-    mixer, _ = _mixture(cfg, chars_estimate)
+    mixer, _ = _mixture(cfg, chars_estimate, listings)
     budget = cfg.tokenizer_bytes
     approx = None if cfg.max_tokens is None else cfg.max_tokens * 4  # chars_estimate's 4 characters a token
     rate = 1.0 if approx is None else min(1.0, budget / approx)
@@ -168,8 +178,8 @@ def tokenizer_sample(cfg: DataConfig, progress: Progress | None = None) -> Itera
             return
 
 
-def _train_tokenizer(cfg: DataConfig, progress: Progress | None) -> Any:
-    texts = tokenizer_sample(cfg, progress)
+def _train_tokenizer(cfg: DataConfig, progress: Progress | None, listings: dict[int, Listing]) -> Any:
+    texts = tokenizer_sample(cfg, progress, listings)
     first = next(texts, None)
     if first is None:
         raise MobaError("the sources gave no documents (empty corpus); check the paths, include lists and sizes")
@@ -182,12 +192,13 @@ def _unit_hash(text: str, key: bytes) -> float:
     return int.from_bytes(h.digest(), "little") / 2.0**64
 
 
-def build_dataset(cfg: DataConfig, out: str | Path | None = None, overwrite: bool = False,
+def build_dataset(cfg: DataConfig | dict[str, Any], out: str | Path | None = None, overwrite: bool = False,
                   progress: Progress | None = None) -> dict[str, Any]:
-    """Build the dataset described by ``cfg`` into ``out`` (default ``cfg.out``); returns its manifest.
-
-    The manifest also carries, outside the hashed part, ``build`` timings under the key ``build``.
+    """Build the dataset described by ``cfg`` (or a recipe's ``data.build`` mapping) into ``out`` (default
+    ``cfg.out``); returns its manifest, plus the build's ``seconds`` under ``build`` (not in the file).
     """
+    if isinstance(cfg, dict):
+        cfg = config_from_dict(cfg)
     validate(cfg)
     if out is None:
         if cfg.out is None:
@@ -234,10 +245,11 @@ def _replace(tmp: Path, out: Path) -> None:
 
 
 def _build_into(cfg: DataConfig, folder: Path, progress: Progress | None) -> dict[str, Any]:
+    listings = {i: code_files(s) for i, s in enumerate(cfg.sources) if isinstance(s, CodeSource)}  # list once
     if cfg.tokenizer is not None:
         tok, special = reuse_tokenizer(cfg.tokenizer, folder / "tokenizer")
     else:
-        tok = _train_tokenizer(cfg, progress)
+        tok = _train_tokenizer(cfg, progress, listings)
         save_tokenizer(tok, folder / "tokenizer")
         special = {"bos": tok.token_to_id(BOS), "eos": tok.token_to_id(EOS), "pad": tok.token_to_id(PAD)}
     vocab = tok.get_vocab_size()
@@ -247,7 +259,7 @@ def _build_into(cfg: DataConfig, folder: Path, progress: Progress | None) -> dic
     def count(pieces: list[str]) -> list[int]:
         return [len(e.ids) for e in tok.encode_batch(pieces, add_special_tokens=False)]
 
-    mixer, stats = _mixture(cfg, count)
+    mixer, stats = _mixture(cfg, count, listings)
     with_mask = any(getattr(s, "sft", False) or getattr(s, "answer_field", None) for s in cfg.sources)
     writers = {s: _SplitWriter(folder, s, dtype, with_mask) for s in SPLITS}
     kept = [{"docs": 0, "tokens": 0, "bytes": 0} for _ in cfg.sources]

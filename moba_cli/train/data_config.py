@@ -35,6 +35,12 @@ class CodeSource:
     """Stop reading this source after this many bytes of text (None: no cap)."""
     max_file_bytes: int = field(default=1 << 20, metadata=_SIZE)
     """Skip files larger than this (generated tables and vendored bundles are not code to learn from)."""
+    group: str = "file"
+    """``file``: one document per file. ``package``: one per top-level package, its files joined in path
+    order under ``# file: NAME`` lines: long documents with real long-range structure (imports, calls
+    across files), for long-context training."""
+    max_doc_bytes: int = field(default=8 << 20, metadata=_SIZE)
+    """``group: package``: start a new document (at a file boundary) once one reaches this size."""
     fraction: float | None = None
     """Share of the dataset's tokens from this source when several are mixed (None: an equal share of
     what the sources with a fraction leave)."""
@@ -141,6 +147,9 @@ def validate(cfg: DataConfig, where: str = "data") -> None:
                         f"{MIN_VOCAB} (256 bytes, 3 special tokens, one merge)")
     if cfg.vocab_size > 1 << 32:
         raise MobaError(f"{where}.vocab_size {cfg.vocab_size} does not fit uint32 token ids")
+    for key in ("max_tokens", "tokenizer_bytes"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise MobaError(f"{where}.{key} must be positive, got {getattr(cfg, key)}")
     if not 0.0 <= cfg.val_fraction < 1.0:
         raise MobaError(f"{where}.val_fraction must be in [0, 1), got {cfg.val_fraction}")
     fractions = [s.fraction for s in cfg.sources if s.fraction is not None]
@@ -148,6 +157,11 @@ def validate(cfg: DataConfig, where: str = "data") -> None:
         name = f"{where}.sources[{i}]"
         if s.fraction is not None and not 0.0 < s.fraction <= 1.0:
             raise MobaError(f"{name}.fraction must be in (0, 1], got {s.fraction}")
+        for key in ("max_bytes", "max_file_bytes", "max_doc_bytes"):
+            if getattr(s, key, None) is not None and getattr(s, key) < 1:
+                raise MobaError(f"{name}.{key} must be positive, got {getattr(s, key)}")
+        if isinstance(s, CodeSource) and s.group not in ("file", "package"):
+            raise MobaError(f"{name}.group must be file or package, got {s.group!r}")
         if isinstance(s, FilesSource):
             if not s.paths:
                 raise MobaError(f"{name}: a files source needs paths")
@@ -158,8 +172,8 @@ def validate(cfg: DataConfig, where: str = "data") -> None:
             if bad or not s.tasks:
                 raise MobaError(f"{name}.tasks: unknown {bad or 'empty list'}; "
                                 f"choose from {', '.join(SYNTHETIC_TASKS)}")
-            if not s.lengths:
-                raise MobaError(f"{name}.lengths: give at least one target length")
+            if not s.lengths or min(s.lengths) < 64:
+                raise MobaError(f"{name}.lengths: give target lengths of at least 64 tokens, got {s.lengths}")
             if s.docs is not None and s.docs < 1:
                 raise MobaError(f"{name}.docs must be positive")
     total = sum(fractions)

@@ -88,8 +88,11 @@ def code_files(src: CodeSource) -> list[tuple[str, Path]]:
     return sorted(files.items())
 
 
-def iter_code(src: CodeSource, stats: SourceStats) -> Iterator[Doc]:
-    for name, path in code_files(src):
+Listing = list[tuple[str, Path]]
+
+
+def _code_texts(src: CodeSource, stats: SourceStats, files: Listing | None) -> Iterator[tuple[str, str]]:
+    for name, path in files if files is not None else code_files(src):
         try:
             size = path.stat().st_size
             if size == 0 or size > src.max_file_bytes:
@@ -102,7 +105,32 @@ def iter_code(src: CodeSource, stats: SourceStats) -> Iterator[Doc]:
         if not text.strip():
             stats.skipped += 1
             continue
-        yield Doc(text, None, name)
+        yield name, text
+
+
+def iter_code(src: CodeSource, stats: SourceStats, files: Listing | None = None) -> Iterator[Doc]:
+    """One document per file, or (``group: package``) per top-level package, its files in order.
+
+    ``files``: the source's :func:`code_files`, when already listed (a build reads the corpus twice).
+    """
+    if src.group == "file":
+        for name, text in _code_texts(src, stats, files):
+            yield Doc(text, None, name)
+        return
+    parts: list[str] = []
+    size, package, first = 0, None, ""
+    for name, text in _code_texts(src, stats, files):
+        top = name.split("/")[0]
+        if parts and (top != package or size + len(text) > src.max_doc_bytes):
+            yield Doc("".join(parts), None, first)
+            parts, size = [], 0
+        if not parts:
+            package, first = top, name
+        piece = f"# file: {name}\n{text}" + ("" if text.endswith("\n") else "\n")
+        parts.append(piece)
+        size += len(piece)
+    if parts:
+        yield Doc("".join(parts), None, first)
 
 
 def _files_of(paths: list[str]) -> list[Path]:
@@ -184,10 +212,11 @@ def iter_synthetic(src: SyntheticSource, index: int, seed: int, count: CountMany
         i += 1
 
 
-def iter_source(src: Source, index: int, seed: int, count: CountMany, stats: SourceStats) -> Iterator[Doc]:
+def iter_source(src: Source, index: int, seed: int, count: CountMany, stats: SourceStats,
+                files: Listing | None = None) -> Iterator[Doc]:
     """The documents of one source, skipping empty ones, stopping at its ``max_bytes``; ``stats`` is updated."""
     if isinstance(src, CodeSource):
-        docs = iter_code(src, stats)
+        docs = iter_code(src, stats, files)
     elif isinstance(src, FilesSource):
         docs = iter_files(src, stats)
     else:
