@@ -40,6 +40,8 @@ COMMANDS: dict[str, Lazy] = {
     "bench": Lazy("moba_cli.commands.bench:bench", "Time MoBA against dense attention (up to 1M+ tokens)."),
     "convert": Lazy("moba_cli.commands.convert:convert", "Switch a transformers checkpoint's attention to MoBA."),
     "data": Lazy("moba_cli.commands.data:app", "Build training datasets offline (tokenizer, token files, manifest)."),
+    "train": Lazy("moba_cli.commands.train:train", "Train a MoBA or full-attention model from a YAML recipe."),
+    "sweep": Lazy("moba_cli.commands.sweep:sweep", "Run a grid of training runs and fit loss against compute."),
 }
 
 # click's UsageError (bad option value, unknown option or command); typer vendors click, so it is reached
