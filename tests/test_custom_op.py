@@ -93,3 +93,25 @@ def test_op_pads_the_selection_to_a_bound_known_from_shapes():
     assert idx.shape == (14, 2, 3) and bool((idx[11:, :, 1:] == -1).all())
     want = moba_attention(q, k, v, chunk_size=4, topk=5, cu_seqlens=cu, softmax_scale=0.2, backend="naive")
     assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("path", ["dense_prefix", "long_blocks"])
+def test_op_serves_the_cudnn_paths(path):
+    # The cuDNN paths on CPU (float32 stand-in): the op keeps the dense prefix's log-sum-exp, so its
+    # backward (all rows in the sparse kernels) matches the eager function's (prefix rows through cuDNN).
+    from moba_cli.ops.moba import plan_call
+
+    opts = POISON.replace(cudnn_reference=True, dense_prefix_min_rows=0,
+                          cudnn_min_chunk=0 if path == "long_blocks" else 2**20, cudnn_pad_rows=8, cudnn_tile_rows=16)
+    q, k, v, cu = make_inputs([40, 40], 2, 1, 32, "cpu", seed=7)
+    assert plan_call(q, k, chunk_size=8, topk=2, cu_seqlens=cu, backend="triton", options=opts).path == path
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _, _ = torch.ops.moba.attention_fwd(*leaves, cu, 8, 2, 32**-0.5, 40, "triton", opts.key())
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = moba_attention(*ref_leaves, chunk_size=8, topk=2, cu_seqlens=cu, backend="triton", options=opts)
+    assert rel_rms(out, want) < 1e-5
+    do = torch.randn_like(want)
+    out.backward(do)
+    want.backward(do)
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        assert rel_rms(a.grad, b.grad) < 1e-4

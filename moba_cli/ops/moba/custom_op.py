@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from . import cudnn_blocks, dense_prefix
+from . import cudnn_blocks
 from .bwd import backward, bwd_config
 from .common import LOG2E, contig_last
 from .fwd import forward, forward_with_prefix, fwd_config
 from .gate import select_blocks
-from .layout import cached_layout, num_slots
+from .layout import num_slots
 from .options import KernelOptions, from_key
+from .plan import CallPlan, plan_call
 from .schedule import BwdLists, Schedule
 from .validate import check_cu_seqlens
 
@@ -48,31 +49,36 @@ def _pad_slots(block_idx: torch.Tensor, slots: int) -> torch.Tensor:
     return torch.cat([block_idx, pad], 2)
 
 
-def _layout(q: torch.Tensor, cu_seqlens: torch.Tensor, chunk_size: int, max_seqlen: int):
+def _plan(q, k, cu_seqlens, chunk_size, topk, scale, max_seqlen, backend, options):
+    """The call's plan, from ``cu_seqlens`` read here (checked first). The dense shortcut is off: the op's
+    backward needs the selection, and the traced caller takes the shortcut itself where it applies."""
     cu_host = check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
-    return cu_host, cached_layout(cu_host, chunk_size, q.device)
+    opts = from_key(options).replace(dense_when_full=False)
+    return plan_call(q, k, chunk_size=chunk_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=scale,
+                     backend=backend, options=opts, cu_host=cu_host)
 
 
-def _naive_forward(q, k, v, layout, topk, scale):
+def _naive_forward(q, k, v, plan: CallPlan):
     from .naive import moba_attention_naive
     from .naive import select_blocks as select_ref
 
-    block_idx = select_ref(q, k, layout, topk)
-    out, lse = moba_attention_naive(q, k, v, layout, topk, scale, block_idx=block_idx)
+    layout = plan.layout()
+    block_idx = select_ref(q, k, layout, plan.topk)
+    out, lse = moba_attention_naive(q, k, v, layout, plan.topk, plan.scale, block_idx=block_idx)
     return out.to(q.dtype), lse, block_idx
 
 
-def _triton_forward(q, k, v, cu_host, layout, topk, scale, opts):
+def _triton_forward(q, k, v, plan: CallPlan):
     """The sparse forward with the plan's cuDNN parts; the lse (base 2) covers every row."""
+    layout, opts, topk, scale = plan.layout(), plan.options, plan.topk, plan.scale
     block_idx = select_blocks(q, k, layout, topk, opts)
-    blocks = cudnn_blocks.plan(q, k, cu_host, layout.chunk_size, opts)
-    prefix = None if blocks is not None else dense_prefix.plan(q, k, cu_host, layout.chunk_size, topk, opts)
-    if blocks is not None:
-        out, lse = cudnn_blocks.forward(q, k, v, layout, block_idx, scale, blocks, opts)
+    if plan.blocks is not None:
+        out, lse = cudnn_blocks.forward(q, k, v, layout, block_idx, scale, plan.blocks, opts)
         return out, lse, block_idx
+    prefix = plan.prefix
     skip = None if prefix is None else (layout.token_block - layout.token_first_block) < topk
-    sched = Schedule(block_idx, layout.num_blocks, fwd_config(q.shape[-1], q.dtype, layout.chunk_size,
-                                                                opts.fwd_cfg)["BLOCK_M"], skip)
+    bm = fwd_config(q.shape[-1], q.dtype, layout.chunk_size, opts.fwd_cfg)["BLOCK_M"]
+    sched = Schedule(block_idx, layout.num_blocks, bm, skip)
     if prefix is None:
         out, lse = forward(q, k, v, layout, sched, scale, opts)
     else:
@@ -90,11 +96,9 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens:
     """Packed q ``[T, Hq, D]``, k/v ``[T, Hkv, D]`` -> (out ``[T, Hq, D]`` in q's dtype, log-sum-exp
     ``[T, Hq]`` float32 (read by the backward only), ``block_idx [T, Hq, op_slots]`` int32)."""
     q, k, v = contig_last(q), contig_last(k), contig_last(v)
-    cu_host, layout = _layout(q, cu_seqlens, chunk_size, max_seqlen)
-    if backend == "naive":
-        out, lse, idx = _naive_forward(q, k, v, layout, topk, scale)
-    else:
-        out, lse, idx = _triton_forward(q, k, v, cu_host, layout, topk, scale, from_key(options))
+    plan = _plan(q, k, cu_seqlens, chunk_size, topk, scale, max_seqlen, backend, options)
+    run = _naive_forward if plan.backend == "naive" else _triton_forward
+    out, lse, idx = run(q, k, v, plan)
     return out, lse, _pad_slots(idx, op_slots(topk, max_seqlen, chunk_size))
 
 
@@ -113,13 +117,14 @@ def attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
                   options: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dq, dk, dv of :func:`attention_fwd` (shapes and dtypes of q, k, v) for the incoming ``dout``."""
     q, k, v = contig_last(q), contig_last(k), contig_last(v)
-    _, layout = _layout(q, cu_seqlens, chunk_size, max_seqlen)
-    if backend == "naive":
+    plan = _plan(q, k, cu_seqlens, chunk_size, topk, scale, max_seqlen, backend, options)
+    layout = plan.layout()
+    if plan.backend == "naive":
         from .naive import moba_attention_naive_bwd
 
         grads = moba_attention_naive_bwd(dout, q, k, v, layout, block_idx, scale)
         return tuple(gr.to(x.dtype) for gr, x in zip(grads, (q, k, v), strict=True))
-    opts = from_key(options)
+    opts = plan.options
     fused = opts.bwd_fused
     lists = BwdLists(block_idx, layout.num_blocks)
     sched = None
