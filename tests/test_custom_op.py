@@ -115,3 +115,11 @@ def test_op_serves_the_cudnn_paths(path):
     want.backward(do)
     for a, b in zip(leaves, ref_leaves, strict=True):
         assert rel_rms(a.grad, b.grad) < 1e-4
+
+
+def test_options_travel_as_a_key():
+    from moba_cli.ops.moba import KernelOptions
+    from moba_cli.ops.moba.options import from_key
+
+    for opts in (KernelOptions(), POISON.replace(gate_kind="sort", fwd_cfg=(16, 16, 4, 1), fwd_desc=False)):
+        assert from_key(opts.key()) == opts
