@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from . import cudnn_blocks
 from .bwd import backward, bwd_config
 from .common import LOG2E, contig_last
-from .fwd import forward, forward_with_prefix, fwd_config
-from .gate import select_blocks
+from .function import run_forward
 from .layout import num_slots
 from .options import KernelOptions, from_key
 from .plan import CallPlan, plan_call
@@ -69,20 +67,11 @@ def _naive_forward(q, k, v, plan: CallPlan):
 
 
 def _triton_forward(q, k, v, plan: CallPlan):
-    """The sparse forward with the plan's cuDNN parts; the lse (base 2) covers every row."""
-    layout, opts, topk, scale = plan.layout(), plan.options, plan.topk, plan.scale
-    block_idx = select_blocks(q, k, layout, topk, opts)
-    if plan.blocks is not None:
-        out, lse = cudnn_blocks.forward(q, k, v, layout, block_idx, scale, plan.blocks, opts)
-        return out, lse, block_idx
-    prefix = plan.prefix
-    skip = None if prefix is None else (layout.token_block - layout.token_first_block) < topk
-    bm = fwd_config(q.shape[-1], q.dtype, layout.chunk_size, opts.fwd_cfg)["BLOCK_M"]
-    sched = Schedule(block_idx, layout.num_blocks, bm, skip)
-    if prefix is None:
-        out, lse = forward(q, k, v, layout, sched, scale, opts)
-    else:
-        out, lse, state = forward_with_prefix(q, k, v, layout, sched, scale, prefix, True, opts)
+    """The eager function's forward (:func:`.function.run_forward`); the lse (base 2) covers every row."""
+    prefix = plan.prefix if plan.blocks is None else None
+    out, lse, block_idx, _, _, state = run_forward(q, k, v, plan.layout(), plan.topk, plan.scale, plan.options,
+                                                   prefix, plan.blocks, True)
+    if prefix is not None:
         # the prefix rows' natural-log lse from the dense call, in the kernels' base 2
         rows = lse.view(prefix.batch, prefix.seqlen, -1)[:, : prefix.rows]
         rows.copy_(state[0].reshape(prefix.batch, -1, prefix.rows).transpose(1, 2) * LOG2E)
