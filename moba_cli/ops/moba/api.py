@@ -52,12 +52,45 @@ def moba_attention(
     ``q``'s dtype; differentiable in q, k, v.
     """
     q, k, v = autocast_inputs(q, k, v)
+    if torch.compiler.is_compiling():
+        return _traced_call(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_scale, backend, options)
     cu_host = check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale)
     chunk_size, topk = check_moba_params(chunk_size, topk)
     plan = plan_call(q, k, chunk_size=chunk_size, topk=topk, cu_seqlens=cu_seqlens, softmax_scale=softmax_scale,
                      backend=backend, options=options, cu_host=cu_host)
     with torch.autocast(q.device.type, enabled=False):
         return run_plan(plan, q, k, v)
+
+
+def _traced_call(q, k, v, cu_seqlens, max_seqlen, chunk_size, topk, softmax_scale, backend, options):
+    """``moba_attention`` inside ``torch.compile``: the checks that need no host sync, then the custom op
+    (:mod:`.custom_op`), which reads ``cu_seqlens`` itself, so the graph does not break here."""
+    from .custom_op import attention_fwd, env_dense_when_full, env_options_key
+    from .dense import covers_all, dense_causal
+    from .options import resolve
+    from .validate import resolve_backend
+
+    check_inputs(q, k, v, cu_seqlens, max_seqlen, softmax_scale, values=False)
+    chunk_size, topk = check_moba_params(chunk_size, topk)
+    if options is None:  # the environment, read once at trace time
+        key, dense_when_full = env_options_key(), env_dense_when_full()
+    else:
+        opts = resolve(options)
+        key, dense_when_full = opts.key(), opts.dense_when_full
+    backend = resolve_backend(backend, q)
+    scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
+    if cu_seqlens is None:
+        b, s = q.shape[:2]
+        if backend == "triton" and dense_when_full and q.is_cuda and covers_all(s, chunk_size, topk):
+            return dense_causal(q, k, v, None, scale)
+        cu_seqlens = torch.arange(0, (b + 1) * s, s, dtype=torch.int32, device=q.device)
+        max_seqlen = s
+    elif max_seqlen is None:
+        max_seqlen = q.shape[0]
+    qp, kp, vp = (x.reshape(-1, *x.shape[-2:]) for x in (q, k, v))
+    with torch.autocast(q.device.type, enabled=False):
+        out, _, _ = attention_fwd(qp, kp, vp, cu_seqlens, chunk_size, topk, scale, max_seqlen, backend, key)
+    return out.view(q.shape)
 
 
 def run_plan(plan: CallPlan, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

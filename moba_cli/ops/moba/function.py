@@ -36,6 +36,46 @@ from .options import KernelOptions
 from .schedule import BwdLists, Schedule
 
 
+def run_forward(q, k, v, layout: BlockLayout, topk: int, scale: float, opts: KernelOptions,
+                prefix: dense_prefix.Prefix | None, blocks: cudnn_blocks.Plan | None, need_lse: bool,
+                inference: bool = False):
+    """Steps 1-4 of one call: the gate, then the forward of the plan's kind (long blocks through cuDNN, or
+    the sparse kernels with the dense prefix's rows through cuDNN). Returns ``(out, lse, block_idx, sched,
+    skip, prefix_state)``: ``sched`` the forward's schedule (None for long blocks; its ``block_idx``
+    released), ``skip [T]`` the dense prefix's tokens (None without one), ``prefix_state`` what
+    :func:`.dense_prefix.backward` needs (``need_lse``: keep cuDNN's log-sum-exp). ``inference``: no
+    backward follows, so the sparse forward builds its block lists and schedules slot by slot and in pieces
+    (:mod:`.fwd_pieces`) and ``block_idx``/``sched`` come back None."""
+    if blocks is not None:
+        # the long-block forward does the prefix's work in its own calls
+        block_idx = select_blocks(q, k, layout, topk, opts)
+        out, lse = cudnn_blocks.forward(q, k, v, layout, block_idx, scale, blocks, opts)
+        return out, lse, block_idx, None, None, None
+    # Dense-prefix queries (their first topk blocks) are block rank < topk within their sequence.
+    skip = None if prefix is None else (layout.token_block - layout.token_first_block) < topk
+    bm = fwd_config(q.shape[-1], q.dtype, layout.chunk_size, opts.fwd_cfg)["BLOCK_M"]
+    block_idx = sched = None
+    if inference:
+
+        def sparse(o):
+            return forward_in_pieces(q, k, v, layout, topk, scale, skip, bm, o, opts)
+    else:
+        block_idx = select_blocks(q, k, layout, topk, opts)
+        sched = Schedule(block_idx, layout.num_blocks, bm, skip)
+
+        def sparse(o):
+            return forward(q, k, v, layout, sched, scale, opts, o)[1]
+    out = empty(*q.shape, dtype=q.dtype, device=q.device, poison=opts.poison_outputs)
+    state = None
+    if prefix is None:
+        lse = sparse(out)
+    else:
+        lse, state = run_with_prefix(q, k, v, out, prefix, scale, need_lse, opts, sparse)
+    if sched is not None:
+        sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
+    return out, lse, block_idx, sched, skip, state
+
+
 class MobaFunction(torch.autograd.Function):
     """Autograd wrapper: forward runs the gate and the sparse attention; backward reuses the schedule."""
 
@@ -43,43 +83,19 @@ class MobaFunction(torch.autograd.Function):
     def forward(ctx, q, k, v, layout: BlockLayout, topk: int, scale: float, prefix: dense_prefix.Prefix | None,
                 blocks: cudnn_blocks.Plan | None, opts: KernelOptions):
         need_grad = any(ctx.needs_input_grad[:3])
-        # Without a backward the sparse forward chooses its blocks piece by piece (:mod:`.fwd_pieces`).
-        block_idx = select_blocks(q, k, layout, topk, opts) if need_grad or blocks is not None else None
-        bm_f = fwd_config(q.shape[-1], q.dtype, layout.chunk_size, opts.fwd_cfg)["BLOCK_M"]
-        # The backward path is decided once here, so the schedule kept for it always fits.
-        fused = opts.bwd_fused
-        bm_b = bwd_config(q.shape[-1], q.dtype, fused, opts.bwd_cfg)["BLOCK_M"]
         if blocks is not None:
-            prefix = None  # the long-block forward does the prefix's work in its own calls
-        # Dense-prefix queries (their first topk blocks) are block rank < topk within their sequence.
-        skip = None if prefix is None else (layout.token_block - layout.token_first_block) < topk
-        sched = None
-        state = None
-        if blocks is not None:
-            out, lse = cudnn_blocks.forward(q, k, v, layout, block_idx, scale, blocks, opts)
-        else:
-            out = empty(*q.shape, dtype=q.dtype, device=q.device, poison=opts.poison_outputs)
-            if need_grad:
-                sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
-
-                def sparse(o):
-                    return forward(q, k, v, layout, sched, scale, opts, o)[1]
-            else:
-
-                def sparse(o):
-                    return forward_in_pieces(q, k, v, layout, topk, scale, skip, bm_f, o, opts)
-            if prefix is None:
-                lse = sparse(out)
-            else:
-                lse, state = run_with_prefix(q, k, v, out, prefix, scale, need_grad, opts, sparse)
-            if sched is not None:
-                sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
+            prefix = None
+        out, lse, block_idx, sched, skip, state = run_forward(q, k, v, layout, topk, scale, opts, prefix, blocks,
+                                                              need_grad, inference=not need_grad)
         if need_grad:
+            # The backward path is decided once here, so the schedule kept for it always fits.
+            fused = opts.bwd_fused
+            bm_b = bwd_config(q.shape[-1], q.dtype, fused, opts.bwd_cfg)["BLOCK_M"]
             lists = BwdLists(block_idx, layout.num_blocks, skip)
             # The separate dQ pass (not fused) walks tiles like the forward's, of the backward's size.
             dq_sched = None
             if not fused:
-                dq_sched = sched if sched is not None and bm_b == bm_f else Schedule(
+                dq_sched = sched if sched is not None and bm_b == sched.block_m else Schedule(
                     block_idx, layout.num_blocks, bm_b, skip)
                 dq_sched.block_idx = None
             ctx.save_for_backward(q, k, v, out, lse)

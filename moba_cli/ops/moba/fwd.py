@@ -4,7 +4,7 @@ queries over that block's keys with an online softmax, then a log-sum-exp merge 
 result, kept in the output's own memory (float16 for 16-bit outputs) with a float32 running max and sum.
 Slots run as separate launches, and each query has at most one block per slot, so merges never race and
 need no atomics. The own-block slot, which every query has, runs last and writes the normalised output.
-With a dense prefix its rows run through cuDNN beside these launches (:func:`forward_with_prefix`); the
+With a dense prefix its rows run through cuDNN beside these launches (:func:`run_with_prefix`); the
 inference forward's pieces are in :mod:`.fwd_pieces`."""
 
 from __future__ import annotations
@@ -271,16 +271,6 @@ def forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float, opts: K
 # prefix_stream), filling the SMs that each slot's last wave leaves idle (H200, paper 128K x 8 heads:
 # docs/perf-notes.md v9).
 _SIDE_STREAMS: dict = {}
-
-
-def forward_with_prefix(q, k, v, layout: BlockLayout, sched: Schedule, scale: float,
-                        prefix: dense_prefix.Prefix, need_lse: bool, opts: KernelOptions):
-    """:func:`forward` for the scheduled queries and :func:`.dense_prefix.forward` for the prefix rows,
-    both into one output. Returns ``(out, lse, prefix_state)``."""
-    out = empty(*q.shape, dtype=q.dtype, device=q.device, poison=opts.poison_outputs)
-    lse, state = run_with_prefix(q, k, v, out, prefix, scale, need_lse, opts,
-                                 lambda o: forward(q, k, v, layout, sched, scale, opts, o)[1])
-    return out, lse, state
 
 
 def run_with_prefix(q, k, v, out: torch.Tensor, prefix: dense_prefix.Prefix, scale: float, need_lse: bool,

@@ -96,6 +96,40 @@ def _query_tile(heads: int, keys: int) -> int:
     return int(max(16, min(4096, 2**27 // max(1, heads * keys))))
 
 
+def _tiles(q: torch.Tensor, layout: BlockLayout, block_idx: torch.Tensor):
+    """Query tiles of each sequence: yields ``(s0, r0, r1, allowed)`` for queries ``s0+r0 .. s0+r1`` (local
+    ``r0 .. r1``), with ``allowed [tile, Hq, r1]`` the keys ``s0 .. s0+r1`` each (query, head) attends."""
+    hq = q.shape[1]
+    cu = layout.cu_seqlens.tolist()
+    for i in range(len(cu) - 1):
+        s0, s1 = cu[i], cu[i + 1]
+        n = s1 - s0
+        if n == 0:
+            continue
+        first = int(layout.token_first_block[s0].item())
+        nb_i = (n + layout.chunk_size - 1) // layout.chunk_size
+        key_block = torch.arange(n, device=q.device) // layout.chunk_size  # local block of each key
+        tile = _query_tile(hq, n)
+        for r0 in range(0, n, tile):
+            r1 = min(n, r0 + tile)
+            # Which local blocks each (query, head) attends: [tile, Hq, nb_i].
+            local = block_idx[s0 + r0 : s0 + r1].long() - first
+            chosen = torch.zeros(r1 - r0, hq, nb_i + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(2, torch.where(local >= 0, local, nb_i), True)
+            allowed = chosen[:, :, :nb_i][:, :, key_block[:r1]]  # [tile, Hq, keys]
+            causal = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
+            yield s0, r0, r1, allowed & causal[:, None, :]
+
+
+def _probs(qt, kf, allowed, scale):
+    """Scores of a tile, q ``[m, Hkv, G, D]``, keys ``[r1, Hkv, D]`` -> (p ``[m, Hkv, G, r1]``, lse ``[m, Hq]``)."""
+    m, hkv, g, _ = qt.shape
+    s = torch.einsum("qhgd,khd->qhgk", qt, kf).reshape(m, hkv * g, -1) * scale
+    s = s.masked_fill(~allowed, float("-inf"))
+    lse = torch.logsumexp(s, dim=-1)
+    return torch.exp(s - lse[..., None]).view(m, hkv, g, -1), lse
+
+
 def moba_attention_naive(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -119,39 +153,42 @@ def moba_attention_naive(
         with torch.no_grad():
             block_idx = select_blocks(q, k, layout, topk)
     outs, lses = [], []
-    cu = layout.cu_seqlens.tolist()
-    for i in range(len(cu) - 1):
-        s0, s1 = cu[i], cu[i + 1]
-        n = s1 - s0
-        if n == 0:
-            continue
-        first = int(layout.token_first_block[s0].item())
-        nb_i = (n + layout.chunk_size - 1) // layout.chunk_size
-        kf, vf = k[s0:s1].float(), v[s0:s1].float()
-        key_block = torch.arange(n, device=q.device) // layout.chunk_size  # local block of each key
-        tile = _query_tile(hq, n)
-        for r0 in range(0, n, tile):
-            r1 = min(n, r0 + tile)
-            qt = q[s0 + r0 : s0 + r1].float().view(r1 - r0, hkv, g, d)
-            # Which local blocks each (query, head) attends: [tile, Hq, nb_i].
-            local = block_idx[s0 + r0 : s0 + r1].long() - first
-            chosen = torch.zeros(r1 - r0, hq, nb_i + 1, dtype=torch.bool, device=q.device)
-            chosen.scatter_(2, torch.where(local >= 0, local, nb_i), True)
-            allowed = chosen[:, :, :nb_i][:, :, key_block[:r1]]  # [tile, Hq, keys]
-            causal = torch.arange(r1, device=q.device)[None, :] <= torch.arange(r0, r1, device=q.device)[:, None]
-            allowed = allowed & causal[:, None, :]
-            s = torch.einsum("qhgd,khd->qhgk", qt, kf[:r1]).reshape(r1 - r0, hq, r1) * scale
-            s = s.masked_fill(~allowed, float("-inf"))
-            lse = torch.logsumexp(s, dim=-1)
-            p = torch.exp(s - lse[..., None]).view(r1 - r0, hkv, g, r1)
-            o = torch.einsum("qhgk,khd->qhgd", p, vf[:r1]).reshape(r1 - r0, hq, d)
-            outs.append(o)
-            lses.append(lse)
+    for s0, r0, r1, allowed in _tiles(q, layout, block_idx):
+        qt = q[s0 + r0 : s0 + r1].float().view(r1 - r0, hkv, g, d)
+        p, lse = _probs(qt, k[s0 : s0 + r1].float(), allowed, scale)
+        outs.append(torch.einsum("qhgk,khd->qhgd", p, v[s0 : s0 + r1].float()).reshape(r1 - r0, hq, d))
+        lses.append(lse)
     if not outs:  # no tokens (S = 0, T = 0 or B = 0): empty results, as the kernels give, still in the graph
         # so that backward gives q, k and v (empty) gradients
         empty = q.float()[:0] * 0 + (k.float().sum() + v.float().sum()) * 0
         return empty, empty[..., 0]
     return torch.cat(outs, 0), torch.cat(lses, 0)
+
+
+def moba_attention_naive_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: BlockLayout,
+    block_idx: torch.Tensor, softmax_scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`moba_attention_naive` on the blocks ``block_idx``, written out (no autograd, so
+    it runs inside a custom op): ``dout [T, Hq, D]`` -> dq, dk, dv in float32, shaped like q, k, v."""
+    hq, d = q.shape[1:]
+    hkv = k.shape[1]
+    g = hq // hkv
+    dq = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    dk = torch.zeros(k.shape, dtype=torch.float32, device=q.device)
+    dv = torch.zeros(v.shape, dtype=torch.float32, device=q.device)
+    for s0, r0, r1, allowed in _tiles(q, layout, block_idx):
+        m = r1 - r0
+        qt = q[s0 + r0 : s0 + r1].float().view(m, hkv, g, d)
+        do = dout[s0 + r0 : s0 + r1].float().view(m, hkv, g, d)
+        kf, vf = k[s0 : s0 + r1].float(), v[s0 : s0 + r1].float()
+        p, _ = _probs(qt, kf, allowed, softmax_scale)
+        dp = torch.einsum("qhgd,khd->qhgk", do, vf)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))  # softmax backward: P * (dP - rowsum(P * dP))
+        dv[s0 : s0 + r1] += torch.einsum("qhgk,qhgd->khd", p, do)
+        dk[s0 : s0 + r1] += torch.einsum("qhgk,qhgd->khd", ds, qt) * softmax_scale
+        dq[s0 + r0 : s0 + r1] = torch.einsum("qhgk,khd->qhgd", ds, kf).reshape(m, hq, d) * softmax_scale
+    return dq, dk, dv
 
 
 def full_attention_naive(

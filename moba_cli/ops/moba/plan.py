@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
-from . import cudnn_blocks, dense_prefix
 from .dense import covers_all
 from .layout import BlockLayout, cached_layout
 from .options import KernelOptions, resolve
 from .validate import resolve_backend
+
+if TYPE_CHECKING:
+    from . import cudnn_blocks, dense_prefix
 
 PATHS = ("naive", "dense", "long_blocks", "dense_prefix", "sparse")
 
@@ -97,6 +100,8 @@ def plan_call(
         return CallPlan(path="naive", **common)
     if opts.dense_when_full and q.is_cuda and covers_all(longest, chunk_size, topk):
         return CallPlan(path="dense", **common)
+    from . import cudnn_blocks, dense_prefix  # the kernels' modules (Triton) only where they may run
+
     blocks = cudnn_blocks.plan(q, k, cu, chunk_size, opts)
     if blocks is not None:
         return CallPlan(path="long_blocks", blocks=blocks, **common)

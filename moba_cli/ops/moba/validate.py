@@ -37,9 +37,11 @@ def check_inputs(
     cu_seqlens: torch.Tensor | None,
     max_seqlen: int | None,
     softmax_scale: float | None,
+    values: bool = True,
 ) -> list[int] | None:
     """Check shapes, dtypes and devices of q ``[B,S,Hq,D]`` / k, v ``[B,S,Hkv,D]`` or packed ``[T,H,D]``.
-    Returns ``cu_seqlens`` as a host list (read once here), None without it."""
+    Returns ``cu_seqlens`` as a host list (read once here), None without it or without ``values`` (then
+    only its type, shape and device are checked here: a traced graph checks the values in the op)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise MobaError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -67,20 +69,23 @@ def check_inputs(
         raise MobaError(f"query heads ({hq}) must be a multiple of key/value heads ({hkv})")
     check_scale(softmax_scale)
     if cu_seqlens is not None:
-        return check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen)
+        return check_cu_seqlens(cu_seqlens, q.shape[0], q.device, max_seqlen, values)
     return None
 
 
 def check_cu_seqlens(
-    cu_seqlens: torch.Tensor, total: int, device: torch.device, max_seqlen: int | None
-) -> list[int]:
-    """Check packed offsets ``cu_seqlens [n+1]`` against ``total`` tokens; returns them as a host list."""
+    cu_seqlens: torch.Tensor, total: int, device: torch.device, max_seqlen: int | None, values: bool = True
+) -> list[int] | None:
+    """Check packed offsets ``cu_seqlens [n+1]`` against ``total`` tokens; returns them as a host list
+    (None when ``values`` is off: type, shape and device only)."""
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
         raise MobaError("cu_seqlens must be a 1-D tensor [num_seqs + 1] of sequence offsets")
     if cu_seqlens.dtype != torch.int32:
         raise MobaError(f"cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != device:
         raise MobaError(f"cu_seqlens must be on {device}, got {cu_seqlens.device}")
+    if not values:
+        return None
     cu = cu_seqlens.tolist()
     if cu[0] != 0:
         raise MobaError(f"cu_seqlens must start at 0, got {cu[0]}")

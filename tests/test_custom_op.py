@@ -1,0 +1,125 @@
+"""``torch.compile`` of code that calls ``moba_attention``: the op is a ``torch.library`` custom op
+(``moba::attention_fwd`` / ``moba::attention_bwd``), so the attention stays in the graph (no graph break)
+and the compiled forward and gradients match eager. CPU: the naive backend, and the Triton kernels under
+the interpreter (float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from utils import POISON, make_inputs, rel_rms
+
+from moba_cli.ops.moba import moba_attention
+from moba_cli.ops.moba.custom_op import op_slots
+
+CASES = [("naive", None), ("triton", POISON)]
+
+
+class TinyAttention(torch.nn.Module):
+    """Projections around MoBA, as a converted model's layer has them."""
+
+    def __init__(self, dim: int, hq: int, hkv: int, backend: str, options) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.hq, self.hkv, self.d = hq, hkv, dim // hq
+        self.q = torch.nn.Parameter(torch.randn(dim, dim, generator=g) / dim**0.5)
+        self.kv = torch.nn.Parameter(torch.randn(dim, 2 * hkv * self.d, generator=g) / dim**0.5)
+        self.backend, self.options = backend, options
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, s, _ = x.shape
+        q = (x @ self.q).view(b, s, self.hq, self.d)
+        k, v = (x @ self.kv).view(b, s, 2, self.hkv, self.d).unbind(2)
+        o = moba_attention(q, k, v, chunk_size=8, topk=3, backend=self.backend, options=self.options)
+        return torch.tanh(o.reshape(b, s, -1))
+
+
+@pytest.mark.parametrize(("backend", "options"), CASES)
+def test_compiled_module_matches_eager_without_graph_breaks(backend, options):
+    torch._dynamo.reset()
+    mod = TinyAttention(64, 2, 1, backend, options)
+    x = torch.randn(2, 37, 64, generator=torch.Generator().manual_seed(1))
+    explain = torch._dynamo.explain(mod)(x)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    assert explain.graph_count == 1
+    torch._dynamo.reset()  # explain's compiled frame must not serve the compiled call below
+    want = mod(x)
+    want.square().sum().backward()
+    want_grads = [p.grad.clone() for p in mod.parameters()]
+    mod.zero_grad()
+    got = torch.compile(mod, backend="aot_eager", fullgraph=True)(x)
+    assert rel_rms(got, want) < 1e-5
+    got.square().sum().backward()
+    for p, g in zip(mod.parameters(), want_grads, strict=True):
+        assert not p.grad.isnan().any()
+        assert rel_rms(p.grad, g) < 1e-4
+
+
+@pytest.mark.parametrize(("backend", "options"), CASES)
+def test_compiled_varlen_call_matches_eager(backend, options):
+    torch._dynamo.reset()
+    q, k, v, cu = make_inputs([13, 30, 7], 2, 1, 32, "cpu", seed=4)
+
+    def f(q, k, v):
+        return moba_attention(q, k, v, chunk_size=8, topk=2, cu_seqlens=cu, max_seqlen=30, backend=backend,
+                              options=options)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = f(*ref_leaves)
+    assert rel_rms(got, want) < 1e-5
+    do = torch.randn_like(want)
+    got.backward(do)
+    want.backward(do)
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        assert rel_rms(a.grad, b.grad) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["naive", "triton"])
+def test_opcheck(backend):
+    # torch.library's own checks: schema, fake (meta) implementation, autograd registration.
+    q, k, v, cu = make_inputs([11, 6], 2, 1, 32, "cpu", seed=2)
+    args = [x.requires_grad_() for x in (q, k, v)]
+    key = POISON.key()
+    torch.library.opcheck(torch.ops.moba.attention_fwd.default, (*args, cu, 4, 2, 32**-0.5, 11, backend, key))
+
+
+def test_op_pads_the_selection_to_a_bound_known_from_shapes():
+    # 11 tokens in blocks of 4: 3 blocks, so topk 5 keeps 3 slots; the fake implementation needs no cu_seqlens.
+    assert op_slots(5, 11, 4) == 3 and op_slots(2, 11, 4) == 2 and op_slots(3, 0, 4) == 1
+    q, k, v, cu = make_inputs([11, 3], 2, 1, 32, "cpu", seed=2)
+    out, lse, idx = torch.ops.moba.attention_fwd(q, k, v, cu, 4, 5, 0.2, 11, "naive", POISON.key())
+    assert idx.shape == (14, 2, 3) and bool((idx[11:, :, 1:] == -1).all())
+    want = moba_attention(q, k, v, chunk_size=4, topk=5, cu_seqlens=cu, softmax_scale=0.2, backend="naive")
+    assert torch.equal(out, want)
+
+
+@pytest.mark.parametrize("path", ["dense_prefix", "long_blocks"])
+def test_op_serves_the_cudnn_paths(path):
+    # The cuDNN paths on CPU (float32 stand-in): the op keeps the dense prefix's log-sum-exp, so its
+    # backward (all rows in the sparse kernels) matches the eager function's (prefix rows through cuDNN).
+    from moba_cli.ops.moba import plan_call
+
+    opts = POISON.replace(cudnn_reference=True, dense_prefix_min_rows=0,
+                          cudnn_min_chunk=0 if path == "long_blocks" else 2**20, cudnn_pad_rows=8, cudnn_tile_rows=16)
+    q, k, v, cu = make_inputs([40, 40], 2, 1, 32, "cpu", seed=7)
+    assert plan_call(q, k, chunk_size=8, topk=2, cu_seqlens=cu, backend="triton", options=opts).path == path
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    out, _, _ = torch.ops.moba.attention_fwd(*leaves, cu, 8, 2, 32**-0.5, 40, "triton", opts.key())
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = moba_attention(*ref_leaves, chunk_size=8, topk=2, cu_seqlens=cu, backend="triton", options=opts)
+    assert rel_rms(out, want) < 1e-5
+    do = torch.randn_like(want)
+    out.backward(do)
+    want.backward(do)
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        assert rel_rms(a.grad, b.grad) < 1e-4
+
+
+def test_options_travel_as_a_key():
+    from moba_cli.ops.moba import KernelOptions
+    from moba_cli.ops.moba.options import from_key
+
+    for opts in (KernelOptions(), POISON.replace(gate_kind="sort", fwd_cfg=(16, 16, 4, 1), fwd_desc=False)):
+        assert from_key(opts.key()) == opts
