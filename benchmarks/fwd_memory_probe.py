@@ -1,6 +1,6 @@
 """Inference forward: time and peak memory above the inputs, MoBA (by piece budget) against cuDNN.
 
-Usage: [BUDGETS=0,0.12] python benchmarks/fwd_memory_probe.py OUT.json [case ...]; cases: paper-1m,
+Usage: [BUDGETS=-1,0.12] python benchmarks/fwd_memory_probe.py OUT.json [case ...]; cases: paper-1m,
 flashmoba-512k, gqa-128k, paper-128k-h8. Peak: torch.cuda.max_memory_allocated above what was allocated
 before the call (as moba bench's peak_mem_bytes); time: median of CUDA-event timings after a warm-up.
 Each MoBA output is checked for finiteness and against the first budget's (rel RMS).
@@ -67,14 +67,16 @@ def run_case(name: str) -> dict:
     ms, peak = measure(cudnn, 3)
     rec["cudnn"] = {"ms": ms, "peak_bytes": peak}
     outs = {}
-    # BUDGETS: KernelOptions.fwd_piece_budget values to time; "base" times a tree without KernelOptions
-    budgets = [b if b == "base" else float(b) for b in os.environ.get("BUDGETS", "0,0.12").split(",")]
+    # BUDGETS: KernelOptions.fwd_piece_budget values of the lean forward to time (-1: the default forward);
+    # "base" times a tree without KernelOptions
+    budgets = [b if b == "base" else float(b) for b in os.environ.get("BUDGETS", "-1,0.12").split(",")]
     for budget in budgets:
         kw = {}
         if budget != "base":
             from moba_cli.ops.moba import KernelOptions
 
-            kw["options"] = KernelOptions.from_env().replace(fwd_piece_budget=budget)
+            # a negative budget: the default (not lean) inference forward
+            kw["options"] = KernelOptions.from_env().replace(fwd_lean=budget >= 0, fwd_piece_budget=max(budget, 0.0))
 
         def moba(kw=kw):
             with torch.no_grad():

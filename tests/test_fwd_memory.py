@@ -56,11 +56,12 @@ def test_pieces_match_one_piece_and_reference(lens, hq, hkv, chunk, topk, min_ro
     monkeypatch.setattr(fwd_pieces, "SlotLauncher", Spy)
     kw = dict(chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton")
     with torch.no_grad():
-        whole = moba_attention(q, k, v, **kw, options=poisoned(fwd_piece_budget=0.0))
+        whole = moba_attention(q, k, v, **kw, options=poisoned(fwd_lean=True, fwd_piece_budget=0.0))
     assert len(seen) == 1
     seen.clear()
     with torch.no_grad():
-        out = moba_attention(q, k, v, **kw, options=poisoned(fwd_piece_budget=1e-9, fwd_piece_min_rows=min_rows))
+        lean = poisoned(fwd_lean=True, fwd_piece_budget=1e-9, fwd_piece_min_rows=min_rows)
+        out = moba_attention(q, k, v, **kw, options=lean)
     assert len(seen) > 1, "the forward should have run in pieces"
     assert not out.isnan().any()
     assert rel_rms(out, ref) < 1e-5
@@ -70,17 +71,17 @@ def test_pieces_match_one_piece_and_reference(lens, hq, hkv, chunk, topk, min_ro
 @pytest.mark.parametrize("magnitude", [1e-4, 1.0, 1e4])
 def test_float16_partials_keep_precision(magnitude, device):
     """Partials stored as float16 in the output: values near float16's range or its subnormals stay as
-    precise as the float16 output itself (the per-KV-head power-of-two scale), with and without a gradient."""
+    precise as the float16 output itself (the per-KV-head power-of-two scale): with a gradient, without, lean."""
     lens, hq, hkv, chunk, topk = [96], 2, 1, 8, 6  # 5 merges per query
     q, k, v, cu = make_inputs(lens, hq, hkv, 32, device, seed=3)
     q16, k16, v16 = (x.half() for x in (q, k, v * magnitude))
     layout = make_layout(cu, chunk)
     ref, _ = naive.moba_attention_naive(q16.float(), k16.float(), v16.float(), layout, topk)
     rounding = rel_rms(ref.half().float(), ref)  # the output's own float16 rounding
-    for grad in (False, True):
+    for grad, lean in ((False, False), (False, True), (True, False)):
         with torch.set_grad_enabled(grad):
             out = moba_attention(q16, k16, v16, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton",
-                                 options=poisoned())
+                                 options=poisoned(fwd_lean=lean))
         assert out.dtype == torch.float16 and torch.isfinite(out).all()
         assert rel_rms(out.float(), ref) < 4 * rounding + 1e-4
 
@@ -103,8 +104,8 @@ def test_pieces_with_dense_prefix(device):
     q, k, v, cu = make_inputs([seq] * batch, hq, hkv, 32, device, seed=9)
     layout = make_layout(cu, chunk)
     ref, _ = naive.moba_attention_naive(q, k, v, layout, topk)
-    opts = poisoned(dense_prefix=True, dense_prefix_min_rows=0, cudnn_reference=True, fwd_piece_budget=1e-9,
-                    fwd_piece_min_rows=11)
+    opts = poisoned(dense_prefix=True, dense_prefix_min_rows=0, cudnn_reference=True, fwd_lean=True,
+                    fwd_piece_budget=1e-9, fwd_piece_min_rows=11)
     with torch.no_grad():
         out = moba_attention(*(x.view(batch, seq, *x.shape[1:]) for x in (q, k, v)), chunk_size=chunk, topk=topk,
                              backend="triton", options=opts).view(q.shape)

@@ -310,7 +310,7 @@ PIECE_CASES = [
 
 @pytest.mark.parametrize(("seq", "hq", "hkv", "chunk", "topk", "vmag", "budget", "min_rows"), PIECE_CASES)
 def test_inference_forward_in_pieces(seq, hq, hkv, chunk, topk, vmag, budget, min_rows):
-    opts = sparse_options().replace(fwd_piece_budget=budget, fwd_piece_min_rows=min_rows)
+    opts = sparse_options().replace(fwd_lean=True, fwd_piece_budget=budget, fwd_piece_min_rows=min_rows)
     torch.manual_seed(seq + hq + 1)
     dev = torch.device("cuda")
     q = torch.randn(seq, hq, 128, device=dev, dtype=torch.bfloat16)

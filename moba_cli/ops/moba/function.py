@@ -44,8 +44,9 @@ def run_forward(q, k, v, layout: BlockLayout, topk: int, scale: float, opts: Ker
     skip, prefix_state)``: ``sched`` the forward's schedule (None for long blocks; its ``block_idx``
     released), ``skip [T]`` the dense prefix's tokens (None without one), ``prefix_state`` what
     :func:`.dense_prefix.backward` needs (``need_lse``: keep cuDNN's log-sum-exp). ``inference``: no
-    backward follows, so the sparse forward builds its block lists and schedules slot by slot and in pieces
-    (:mod:`.fwd_pieces`) and ``block_idx``/``sched`` come back None."""
+    backward follows and ``KernelOptions.fwd_lean`` asks for the least memory: the sparse forward builds its
+    block lists and schedules slot by slot and in pieces (:mod:`.fwd_pieces`); ``block_idx``/``sched`` come
+    back None."""
     if blocks is not None:
         # the long-block forward does the prefix's work in its own calls
         block_idx = select_blocks(q, k, layout, topk, opts)
@@ -86,7 +87,7 @@ class MobaFunction(torch.autograd.Function):
         if blocks is not None:
             prefix = None
         out, lse, block_idx, sched, skip, state = run_forward(q, k, v, layout, topk, scale, opts, prefix, blocks,
-                                                              need_grad, inference=not need_grad)
+                                                              need_grad, inference=not need_grad and opts.fwd_lean)
         if need_grad:
             # The backward path is decided once here, so the schedule kept for it always fits.
             fused = opts.bwd_fused

@@ -1,4 +1,5 @@
-"""The inference forward (no gradient wanted): the sparse forward with less memory around it.
+"""The lean inference forward (no gradient wanted, ``KernelOptions.fwd_lean``): the sparse forward with
+less memory around it.
 
 Nothing is kept for a backward, so the block lists are int16 where the block count allows, each slot's
 schedule is built just before its launch and freed after it, and where even that would take more than

@@ -53,9 +53,13 @@ class KernelOptions:
     """The forward prefetches each merging tile's float32 partial results into L2 (not under the interpreter)."""
     prefix_stream: bool = True
     """The dense prefix's cuDNN forward runs on a side stream beside the sparse launches (CUDA only)."""
+    fwd_lean: bool = False
+    """Inference forward (no gradient) with the least memory: int16 block lists, one slot's schedule at a
+    time, pieces of heads and rows (``MOBA_FWD_LEAN``); about 1.16x cuDNN's forward peak instead of about
+    1.7x, 2-10% slower where blocks are few (docs/perf-notes.md, forward memory)."""
     fwd_piece_budget: float = 0.12
-    """Inference forward (no gradient): run the gate and schedules for a share of the heads and rows at a time
-    so their buffers stay under this fraction of the output's bytes; 0 runs every query at once."""
+    """With ``fwd_lean``: the gate's and schedules' buffers of a piece stay under this fraction of the output's
+    bytes where they can; 0 runs every query at once (still slot by slot)."""
     fwd_piece_min_rows: int = 65536
     """Fewest rows of such a piece (fewer leave forward tiles part empty, as a block's choosers split up)."""
     poison_outputs: bool = False
@@ -126,14 +130,15 @@ def _config(name: str, val: str | None, sizes: tuple[int, ...]) -> tuple[int, ..
 
 # The variables from_env reads; each maps to the field of the same name without the prefix.
 ENV_NAMES = ("MOBA_DENSE_PREFIX", "MOBA_CUDNN_BLOCKS", "MOBA_OWN_SPLITS", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON",
-             "MOBA_FWD_DESC", "MOBA_GATE_KIND", "MOBA_FWD_CFG", "MOBA_BWD_CFG", "MOBA_GATE_CFG")
+             "MOBA_FWD_DESC", "MOBA_FWD_LEAN", "MOBA_GATE_KIND", "MOBA_FWD_CFG", "MOBA_BWD_CFG", "MOBA_GATE_CFG")
 
 
 @functools.lru_cache(maxsize=8)
 def _from_env(values: tuple[str | None, ...]) -> KernelOptions:
     env = dict(zip(ENV_NAMES, values, strict=True))
     changes: dict = {}
-    for name in ("MOBA_DENSE_PREFIX", "MOBA_CUDNN_BLOCKS", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON", "MOBA_FWD_DESC"):
+    for name in ("MOBA_DENSE_PREFIX", "MOBA_CUDNN_BLOCKS", "MOBA_BWD_FUSED", "MOBA_BWD_GLUON", "MOBA_FWD_DESC",
+                 "MOBA_FWD_LEAN"):
         flag = _flag(name, env[name])
         if flag is not None:
             changes[name[5:].lower()] = flag
