@@ -31,7 +31,6 @@ and the backward stays here.
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 
@@ -41,7 +40,7 @@ import triton.language as tl
 
 from moba_cli.errors import MobaError
 
-from . import cudnn_blocks, dense_prefix
+from . import cudnn_blocks, dense_prefix, gluon_compat
 from .knobs import env_flag, env_str
 from .layout import BlockLayout, num_slots
 from .triton_keys import pack_keys
@@ -860,25 +859,21 @@ BWD_GLUON: bool | None = None
 BWD_GLUON_DEFAULT = True
 
 
-@functools.cache
 def _gluon_available() -> bool:
-    """Gluon's Hopper API as gluon_bwd.py uses it: Triton 3.6 (the version it was written and measured
-    with; Gluon is experimental and its API changed between releases)."""
-    try:
-        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-        if (major, minor) < (3, 6):
-            return False
-        from . import gluon_bwd  # noqa: F401
-    except (ImportError, AttributeError, ValueError):
-        return False
-    return True
+    """Whether this Triton has the Gluon API gluon_bwd.py needs (gluon_compat.py: 3.6 to 3.8 checked)."""
+    return gluon_compat.gluon_supported()[0]
 
 
 def _gluon_bwd_usable(q: torch.Tensor) -> bool:
     # bf16 and fp16: both run in the GPU suite against the Triton kernel and the float32 reference.
     if _is_interp() or not q.is_cuda or not _hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    return q.shape[-1] == 128 and _gluon_available()
+    if q.shape[-1] != 128:
+        return False
+    ok, why = gluon_compat.gluon_supported()
+    if not ok:
+        gluon_compat.warn_fallback(why)
+    return ok
 
 
 def bwd_gluon(q: torch.Tensor) -> bool:
@@ -1030,11 +1025,12 @@ def _backward(q, k, v, out, dout, lse, layout: BlockLayout, lists: BwdLists, sch
     dk = _empty(*k.shape, dtype=k.dtype, device=k.device)
     dv = _empty(*v.shape, dtype=v.dtype, device=v.device)
     nsub = triton.cdiv(layout.chunk_size, cfg["BLOCK_N"])
+    ran_gluon = False
     if layout.num_blocks and fused and bwd_gluon(q):
         from . import gluon_bwd
 
-        gluon_bwd.launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, lists, layout, scale, LOG2E)
-    elif layout.num_blocks:
+        ran_gluon = gluon_bwd.launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, lists, layout, scale, LOG2E)
+    if layout.num_blocks and not ran_gluon:
         _bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
             q, k, v, dout, lse, delta, dk, dv, dq_acc,
             lists.pair_t, lists.group_off, lists.group_cnt, layout.block_start, layout.block_end,
