@@ -84,6 +84,15 @@ def test_mark_unsupported_and_warn_once():
     assert "Gluon" in str(caught[0].message) and "one" in str(caught[0].message)
 
 
+def test_usable_warns_once_where_unsupported(monkeypatch):
+    monkeypatch.setattr(gluon_compat, "_triton_version", lambda: (3, 5))
+    with pytest.warns(RuntimeWarning, match="Triton 3.5 is older than 3.6.*using the Triton backward"):
+        assert gluon_compat.gluon_usable() is False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert gluon_compat.gluon_usable() is False
+
+
 class StandIn:
     """In place of the Gluon kernel: ``warmup`` (compile only) fails or not; a launch is recorded."""
 

@@ -7,7 +7,7 @@ and 3.8 (compiled for sm_90 by tests/compile_sm90.py in CI). The one rename the 
 
 ``async_copy_global_to_shared`` is ``async_load`` in 3.8 and still answers to its old name; both are looked up.
 Where a name the kernel needs is missing, :func:`gluon_supported` says which, and the op runs the Triton
-backward instead, with one warning (:func:`warn_fallback`). A kernel that fails to compile on a release that
+backward instead, with one warning (:func:`gluon_usable`). A kernel that fails to compile on a release that
 has the names (its API changed in a way not listed here) is reported by :func:`mark_unsupported` the same way.
 """
 
@@ -21,12 +21,18 @@ from typing import Any
 # Gluon before 3.6 had other layout and MMA signatures (the kernel was written and measured on 3.6).
 MIN_TRITON = (3, 6)
 
-# What gluon_bwd.py uses, by module: either name of a pair will do (newest first).
-_NEEDS: dict[str, tuple[str | tuple[str, ...], ...]] = {
-    "gl": (("barrier", "thread_barrier"), "allocate_shared_memory", "arange", "atomic_add", "convert_layout",
-           "exp2", "load", "store", "where", "zeros", "static_assert", "BlockedLayout", "SliceLayout",
-           "DotOperandLayout", "NVMMADistributedLayout", "NVMMASharedLayout"),
-    "async_copy": (("async_load", "async_copy_global_to_shared"), "commit_group", "wait_group"),
+# Names gluon_bwd.py imports from here: (module, names newest first). Looked up on first use (module
+# __getattr__ below): importing Gluon takes a noticeable fraction of a second, which only its backward pays.
+_MOVED: dict[str, tuple[str, tuple[str, ...]]] = {
+    "cta_barrier": ("gl", ("barrier", "thread_barrier")),
+    "async_load": ("async_copy", ("async_load", "async_copy_global_to_shared")),
+}
+# The rest of what gluon_bwd.py uses, by module.
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "gl": ("allocate_shared_memory", "arange", "atomic_add", "convert_layout", "exp2", "load", "store", "where",
+           "zeros", "static_assert", "BlockedLayout", "SliceLayout", "DotOperandLayout", "NVMMADistributedLayout",
+           "NVMMASharedLayout"),
+    "async_copy": ("commit_group", "wait_group"),
     "hopper": ("fence_async_shared", "warpgroup_mma", "warpgroup_mma_wait"),
 }
 
@@ -43,9 +49,9 @@ def _modules() -> dict[str, ModuleType]:
     return {"gl": gl, "async_copy": async_copy, "hopper": hopper}
 
 
-def _pick(module: ModuleType, names: str | tuple[str, ...]) -> Any:
+def _pick(module: ModuleType, names: tuple[str, ...]) -> Any:
     """The first of ``names`` that ``module`` has, else None."""
-    for name in (names,) if isinstance(names, str) else names:
+    for name in names:
         if hasattr(module, name):
             return getattr(module, name)
     return None
@@ -82,11 +88,20 @@ def _api_check() -> tuple[bool, str]:
         modules = _modules()
     except ImportError as exc:
         return False, f"Triton {version[0]}.{version[1]} has no Gluon Hopper API ({exc})"
-    missing = [f"{key}.{names if isinstance(names, str) else '/'.join(names)}"
-               for key, wanted in _NEEDS.items() for names in wanted if _pick(modules[key], names) is None]
+    wanted = [*_MOVED.values(), *((key, (name,)) for key, names in _NEEDS.items() for name in names)]
+    missing = [f"{key}.{'/'.join(names)}" for key, names in wanted if _pick(modules[key], names) is None]
     if missing:
         return False, f"Triton {version[0]}.{version[1]}'s Gluon lacks {', '.join(missing)}"
     return True, ""
+
+
+def gluon_usable() -> bool:
+    """:func:`gluon_supported`, with the one fallback warning where not: for the op's choice of backward once
+    it knows the call would take the Gluon kernel (Hopper, bf16/fp16, head dim 128, not turned off)."""
+    ok, why = gluon_supported()
+    if not ok:
+        warn_fallback(why)
+    return ok
 
 
 def mark_unsupported(reason: str) -> None:
@@ -120,6 +135,10 @@ def _resolve(key: str, names: tuple[str, ...]) -> Any:
     return found
 
 
-# The names gluon_bwd.py imports from here.
-cta_barrier = _resolve("gl", ("barrier", "thread_barrier"))
-async_load = _resolve("async_copy", ("async_load", "async_copy_global_to_shared"))
+def __getattr__(name: str) -> Any:
+    """The names of ``_MOVED``, resolved for this Triton on first use."""
+    if name not in _MOVED:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = _resolve(*_MOVED[name])
+    globals()[name] = value
+    return value

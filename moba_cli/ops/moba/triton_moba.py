@@ -868,12 +868,7 @@ def _gluon_bwd_usable(q: torch.Tensor) -> bool:
     # bf16 and fp16: both run in the GPU suite against the Triton kernel and the float32 reference.
     if _is_interp() or not q.is_cuda or not _hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    if q.shape[-1] != 128:
-        return False
-    ok, why = gluon_compat.gluon_supported()
-    if not ok:
-        gluon_compat.warn_fallback(why)
-    return ok
+    return q.shape[-1] == 128 and gluon_compat.gluon_usable()
 
 
 def bwd_gluon(q: torch.Tensor) -> bool:
