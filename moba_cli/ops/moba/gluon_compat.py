@@ -18,7 +18,7 @@ import warnings
 from types import ModuleType
 from typing import Any
 
-# Gluon before 3.6 had other layout and MMA signatures (the kernel was written and measured on 3.6).
+# The oldest Gluon the kernel was compiled with (it was written and measured on 3.6; earlier Gluon is untested).
 MIN_TRITON = (3, 6)
 
 # Names gluon_bwd.py imports from here: (module, names newest first). Looked up on first use (module
