@@ -160,9 +160,13 @@ def forward_launches() -> list:
 
 def compile_gluon() -> None:
     """The Hopper backward in Gluon (gluon_bwd.py): bf16 and fp16, key tiles dividing the block or not.
-    Skipped, with a line saying so, where Triton has no Gluon API the kernel can use (before 3.6)."""
-    if not bwd.gluon_available():
-        print(f"gluon backward skipped: Triton {triton.__version__} (needs 3.6)", flush=True)
+    Skipped, with a line saying why, where this Triton has no Gluon API the kernel can use (gluon_compat.py);
+    there the op runs the Triton backward."""
+    from moba_cli.ops.moba.gluon_compat import gluon_supported
+
+    ok, why = gluon_supported()
+    if not ok:
+        print(f"gluon backward skipped: {why}", flush=True)
         return
     from triton.experimental.gluon._runtime import GluonASTSource
 
@@ -224,4 +228,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    print(f"triton {triton.__version__}, torch {torch.__version__}", flush=True)
     main()

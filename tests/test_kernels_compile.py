@@ -25,12 +25,12 @@ def test_kernels_compile_for_sm90(tmp_path):
     env["TRITON_CACHE_DIR"] = str(tmp_path)  # compile for real, not from a cache
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     proc = subprocess.run([sys.executable, str(HERE / "compile_sm90.py")], env=env, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=1800)  # minutes on a busy 2-core CI machine
     assert proc.returncode == 0, proc.stderr[-4000:]
     lines = [line for line in proc.stdout.splitlines() if " ok," in line]
-    from moba_cli.ops.moba.bwd import gluon_available
+    from moba_cli.ops.moba.gluon_compat import gluon_supported
 
-    gluon = 4 if gluon_available() else 0  # the Gluon backward needs Triton 3.6
+    gluon = 4 if gluon_supported()[0] else 0  # Triton 3.6 to 3.8 have the Gluon API the backward needs
     assert len(lines) == PREFILL - 4 + gluon + DECODE, proc.stdout
     assert sum(line.startswith("gluon ") for line in lines) == gluon, proc.stdout
     for name in (*DECODE_KERNELS, "_gate_grouped_kernel"):

@@ -12,12 +12,11 @@ orders its asynchronous products and row copies by hand.
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from . import gluon_compat
 from .common import LOG2E, empty, hopper, is_interp, prec
 from .layout import BlockLayout
 from .options import KernelOptions
@@ -230,25 +229,17 @@ def bwd_config(d: int, dtype: torch.dtype, fused: bool, cfg: tuple[int, ...] | N
 # 135 vs 158 ms; results/kernel-dev/v8-bwd-gluon.json). KernelOptions.bwd_gluon=False turns it off.
 
 
-@functools.cache
 def gluon_available() -> bool:
-    """Gluon's Hopper API as gluon_bwd.py uses it: Triton 3.6 (the version it was written and measured
-    with; Gluon is experimental and its API changed between releases)."""
-    try:
-        major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-        if (major, minor) < (3, 6):
-            return False
-        from . import gluon_bwd  # noqa: F401
-    except (ImportError, AttributeError, ValueError):
-        return False
-    return True
+    """Whether this Triton has the Gluon API gluon_bwd.py uses (Triton 3.6 to 3.8; :mod:`.gluon_compat`)."""
+    return gluon_compat.gluon_supported()[0]
 
 
 def _gluon_bwd_usable(q: torch.Tensor) -> bool:
     # bf16 and fp16: both run in the GPU suite against the Triton kernel and the float32 reference.
     if is_interp() or not q.is_cuda or not hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
         return False
-    return q.shape[-1] == 128 and gluon_available()
+    # gluon_usable warns once where the API is missing: the op then runs the Triton backward
+    return q.shape[-1] == 128 and gluon_compat.gluon_usable()
 
 
 def bwd_gluon(q: torch.Tensor, opts: KernelOptions) -> bool:
@@ -295,11 +286,13 @@ def backward(q, k, v, out, dout, lse, layout: BlockLayout, lists: BwdLists, sche
     dk = empty(*k.shape, dtype=k.dtype, device=k.device, poison=poison)
     dv = empty(*v.shape, dtype=v.dtype, device=v.device, poison=poison)
     nsub = triton.cdiv(layout.chunk_size, cfg["BLOCK_N"])
+    ran_gluon = False
     if layout.num_blocks and fused and bwd_gluon(q, opts):
         from . import gluon_bwd
 
-        gluon_bwd.launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, lists, layout, scale, LOG2E)
-    elif layout.num_blocks:
+        # False where this Triton cannot compile the Gluon kernel (warned once): the Triton kernel below
+        ran_gluon = gluon_bwd.launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, lists, layout, scale, LOG2E)
+    if layout.num_blocks and not ran_gluon:
         _bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
             q, k, v, dout, lse, delta, dk, dv, dq_acc,
             lists.pair_t, lists.group_off, lists.group_cnt, layout.block_start, layout.block_end,

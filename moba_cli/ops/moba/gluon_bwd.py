@@ -1,6 +1,6 @@
 """Hopper (sm_90) backward of MoBA's sparse attention, written in Gluon (Triton's explicit-layout dialect).
 
-Same work as ``triton_moba._bwd_dkdv_kernel`` with the fused dQ: one program holds dK and dV of a
+Same work as ``bwd._bwd_dkdv_kernel`` with the fused dQ: one program holds dK and dV of a
 ``BLOCK_N``-key tile in registers and walks the query tiles that chose the tile's block, five products per
 tile pair. What Gluon lets us order by hand, and Triton 3.6 does not:
 
@@ -15,9 +15,9 @@ tile pair. What Gluon lets us order by hand, and Triton 3.6 does not:
 Measured on the H200 against the Triton kernel (docs/perf-notes.md, v8, with the slot-major lists of
 then): paper preset 1M x 1 head 159 vs 192 ms, 128K x 8 heads 135 vs 158 ms, dK and dV bit-identical.
 
-Written for sm_90, head dim 128 and ``BLOCK_N`` = 128 keys; ``triton_moba`` runs it for bf16 and fp16
+Written for sm_90, head dim 128 and ``BLOCK_N`` = 128 keys; ``bwd.backward`` runs it for bf16 and fp16
 (both checked in the GPU suite; ``MOBA_BWD_GLUON=0`` turns it off) and keeps its own kernel for everything
-else. The queries come from ``triton_moba.BwdLists``: per head and block, the block's own queries, then
+else. The queries come from ``schedule.BwdLists``: per head and block, the block's own queries, then
 the ones that chose it as a past block. Shapes: q, dO ``[T, Hq, D]``; k, v
 ``[T, Hkv, D]``; lse, delta ``[T, Hq]`` float32 (lse in base 2, scaled); dQ ``[T, Hq, D]`` float32.
 """
@@ -30,6 +30,9 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
+# Names that moved between Triton releases, and the fallback when this Triton cannot build the kernel.
+from .gluon_compat import async_load, cta_barrier, gluon_supported, mark_unsupported, warn_fallback
+
 
 @gluon.jit
 def _issue_rows(q_buf, do_buf, Q, DO, PAIR_T, base, m0, cnt, h, stride_qt, stride_qh, stride_dot, stride_doh,
@@ -40,9 +43,9 @@ def _issue_rows(q_buf, do_buf, Q, DO, PAIR_T, base, m0, cnt, h, stride_qt, strid
     rmask = rows < cnt
     t = gl.load(PAIR_T + base + rows, mask=rmask, other=0).to(gl.int64)
     d = gl.arange(0, D, layout=gl.SliceLayout(0, LD))
-    cp.async_copy_global_to_shared(q_buf, Q + t[:, None] * stride_qt + h * stride_qh + d[None, :],
+    async_load(q_buf, Q + t[:, None] * stride_qt + h * stride_qh + d[None, :],
                                    mask=rmask[:, None])
-    cp.async_copy_global_to_shared(do_buf, DO + t[:, None] * stride_dot + h * stride_doh + d[None, :],
+    async_load(do_buf, DO + t[:, None] * stride_dot + h * stride_doh + d[None, :],
                                    mask=rmask[:, None])
     cp.commit_group()
 
@@ -79,7 +82,7 @@ def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
     kn = ks + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(1, L_S))
     zero_s = gl.zeros([BLOCK_N, BLOCK_M], gl.float32, L_S)
     # The previous group's last products may still be reading stage 0 in the other warp group.
-    gl.thread_barrier()
+    cta_barrier()
     if m_start < cnt:
         _issue_rows(q_s.index(0), do_s.index(0), Q, DO, PAIR_T, base, m_start, cnt, h,
                     stride_qt, stride_qh, stride_dot, stride_doh, D, BLOCK_M, LD)
@@ -91,7 +94,7 @@ def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
         fence_async_shared()
         # Everyone's rows have landed, and every warp group is past the previous tile's products, so the
         # other stage is free for the next tile.
-        gl.thread_barrier()
+        cta_barrier()
         qb = q_s.index(stage)
         dob = do_s.index(stage)
         st = warpgroup_mma(k_s, qb.permute((1, 0)), zero_s, use_acc=False, is_async=True)
@@ -113,7 +116,7 @@ def _query_tiles(dk, dv, k_s, v_s, q_s, do_s, ds_s, ks, ke,
         dst = (pt * (dpt - delta[None, :])).to(q_s.dtype)
         ds_s.store(dst)
         fence_async_shared()
-        gl.thread_barrier()
+        cta_barrier()
         dv = warpgroup_mma(gl.convert_layout(pt.to(q_s.dtype), OP_A), dob, dv, is_async=True)
         dk = warpgroup_mma(gl.convert_layout(dst, OP_A), qb, dk, is_async=True)
         dqt = warpgroup_mma(k_s.permute((1, 0)), ds_s, zero_s, use_acc=False, is_async=True)
@@ -174,7 +177,7 @@ def bwd_dkdv_kernel(
         v_s.store(gl.load(V + rk64[:, None] * stride_vt + hk * stride_vh + dl[None, :], mask=kmask[:, None],
                           other=0.0))
         fence_async_shared()
-        gl.thread_barrier()
+        cta_barrier()
         dk = gl.zeros([BLOCK_N, D], gl.float32, L_KV)
         dv = gl.zeros([BLOCK_N, D], gl.float32, L_KV)
         for hh in range(G):
@@ -206,20 +209,51 @@ def bwd_dkdv_kernel(
                  mask=omask)
 
 
-def launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, lists, layout, scale: float, log2e: float) -> None:
+def launch(q, k, v, dout, lse, delta, dk, dv, dq_acc, lists, layout, scale: float, log2e: float) -> bool:
     """Run ``bwd_dkdv_kernel`` over every key tile (64-query x 128-key tiles, 8 warps); ``lists``:
-    ``triton_moba.BwdLists``."""
+    ``schedule.BwdLists``. False, with one warning and nothing written, where this Triton cannot compile the
+    kernel (its Gluon API changed): the caller then runs the Triton backward."""
     d = q.shape[-1]
     hq, hkv = q.shape[1], k.shape[1]
     block_n, block_m = 128, 64
     nsub = triton.cdiv(layout.chunk_size, block_n)
-    bwd_dkdv_kernel[(layout.num_blocks * nsub, hkv)](
+    args = (
         q, k, v, dout, lse, delta, dk, dv, dq_acc,
         lists.pair_t, lists.group_off, lists.group_cnt, layout.block_start, layout.block_end,
         scale * log2e, scale,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1),
         dq_acc.stride(0), dq_acc.stride(1),
-        H=hq, NB=layout.num_blocks, NSUB=nsub, G=hq // hkv, D=d,
-        EVEN=layout.chunk_size % block_n == 0, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8,
     )
+    consts = dict(H=hq, NB=layout.num_blocks, NSUB=nsub, G=hq // hkv, D=d, EVEN=layout.chunk_size % block_n == 0,
+                  BLOCK_M=block_m, BLOCK_N=block_n, num_warps=8)
+    grid = (layout.num_blocks * nsub, hkv)
+    if not _compiles(args, consts, grid, (q.dtype, d, consts["EVEN"])):
+        return False
+    bwd_dkdv_kernel[grid](*args, **consts)
+    return True
+
+
+_COMPILED: set = set()  # (dtype, head dim, EVEN) settings that compiled in this process
+
+
+def _compiles(args: tuple, consts: dict, grid: tuple, setting: tuple) -> bool:
+    """Compile the kernel for this launch without running it, the first time a setting is seen. Anything
+    the compiler raises means this Triton's Gluon differs from the one the kernel was written for."""
+    if setting in _COMPILED:
+        return True
+    ok, why = gluon_supported()
+    if ok:
+        try:
+            bwd_dkdv_kernel.warmup(*args, grid=grid, **consts)
+        except Exception as exc:  # warmup only compiles: every error here is the compiler's
+            lines = [ln for ln in str(getattr(exc, "error_message", None) or exc).splitlines() if ln.strip()]
+            why = (f"it does not compile with Triton {triton.__version__} "
+                   f"({type(exc).__name__}: {lines[-1].strip()[:200] if lines else ''})")
+            mark_unsupported(why)
+            ok = False
+    if not ok:
+        warn_fallback(why)
+        return False
+    _COMPILED.add(setting)
+    return True
