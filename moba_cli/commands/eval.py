@@ -1,0 +1,223 @@
+"""`moba eval needle|ruler|loss`: does the model still find what is far back in its context?
+
+Thin commands: parse and check the options, call :mod:`moba_cli.evals`, print a table, write the result.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from moba_cli.commands._common import console, parse_dtype, resolve_device, user_errors
+from moba_cli.errors import MobaError
+
+DEFAULT_OUT = "results/evals"
+
+app = typer.Typer(
+    help=(
+        "Evaluate a model with MoBA against full attention on the same weights: needle in a haystack, RULER "
+        "(through lm-eval) and loss by position. Offline; every command writes a JSON result and plots."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelOpt = Annotated[Path, typer.Option("--model", help="Model directory (moba convert/train output or a plain "
+                                        "checkpoint with --chunk/--topk), with its tokenizer.")]
+AttnOpt = Annotated[str, typer.Option("--attn", help="moba, full, or both (same weights, same prompts).")]
+OutOpt = Annotated[Path | None, typer.Option("--out", help=f"Folder (or .json file) for the result and plots "
+                                            f"[default: {DEFAULT_OUT}].")]
+ChunkOpt = Annotated[str | None, typer.Option("--chunk", help="Override the MoBA block size (e.g. 4k).")]
+TopkOpt = Annotated[int | None, typer.Option("--topk", help="Override MoBA's top-k (blocks per query).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bf16, fp16, fp32.")]
+NoPlotOpt = Annotated[bool, typer.Option("--no-plot", help="Skip the PNG plots.")]
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=True,
+    )
+
+
+def _setup(model: Path, attn: str, chunk: str | None, topk: int | None, device: str, dtype: str, out: Path | None):
+    """Checks every option that can fail cheaply, then loads the model: ``(LoadedModel, attns)``."""
+    import torch
+
+    from moba_cli.evals.model import check_model_dir, load, parse_attn
+    from moba_cli.results import check_out
+    from moba_cli.utils.sizes import parse_size
+
+    attns = parse_attn(attn)
+    check_model_dir(model)
+    dev = resolve_device(device)
+    dt = (torch.bfloat16 if dev.type == "cuda" else torch.float32) if dtype.lower() == "auto" else parse_dtype(dtype)
+    chunk_size = None
+    if chunk is not None:
+        try:
+            chunk_size = parse_size(chunk)
+        except MobaError as e:
+            raise MobaError(f"--chunk: {e}") from None
+    if topk is not None and topk < 1:
+        raise MobaError(f"--topk must be at least 1, got {topk}")
+    check_out(out, DEFAULT_OUT)
+    return attns, (lambda: load(model, attns, device=dev, dtype=dt, chunk_size=chunk_size, topk=topk))
+
+
+def _lengths(text: str, flag: str = "--lengths") -> list[int]:
+    from moba_cli.utils.sizes import parse_size_list
+
+    try:
+        return sorted(set(parse_size_list(text)))
+    except MobaError as e:
+        raise MobaError(f"{flag}: {e}") from None
+
+
+def _model_config(lm: Any) -> dict[str, Any]:
+    return {"model": str(lm.path), "device": str(lm.device), "dtype": str(lm.dtype).replace("torch.", ""),
+            "moba": lm.moba, "max_position_embeddings": lm.max_positions}
+
+
+def _write(kind: str, config: dict, records: list, summary: dict, out: Path | None, plot) -> tuple[Path, list[Path]]:
+    """Write the plots (named after the result) and then the result JSON. Returns both paths."""
+    from moba_cli.results import make_result, write_result
+
+    result = make_result(kind, config, records, summary)
+    target = Path(out) if out is not None else Path(DEFAULT_OUT)
+    stamp = result["created"].replace(":", "").replace("-", "")
+    json_path = target if target.suffix == ".json" else target / f"{kind}-{stamp}.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    pngs = plot(json_path.with_suffix("")) if plot is not None else []
+    result["summary"]["plots"] = [str(p) for p in pngs]
+    return write_result(result, json_path, DEFAULT_OUT), pngs
+
+
+NEEDLE_HELP = (
+    "Needle in a haystack: a grid of context length x needle depth, several samples per cell.\n\n"
+    "Each prompt is exactly LENGTH tokens (the model's tokenizer); the needle (a key and a random 7-digit "
+    "value) sits at the exact token depth asked for, and the question comes last. Two scores per cell: "
+    "exact match of the value in the greedy answer, and the rank / log-probability of the true value "
+    "against distractor values (useful for small base models). With --attn both the same prompts run with "
+    "MoBA and full attention; heatmaps of each and of their difference are written beside the JSON.\n\n"
+    "Finished cells are kept in a partial file in the output folder: an interrupted run continues with "
+    "--resume. A cell that runs out of GPU memory is recorded as such and the run goes on.\n\n"
+    "Examples:\n\n"
+    "  moba eval needle --model ./llama-moba --attn both --lengths 4k,8k,16k,32k --depths 11 --samples 4\n\n"
+    "  moba eval needle --model ./ckpt --chunk 512 --topk 3 --haystack code --out results/evals/ckpt"
+)
+
+
+@app.command("needle", help=NEEDLE_HELP, short_help="Needle-in-a-haystack grid, MoBA vs full attention.")
+def needle(
+    model: ModelOpt,
+    attn: AttnOpt = "both",
+    lengths: Annotated[str, typer.Option("--lengths", help="Context lengths, e.g. 4k,8k,16k,32k.")] = "4k,8k,16k,32k",
+    depths: Annotated[str, typer.Option("--depths", help="Number of depths 0..100% (1-101), or a list 0,50,100.")]
+    = "11",
+    samples: Annotated[int, typer.Option("--samples", help="Samples per cell (different keys and values).")] = 4,
+    haystack: Annotated[str, typer.Option("--haystack", help="noise (RULER filler), code (this Python's stdlib "
+                                          "sources) or a text FILE.")] = "noise",
+    needle_t: Annotated[str | None, typer.Option("--needle", help="Needle template with {key} and {value}.")]
+    = None,
+    question_t: Annotated[str | None, typer.Option("--question", help="Question template with {key}; ends where "
+                                                   "the answer starts.")] = None,
+    distractors: Annotated[int, typer.Option("--distractors", help="Distractor values for the rank score.")] = 9,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the keys and values.")] = 0,
+    answer_tokens: Annotated[int, typer.Option("--answer-tokens", help="Greedy tokens beyond the value's own "
+                                               "length.")] = 8,
+    max_batch_tokens: Annotated[str, typer.Option("--max-batch-tokens", help="Memory budget: prompt tokens run "
+                                                  "together (samples of one cell are batched up to it).")] = "64k",
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run with the same settings.")]
+    = False,
+    chunk: ChunkOpt = None,
+    topk: TopkOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    out: OutOpt = None,
+    no_plot: NoPlotOpt = False,
+) -> None:
+    with user_errors():
+        from moba_cli.evals import haystack as hs
+        from moba_cli.evals.needle import DEFAULT_NEEDLE, DEFAULT_QUESTION, Templates, parse_depths
+        from moba_cli.evals.needle_run import NeedleConfig, prepare, run_needle, summarize
+        from moba_cli.evals.state import PartialRun, out_folder
+        from moba_cli.utils.sizes import parse_size
+
+        lens = _lengths(lengths)
+        deps = parse_depths(depths)
+        if samples < 1:
+            raise MobaError(f"--samples must be at least 1, got {samples}")
+        if answer_tokens < 0:
+            raise MobaError(f"--answer-tokens must be 0 or more, got {answer_tokens}")
+        if distractors < 1:
+            raise MobaError(f"--distractors must be at least 1, got {distractors}")
+        templates = Templates(needle_t or DEFAULT_NEEDLE, question_t or DEFAULT_QUESTION)
+        templates.check()
+        hs.check_source(haystack)
+        budget = parse_size(max_batch_tokens)
+        if not no_plot:
+            from moba_cli.evals.plots import check_matplotlib
+
+            check_matplotlib()
+        attns, loader = _setup(model, attn, chunk, topk, device, dtype, out)
+        lm = loader()
+        cfg = NeedleConfig(lens, deps, samples, hs.describe(haystack), templates, distractors, seed, budget,
+                           answer_tokens)
+        prepare(lm, cfg)  # bad lengths fail before any file is written
+        config = {**_model_config(lm), "attn": attns, **cfg.settings(), "max_batch_tokens": budget}
+        state = PartialRun(out_folder(out, DEFAULT_OUT), "eval-needle", {**config, "model": str(lm.path.resolve())},
+                           ("attn", "length", "depth"))
+        notes = state.open(resume)
+        total = len(lens) * len(deps) * len(attns) * samples
+        with progress_bar() as bar:
+            task = bar.add_task("needle", total=total)
+            records, run_notes = run_needle(lm, cfg, attns, state,
+                                            lambda n, d: bar.update(task, advance=n, description=d))
+        notes += run_notes
+        summary = {"scores": summarize(records, attns, lens), "notes": notes}
+        title = f"needle: {lm.path.name}"
+        plot = None
+        if not no_plot:
+            from moba_cli.evals.plots import needle_heatmaps
+
+            plot = lambda stem: needle_heatmaps(records, attns, lens, deps, stem, title)  # noqa: E731
+        path, pngs = _write("eval-needle", config, records, summary, out, plot)
+        state.finish()
+        _needle_table(summary["scores"], attns, lens)
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        console.print(f"result: {path}" + (f"; plots: {', '.join(map(str, pngs))}" if pngs else ""),
+                      highlight=False, soft_wrap=True)
+
+
+def _fmt(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}"
+
+
+def _needle_table(scores: dict[str, Any], attns: list[str], lengths: list[int]) -> None:
+    from moba_cli.utils.sizes import format_size
+
+    table = Table(title="needle: mean over depths (exact match / true value ranked first)", title_justify="left")
+    table.add_column("length", justify="right")
+    for a in attns:
+        table.add_column(f"{a} exact", justify="right")
+        table.add_column(f"{a} rank-1", justify="right")
+    if attns == ["moba", "full"]:
+        table.add_column("Δ exact", justify="right")
+    for n in lengths:
+        row = [format_size(n)]
+        got = {a: scores[a]["per_length"].get(str(n)) for a in attns}
+        for a in attns:
+            row += [_fmt(got[a] and got[a]["exact"]), _fmt(got[a] and got[a]["rank1"])]
+        if attns == ["moba", "full"]:
+            both = got["moba"] and got["full"]
+            row.append(_fmt(got["moba"]["exact"] - got["full"]["exact"]) if both else "-")
+        table.add_row(*row)
+    console.print(table)
