@@ -8,6 +8,7 @@ import typer
 
 from moba_cli import __version__
 from moba_cli.commands import bench, compare, convert
+from moba_cli.commands import eval as eval_cmd
 
 app = typer.Typer(
     name="moba",
@@ -46,6 +47,8 @@ app.command("bench", help=bench.HELP, short_help="Time MoBA against dense attent
 app.command("convert", help=convert.HELP, short_help="Switch a transformers checkpoint's attention to MoBA.")(
     convert.convert
 )
+
+app.add_typer(eval_cmd.app, name="eval", help="Needle, RULER and loss by position: MoBA against full attention.")
 
 
 def main() -> None:
