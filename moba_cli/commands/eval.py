@@ -221,3 +221,97 @@ def _needle_table(scores: dict[str, Any], attns: list[str], lengths: list[int]) 
             row.append(_fmt(got["moba"]["exact"] - got["full"]["exact"]) if both else "-")
         table.add_row(*row)
     console.print(table)
+
+
+LOSS_HELP = (
+    "Next-token loss by position over long held-out documents, MoBA beside full attention.\n\n"
+    "The documents are --docs consecutive windows of --seq tokens of the data: `code` (this Python's "
+    "standard-library sources, found on the machine) or a text FILE long enough for them. The loss is "
+    "averaged in --buckets equal position buckets: MoBA's weak spot, if any, is the last bucket of a long "
+    "context. Writes the result JSON and a line plot of loss against position.\n\n"
+    "Examples:\n\n"
+    "  moba eval loss --model ./llama-moba --attn both --seq 32k --buckets 8\n\n"
+    "  moba eval loss --model ./ckpt --chunk 512 --topk 3 --data held_out.txt --seq 8k --docs 4"
+)
+
+
+@app.command("loss", help=LOSS_HELP, short_help="Loss by position bucket, MoBA vs full attention.")
+def loss(
+    model: ModelOpt,
+    attn: AttnOpt = "both",
+    data: Annotated[str, typer.Option("--data", help="code (stdlib sources on this machine) or a text FILE.")]
+    = "code",
+    seq: Annotated[str, typer.Option("--seq", help="Tokens per document (e.g. 32k).")] = "32k",
+    buckets: Annotated[int, typer.Option("--buckets", help="Position buckets.")] = 8,
+    docs: Annotated[int, typer.Option("--docs", help="Documents (windows of --seq tokens) averaged.")] = 1,
+    chunk: ChunkOpt = None,
+    topk: TopkOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    out: OutOpt = None,
+    no_plot: NoPlotOpt = False,
+) -> None:
+    with user_errors():
+        from moba_cli.evals import haystack as hs
+        from moba_cli.evals.loss import LossConfig, documents, run_loss
+        from moba_cli.utils.sizes import parse_size
+
+        if data == "noise":
+            raise MobaError("--data noise is too predictable to measure loss; use code or a FILE")
+        hs.check_source(data)
+        try:
+            n = parse_size(seq)
+        except MobaError as e:
+            raise MobaError(f"--seq: {e}") from None
+        cfg = LossConfig(data, n, buckets, docs)
+        if not 1 <= buckets <= n - 1:
+            raise MobaError(f"--buckets must be between 1 and {n - 1}, got {buckets}")
+        if not no_plot:
+            from moba_cli.evals.plots import check_matplotlib
+
+            check_matplotlib()
+        attns, loader = _setup(model, attn, chunk, topk, device, dtype, out)
+        lm = loader()
+        documents(lm, cfg)  # a too-short FILE fails before the long work
+        notes = [*lm.notes]
+        from moba_cli.evals.model import length_notes
+
+        notes += length_notes(lm, [n])
+        with progress_bar() as bar:
+            task = bar.add_task("loss", total=len(attns) * docs)
+            records, summary = run_loss(lm, cfg, attns, lambda k, d: bar.update(task, advance=k, description=d))
+        summary["notes"] = notes
+        config = {**_model_config(lm), "attn": attns, "data": hs.describe(data), "seq": n, "buckets": buckets,
+                  "docs": docs}
+        plot = None
+        if not no_plot:
+            from moba_cli.evals.plots import loss_plot
+
+            ok = [a for a in attns if any(r.get("attn") == a and r["status"] == "ok" for r in records)]
+            plot = lambda stem: [loss_plot(records, ok, stem.parent / f"{stem.name}.png",  # noqa: E731
+                                           f"loss by position: {lm.path.name}, {seq} tokens")]
+        path, pngs = _write("eval-loss", config, records, summary, out, plot)
+        _loss_table(records, attns)
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        console.print(f"result: {path}" + (f"; plot: {pngs[0]}" if pngs else ""), highlight=False, soft_wrap=True)
+
+
+def _loss_table(records: list[dict[str, Any]], attns: list[str]) -> None:
+    table = Table(title="next-token loss by position (nats)", title_justify="left")
+    table.add_column("positions", justify="right")
+    for a in attns:
+        table.add_column(a, justify="right")
+    both = attns == ["moba", "full"]
+    if both:
+        table.add_column("moba - full", justify="right")
+    rows: dict[tuple[int, int], dict[str, float]] = {}
+    for r in records:
+        if r["status"] == "ok":
+            rows.setdefault((r["start"] + 1, r["end"]), {})[r["attn"]] = r["loss"]
+    for (a, b), got in rows.items():
+        cells = [f"{a}-{b}"] + [f"{got[x]:.4f}" if x in got else "OOM" for x in attns]
+        if both:
+            cells.append(f"{got['moba'] - got['full']:+.4f}" if len(got) == 2 else "-")
+        table.add_row(*cells)
+    console.print(table)

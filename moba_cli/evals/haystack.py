@@ -88,11 +88,11 @@ def _texts(source: str):
             yield text if text.endswith("\n") else text + "\n"
 
 
-def haystack_tokens(tokenizer: Any, source: str, n_tokens: int) -> HaystackTokens:
-    """At least ``n_tokens`` token ids of ``source`` (no special tokens), tokenized piece by piece.
+def haystack_tokens(tokenizer: Any, source: str, n_tokens: int, *, repeat: bool = True) -> HaystackTokens:
+    """``n_tokens`` token ids of ``source`` (no special tokens), tokenized piece by piece.
 
     Pieces end at a newline or sentence end, so tokenizing them apart matches tokenizing the whole text
-    except at those seams.
+    except at those seams. ``repeat=False``: a file shorter than ``n_tokens`` is an error, not repeated.
     """
     ids: list[int] = []
     pieces = 0
@@ -105,6 +105,8 @@ def haystack_tokens(tokenizer: Any, source: str, n_tokens: int) -> HaystackToken
         pieces += 1
         if len(ids) >= n_tokens:
             break
+        if not repeat and source not in ("noise", "code"):
+            raise MobaError(f"{source} has {len(ids)} tokens; {n_tokens} are needed (shorten --seq or --docs)")
     if not ids:
         raise MobaError(f"the {source} haystack gives no tokens")
     notes = []
