@@ -264,6 +264,10 @@ def loss(
         except MobaError as e:
             raise MobaError(f"--seq: {e}") from None
         cfg = LossConfig(data, n, buckets, docs)
+        if n < 2:
+            raise MobaError(f"--seq must be at least 2 tokens, got {n}")
+        if docs < 1:
+            raise MobaError(f"--docs must be at least 1, got {docs}")
         if not 1 <= buckets <= n - 1:
             raise MobaError(f"--buckets must be between 1 and {n - 1}, got {buckets}")
         if not no_plot:
