@@ -95,7 +95,7 @@ def _write(kind: str, config: dict, records: list, summary: dict, out: Path | No
     json_path = target if target.suffix == ".json" else target / f"{kind}-{stamp}.json"
     json_path.parent.mkdir(parents=True, exist_ok=True)
     pngs = plot(json_path.with_suffix("")) if plot is not None else []
-    result["summary"]["plots"] = [str(p) for p in pngs]
+    result["summary"]["files"] = [str(p) for p in pngs]
     return write_result(result, json_path, DEFAULT_OUT), pngs
 
 
@@ -318,4 +318,108 @@ def _loss_table(records: list[dict[str, Any]], attns: list[str]) -> None:
         if both:
             cells.append(f"{got['moba'] - got['full']:+.4f}" if len(got) == 2 else "-")
         table.add_row(*cells)
+    console.print(table)
+
+
+RULER_HELP = (
+    "RULER through EleutherAI's lm-eval, offline, MoBA beside full attention on the same weights.\n\n"
+    "Needs lm-eval: pip install 'lm-eval[hf,ruler]==0.4.13' (or the moba-cli[eval] extra). The default tasks "
+    "build their data offline: niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, "
+    "ruler_fwe. The essay tasks (niah_single_2/3, niah_multikey_1, niah_multivalue, niah_multiquery) run "
+    "with --essay-haystack FILE on your own prose instead of RULER's Paul Graham essays (so their scores "
+    "are not RULER's); the QA tasks download their data and are not offered. --samples picks that many "
+    "samples at every length. The network is blocked during the run; each task has a time limit.\n\n"
+    "Writes the result JSON (score per task per length, mean per length) and lm-eval's own output beside it.\n\n"
+    "Examples:\n\n"
+    "  moba eval ruler --model ./llama-moba --attn both --lengths 4k,8k,16k --samples 20\n\n"
+    "  moba eval ruler --model ./llama-moba --tasks niah_single_1,niah_single_2 --essay-haystack essays.txt"
+)
+
+
+@app.command("ruler", help=RULER_HELP, short_help="RULER (lm-eval) scores per length, MoBA vs full attention.")
+def ruler(
+    model: ModelOpt,
+    attn: AttnOpt = "both",
+    lengths: Annotated[str, typer.Option("--lengths", help="Context lengths, e.g. 4k,8k,16k.")] = "4k,8k,16k",
+    tasks: Annotated[str, typer.Option("--tasks", help="default, all, or task names separated by commas.")]
+    = "default",
+    samples: Annotated[int, typer.Option("--samples", help="Samples per task and length (1-500).")] = 20,
+    essay_haystack: Annotated[Path | None, typer.Option("--essay-haystack", help="Local prose FILE replacing "
+                                                        "RULER's essay haystack (enables the essay tasks).")] = None,
+    time_limit: Annotated[float, typer.Option("--time-limit", help="Seconds per task and attention (0: none).")]
+    = 3600.0,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="lm-eval batch size.")] = 1,
+    chunk: ChunkOpt = None,
+    topk: TopkOpt = None,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "auto",
+    out: OutOpt = None,
+) -> None:
+    with user_errors():
+        import json
+
+        from moba_cli.evals import ruler as rl
+        from moba_cli.evals.haystack import check_source
+
+        version = rl.check_lm_eval()
+        essay = None
+        if essay_haystack is not None:
+            check_source(str(essay_haystack))
+            essay = str(essay_haystack.resolve())
+        names = rl.parse_tasks(tasks, essay)
+        lens = _lengths(lengths)
+        if not 1 <= samples <= rl.SAMPLES_PER_LENGTH:
+            raise MobaError(f"--samples must be between 1 and {rl.SAMPLES_PER_LENGTH}, got {samples}")
+        if batch_size < 1 or time_limit < 0:
+            raise MobaError("--batch-size must be at least 1 and --time-limit 0 or more")
+        attns, loader = _setup(model, attn, chunk, topk, device, dtype, out)
+        lm = loader()
+        from moba_cli.evals.model import length_notes
+
+        notes = length_notes(lm, lens)
+        if essay:
+            notes.append(f"essay tasks ran on {essay}, not RULER's Paul Graham essays: their scores are not RULER's")
+        with progress_bar() as bar:
+            task = bar.add_task("ruler", total=len(attns) * len(names) * len(lens) * samples)
+            records, raw = rl.run_ruler(lm, names, lens, samples, attns, essay_haystack=essay, time_limit=time_limit,
+                                        batch_size=batch_size,
+                                        tick=lambda k, d: bar.update(task, advance=k, description=d))
+        summary = {**rl.summarize(records, raw, attns, lens), "notes": notes, "lm_eval": version}
+        if summary.get("same_prompts") is False:
+            notes.append("MoBA and full attention did not get identical prompts from lm-eval")
+        config = {**_model_config(lm), "attn": attns, "tasks": names, "lengths": lens, "samples": samples,
+                  "essay_haystack": essay, "time_limit": time_limit, "batch_size": batch_size}
+
+        def write_raw(stem: Path) -> list[Path]:
+            path = stem.parent / f"{stem.name}-lm_eval.json"
+            path.write_text(json.dumps(raw, indent=1, default=str) + "\n")
+            return [path]
+
+        path, extra = _write("eval-ruler", config, records, summary, out, write_raw)
+        _ruler_table(records, summary, attns, names, lens)
+        for note in notes:
+            console.print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+        console.print(f"result: {path}; lm-eval output: {extra[0]}", highlight=False, soft_wrap=True)
+
+
+def _ruler_table(records: list[dict[str, Any]], summary: dict, attns: list[str], tasks: list[str], lengths: list[int]):
+    from moba_cli.utils.sizes import format_size
+
+    table = Table(title="RULER score (%) per task and length", title_justify="left")
+    table.add_column("task")
+    for n in lengths:
+        for a in attns:
+            table.add_column(f"{format_size(n)} {a}", justify="right")
+    got = {(r["attn"], r["task"], r["length"]): r for r in records}
+
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "-"
+        return f"{100 * r['score']:.1f}" if r["score"] is not None else r["status"]
+
+    for t in tasks:
+        table.add_row(t, *[cell(got.get((a, t, n))) for n in lengths for a in attns])
+    mean = summary["mean"]
+    table.add_row("mean", *[_fmt(None if mean[a][str(n)] is None else 100 * mean[a][str(n)]) for n in lengths
+                            for a in attns], style="bold")
     console.print(table)
