@@ -200,3 +200,23 @@ def test_needle_bad_input(ckpt, tmp_path, args, message):
     assert r.exit_code == 1
     assert "error:" in r.output and message in r.output and "Traceback" not in r.output
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_oom_cell_is_recorded_and_run_goes_on(ckpt, tmp_path, monkeypatch):
+    from moba_cli.evals import needle_run
+
+    lm = em.load(ckpt, ["full"], device=torch.device("cpu"), dtype=torch.float32)
+    cfg = NeedleConfig([200, 1100], [50.0], samples=2, distractors=2, gen_extra=0)
+    real = needle_run.score_batch
+
+    def fake(model, tok, samples, gen):
+        if len(samples[0].ids) > 1024:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, tok, samples, gen)
+
+    monkeypatch.setattr(needle_run, "score_batch", fake)
+    state = PartialRun(tmp_path, "eval-needle", cfg.settings(), ("attn", "length", "depth"))
+    state.open(resume=False)
+    records, notes = run_needle(lm, cfg, ["full"], state)
+    assert [r["status"] for r in records] == ["ok", "oom"] and "out of memory" in records[1]["error"]
+    assert records[1]["beyond_trained_positions"] and any("max_position_embeddings" in n for n in notes)

@@ -83,3 +83,26 @@ def test_ruler_end_to_end_one_task(tmp_path):
     moba, full = raw["moba"]["niah_single_1"]["samples"], raw["full"]["niah_single_1"]["samples"]
     assert [s["response"] for s in moba] == [s["response"] for s in full]
     assert moba[0]["length"] == 400
+
+
+def test_time_limit_interrupts_a_loop():
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(rl.TaskTimeout), rl._time_limit(0.2, "spin"):
+        while True:  # like ruler_vt's sampler with a small-vocabulary tokenizer
+            try:
+                time.sleep(0.01)
+            except Exception:  # noqa: BLE001 - a broad except inside lm-eval must not swallow the timeout
+                pass
+    assert time.perf_counter() - t0 < 5
+
+
+def test_network_guard_blocks_connections():
+    import socket
+
+    with rl._network_blocked(), pytest.raises(rl.NetworkBlocked):
+        socket.create_connection(("10.255.255.1", 80), timeout=1)
+    err = RuntimeError("wrapped")
+    err.__cause__ = rl.NetworkBlocked("blocked")
+    assert isinstance(rl._network_cause(err), rl.NetworkBlocked)

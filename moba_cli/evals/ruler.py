@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import re
 import signal
 import socket
@@ -138,7 +139,8 @@ def _prepare_imports(essay_haystack: str | None) -> None:
     real_download = nltk.download
     nltk.download = lambda *a, **k: False  # offline: the import-time punkt download would reach the network
     try:
-        from lm_eval.tasks.ruler import niah_utils, prepare_niah
+        with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):  # its "Downloaded punkt" is untrue
+            from lm_eval.tasks.ruler import niah_utils, prepare_niah
     finally:
         nltk.download = real_download
     if essay_haystack:
