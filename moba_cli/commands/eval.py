@@ -48,7 +48,7 @@ def progress_bar() -> Progress:
 
 
 def _setup(model: Path, attn: str, chunk: str | None, topk: int | None, device: str, dtype: str, out: Path | None):
-    """Checks every option that can fail cheaply, then loads the model: ``(LoadedModel, attns)``."""
+    """Checks every option that can fail cheaply: ``(attns, loader)``; ``loader()`` loads the model."""
     import torch
 
     from moba_cli.evals.model import check_model_dir, load, parse_attn
@@ -176,10 +176,15 @@ def needle(
                            ("attn", "length", "depth"))
         notes = state.open(resume)
         total = len(lens) * len(deps) * len(attns) * samples
-        with progress_bar() as bar:
-            task = bar.add_task("needle", total=total)
-            records, run_notes = run_needle(lm, cfg, attns, state,
-                                            lambda n, d: bar.update(task, advance=n, description=d))
+        try:
+            with progress_bar() as bar:
+                task = bar.add_task("needle", total=total)
+                records, run_notes = run_needle(lm, cfg, attns, state,
+                                                lambda n, d: bar.update(task, advance=n, description=d))
+        except KeyboardInterrupt:
+            console.print(f"interrupted: {len(state.done)} finished cell(s) kept in {state.path}; run the same "
+                          "command with --resume to continue", highlight=False, soft_wrap=True)
+            raise typer.Exit(130) from None
         notes += run_notes
         summary = {"scores": summarize(records, attns, lens), "notes": notes}
         title = f"needle: {lm.path.name}"

@@ -200,12 +200,18 @@ def run_ruler(
     m.set_offline()
     _quiet()
     _prepare_imports(essay_haystack)
+    import lm_eval.tasks
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     lengths = sorted(lengths)
     max_length = int(max(lengths) * 1.05) + MAX_GEN_TOKS + 64
     picks = [k * SAMPLES_PER_LENGTH + i for k in range(len(lengths)) for i in range(samples)]
+    metadata = {"tokenizer": str(lm.path), "max_seq_lengths": lengths}
+    # Only RULER's own task files are indexed (all of lm-eval's take ~30 s), once for the whole run.
+    manager = TaskManager(include_path=str(Path(lm_eval.tasks.__file__).parent / "ruler"), include_defaults=False,
+                          metadata=metadata)
     records: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
     for attn in attns:
@@ -220,7 +226,7 @@ def run_ruler(
                     with _network_blocked(), _time_limit(time_limit, task):
                         res = simple_evaluate(
                             model=hflm, tasks=[task], samples={task: picks}, log_samples=True,
-                            metadata={"tokenizer": str(lm.path), "max_seq_lengths": lengths},
+                            task_manager=manager, metadata=metadata,
                             apply_chat_template=False, bootstrap_iters=0,
                         )
                 except TaskTimeout:
