@@ -106,3 +106,22 @@ def test_network_guard_blocks_connections():
     err = RuntimeError("wrapped")
     err.__cause__ = rl.NetworkBlocked("blocked")
     assert isinstance(rl._network_cause(err), rl.NetworkBlocked)
+
+
+@pytest.mark.slow
+def test_essay_task_builds_offline_on_a_local_haystack(tmp_path):
+    """niah_single_2 without the essay download or punkt: the local prose is the haystack."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[hf,ruler]==0.4.13')")
+    ckpt = tiny_checkpoint(tmp_path / "m")
+    prose = tmp_path / "prose.txt"
+    prose.write_text(" ".join(f"The lighthouse keeper wrote entry {i} about the tide." for i in range(400)))
+    from moba_cli.evals import model as em
+
+    em.set_offline()
+    rl._prepare_imports(str(prose))
+    from lm_eval.tasks.ruler import niah_utils
+
+    with rl._network_blocked():
+        data = niah_utils.niah_single_2(tokenizer=str(ckpt), max_seq_lengths=[4096])["test"]
+    assert len(data) == 500 and data[0]["max_length"] == 4096
+    assert "lighthouse keeper" in data[0]["input"] and data[0]["outputs"][0] in data[0]["input"]
