@@ -76,7 +76,7 @@ def main() -> int:
     from moba_cli.evals import ruler as rl
 
     m.set_offline()
-    rl._prepare_imports(None)
+    rl.prepare_imports(None)
     import torch
     from lm_eval import simple_evaluate  # noqa: F401
     from lm_eval.models.huggingface import HFLM  # noqa: F401
@@ -84,7 +84,7 @@ def main() -> int:
     from lm_eval.tasks.ruler import cwe_utils, fwe_utils, niah_utils, vt_utils  # noqa: F401
 
     TaskManager()
-    with rl._network_blocked():
+    with rl.network_blocked():
         data = niah_utils.niah_single_1(tokenizer=sys.argv[1], max_seq_lengths=[512])
     lm = m.load(sys.argv[1], ["full"], device=torch.device("cuda" if torch.cuda.is_available() else "cpu"),
                 dtype=torch.float32)

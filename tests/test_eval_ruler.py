@@ -38,7 +38,7 @@ def test_parse_tasks():
 
 
 def test_split_sentences():
-    assert rl._split_sentences("One. Two? Three!  Four") == ["One.", "Two?", "Three!", "Four"]
+    assert rl.split_sentences("One. Two? Three!  Four") == ["One.", "Two?", "Three!", "Four"]
 
 
 def test_missing_lm_eval_is_one_line(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_time_limit_interrupts_a_loop():
     import time
 
     t0 = time.perf_counter()
-    with pytest.raises(rl.TaskTimeout), rl._time_limit(0.2, "spin"):
+    with pytest.raises(rl.TaskTimeout), rl.deadline(0.2, "spin"):
         while True:  # like ruler_vt's sampler with a small-vocabulary tokenizer
             try:
                 time.sleep(0.01)
@@ -101,11 +101,11 @@ def test_time_limit_interrupts_a_loop():
 def test_network_guard_blocks_connections():
     import socket
 
-    with rl._network_blocked(), pytest.raises(rl.NetworkBlocked):
+    with rl.network_blocked(), pytest.raises(rl.NetworkBlocked):
         socket.create_connection(("10.255.255.1", 80), timeout=1)
     err = RuntimeError("wrapped")
     err.__cause__ = rl.NetworkBlocked("blocked")
-    assert isinstance(rl._network_cause(err), rl.NetworkBlocked)
+    assert isinstance(rl.network_cause(err), rl.NetworkBlocked)
 
 
 @pytest.mark.slow
@@ -118,10 +118,10 @@ def test_essay_task_builds_offline_on_a_local_haystack(tmp_path):
     from moba_cli.evals import model as em
 
     em.set_offline()
-    rl._prepare_imports(str(prose))
+    rl.prepare_imports(str(prose))
     from lm_eval.tasks.ruler import niah_utils
 
-    with rl._network_blocked():
+    with rl.network_blocked():
         data = niah_utils.niah_single_2(tokenizer=str(ckpt), max_seq_lengths=[4096])["test"]
     assert len(data) == 500 and data[0]["max_length"] == 4096
     assert "lighthouse keeper" in data[0]["input"] and data[0]["outputs"][0] in data[0]["input"]

@@ -93,7 +93,7 @@ def parse_tasks(spec: str, essay_haystack: str | None) -> list[str]:
 
 
 @contextlib.contextmanager
-def _network_blocked() -> Iterator[None]:
+def network_blocked() -> Iterator[None]:
     """No connection leaves the process (local sockets still work)."""
     original = socket.socket.connect
 
@@ -110,7 +110,7 @@ def _network_blocked() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _time_limit(seconds: float, what: str) -> Iterator[None]:
+def deadline(seconds: float, what: str) -> Iterator[None]:
     if not seconds or not hasattr(signal, "SIGALRM"):
         yield
         return
@@ -127,12 +127,12 @@ def _time_limit(seconds: float, what: str) -> Iterator[None]:
         signal.signal(signal.SIGALRM, old)
 
 
-def _split_sentences(text: str) -> list[str]:
+def split_sentences(text: str) -> list[str]:
     """A plain sentence splitter standing in for nltk's punkt on a local haystack."""
     return [s for s in re.split(r"(?<=[.!?])\s+", text) if s]
 
 
-def _prepare_imports(essay_haystack: str | None) -> None:
+def prepare_imports(essay_haystack: str | None) -> None:
     """Import lm-eval's RULER helpers without their punkt download; point the essay loader at a local file."""
     import nltk
 
@@ -151,7 +151,7 @@ def _prepare_imports(essay_haystack: str | None) -> None:
             return words if type_haystack == "essay" else real(type_haystack)
 
         niah_utils.get_haystack = local_haystack
-        prepare_niah.cached_sent_tokenize = _split_sentences
+        prepare_niah.cached_sent_tokenize = split_sentences
 
 
 def _quiet() -> None:
@@ -166,7 +166,7 @@ def _quiet() -> None:
         datasets.disable_progress_bars()
 
 
-def _network_cause(e: BaseException) -> BaseException | None:
+def network_cause(e: BaseException) -> BaseException | None:
     seen = e
     while seen is not None:
         name = type(seen).__name__
@@ -199,7 +199,7 @@ def run_ruler(
     tick = tick or (lambda n, d: None)
     m.set_offline()
     _quiet()
-    _prepare_imports(essay_haystack)
+    prepare_imports(essay_haystack)
     import lm_eval.tasks
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
@@ -223,7 +223,7 @@ def run_ruler(
                 t0 = time.perf_counter()
                 status, err, res = "ok", None, None
                 try:
-                    with _network_blocked(), _time_limit(time_limit, task):
+                    with network_blocked(), deadline(time_limit, task):
                         res = simple_evaluate(
                             model=hflm, tasks=[task], samples={task: picks}, log_samples=True,
                             task_manager=manager, metadata=metadata,
@@ -233,7 +233,7 @@ def run_ruler(
                     status, err = "timeout", f"{task} did not finish in {time_limit:g} s (ruler_vt can loop forever "\
                                              "with a small-vocabulary tokenizer)"
                 except Exception as e:  # noqa: BLE001 - network use and OOM get one line; the rest propagates
-                    cause = _network_cause(e)
+                    cause = network_cause(e)
                     if cause is not None:
                         raise MobaError(f"RULER task {task} tried to reach the network ({type(cause).__name__}: "
                                         f"{str(cause).splitlines()[0][:160]}); it cannot run offline") from None
