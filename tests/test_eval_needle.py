@@ -187,14 +187,23 @@ def test_needle_command_both_identical_when_topk_covers_all(ckpt, tmp_path):
         (["--model", "{ckpt}", "--attn", "sparse"], "--attn"),
         (["--model", "{ckpt}", "--haystack", "{tmp}/missing.txt"], "haystack"),
         (["--model", "{ckpt}", "--lengths", "20", "--device", "cpu"], "no room"),
+        (["--model", "{plain}", "--device", "cpu"], "pass both --chunk and --topk"),
     ],
 )
 def test_needle_bad_input(ckpt, tmp_path, args, message):
     notok = tmp_path / "notok"
     notok.mkdir()
     (notok / "config.json").write_text((ckpt / "config.json").read_text())
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for f in ckpt.iterdir():
+        (plain / f.name).write_bytes(f.read_bytes())
+    cfg = json.loads((plain / "config.json").read_text())
+    del cfg["moba"]
+    (plain / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     args = [a.replace("{tmp}", str(tmp_path)).replace("{ckpt}", str(ckpt)).replace("{notok}", str(notok))
+            .replace("{plain}", str(plain))
             for a in args]
     r = _cli(*args, "--out", out)
     assert r.exit_code == 1

@@ -90,6 +90,9 @@ def load(
     wants_moba = "moba" in attns
     if not wants_moba and (chunk_size is not None or topk is not None):
         raise MobaError("--chunk/--topk only apply with --attn moba or both")
+    if wants_moba and (chunk_size is None or topk is None) and not _has_moba_config(p):
+        raise MobaError(f"{p} has no MoBA settings (not a moba convert/train output): pass both --chunk and --topk, "
+                        "or --attn full")
     model = load_model(p, "moba" if wants_moba else "full", chunk_size=chunk_size, topk=topk, dtype=dtype)
     model.to(device).eval()
     moba = None
@@ -98,6 +101,15 @@ def load(
         moba = {"chunk_size": s.chunk_size, "topk": s.topk, "full_layers": list(s.full_layers), "backend": s.backend}
     max_pos = getattr(model.config, "max_position_embeddings", None)
     return LoadedModel(model, tok, p, device, dtype, wants_moba, max_pos, moba)
+
+
+def _has_moba_config(path: Path) -> bool:
+    import json
+
+    try:
+        return isinstance(json.loads((path / "config.json").read_text()).get("moba"), dict)
+    except (OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager
