@@ -229,3 +229,33 @@ def test_oom_cell_is_recorded_and_run_goes_on(ckpt, tmp_path, monkeypatch):
     records, notes = run_needle(lm, cfg, ["full"], state)
     assert [r["status"] for r in records] == ["ok", "oom"] and "out of memory" in records[1]["error"]
     assert records[1]["beyond_trained_positions"] and any("max_position_embeddings" in n for n in notes)
+
+
+def test_needle_command_resumes_after_ctrl_c(ckpt, tmp_path, monkeypatch):
+    from moba_cli.evals import needle_run
+
+    out = tmp_path / "out"
+    args = ["--model", ckpt, "--attn", "full", "--lengths", "200", "--depths", "3", "--samples", "1",
+            "--distractors", "2", "--answer-tokens", "0", "--device", "cpu", "--no-plot", "--out", out]
+    real = needle_run.score_batch
+    calls = []
+
+    def interrupt_second(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(needle_run, "score_batch", interrupt_second)
+    r = _cli(*args)
+    assert r.exit_code == 130 and "--resume" in r.output, r.output
+    partial = list(out.glob(".eval-needle-*.partial.jsonl"))
+    assert len(partial) == 1 and len(partial[0].read_text().splitlines()) == 2  # header + one cell
+    assert not list(out.glob("*.json"))
+    monkeypatch.setattr(needle_run, "score_batch", real)
+    r = _cli(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert "resumed 1 finished cell" in r.output
+    res = json.loads(next(out.glob("eval-needle-*.json")).read_text())
+    assert [rec["depth"] for rec in res["records"]] == [0.0, 50.0, 100.0]
+    assert not list(out.glob(".eval-needle-*"))  # the partial file is gone once the result is written
