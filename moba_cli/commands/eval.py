@@ -390,6 +390,11 @@ def ruler(
                                         batch_size=batch_size,
                                         tick=lambda k, d: bar.update(task, advance=k, description=d))
         summary = {**rl.summarize(records, raw, attns, lens), "notes": notes, "lm_eval": version}
+        short = sorted({(r["task"], r["length"]) for r in records if r["status"] == "ok" and r["samples"] != samples})
+        if short:
+            notes.append("lm-eval scored another number of samples than asked for "
+                         f"{', '.join(f'{t} at {n}' for t, n in short)} (it skips samples that do not fit a "
+                         "length, which shifts the per-length picks); see 'samples' in each record")
         if summary.get("same_prompts") is False:
             notes.append("MoBA and full attention did not get identical prompts from lm-eval")
         config = {**_model_config(lm), "attn": attns, "tasks": names, "lengths": lens, "samples": samples,
