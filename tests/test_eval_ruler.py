@@ -52,7 +52,7 @@ def test_missing_lm_eval_is_one_line(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_lm_eval)
     r = _cli("--model", ckpt, "--out", tmp_path / "out")
-    assert r.exit_code == 1 and "error:" in r.output and "pip install" in r.output and "lm-eval" in r.output
+    assert r.exit_code == 1 and "error:" in r.output and "pip install 'lm-eval[hf,ruler]==0.4.13'" in r.output
     assert not (tmp_path / "out").exists()
 
 

@@ -5,6 +5,7 @@ Thin commands: parse and check the options, call :mod:`moba_cli.evals`, print a 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -32,7 +33,7 @@ ModelOpt = Annotated[Path, typer.Option("--model", help="Model directory (moba c
                                         "checkpoint with --chunk/--topk), with its tokenizer.")]
 AttnOpt = Annotated[str, typer.Option("--attn", help="moba, full, or both (same weights, same prompts).")]
 OutOpt = Annotated[Path | None, typer.Option("--out", help=f"Folder (or .json file) for the result and plots "
-                                            f"[default: {DEFAULT_OUT}].")]
+                                            f"(default: {DEFAULT_OUT}).")]
 ChunkOpt = Annotated[str | None, typer.Option("--chunk", help="Override the MoBA block size (e.g. 4k).")]
 TopkOpt = Annotated[int | None, typer.Option("--topk", help="Override MoBA's top-k (blocks per query).")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
@@ -85,7 +86,10 @@ def _model_config(lm: Any) -> dict[str, Any]:
             "moba": lm.moba, "max_position_embeddings": lm.max_positions}
 
 
-def _write(kind: str, config: dict, records: list, summary: dict, out: Path | None, plot) -> tuple[Path, list[Path]]:
+def _write(
+    kind: str, config: dict, records: list, summary: dict, out: Path | None,
+    plot: Callable[[Path], list[Path]] | None,
+) -> tuple[Path, list[Path]]:
     """Write the plots (named after the result) and then the result JSON. Returns both paths."""
     from moba_cli.results import make_result, write_result
 
@@ -328,7 +332,7 @@ def _loss_table(records: list[dict[str, Any]], attns: list[str]) -> None:
 
 RULER_HELP = (
     "RULER through EleutherAI's lm-eval, offline, MoBA beside full attention on the same weights.\n\n"
-    "Needs lm-eval: pip install 'lm-eval[hf,ruler]==0.4.13' (or the moba-cli[eval] extra). The default tasks "
+    "Needs lm-eval: pip install 'lm-eval\\[hf,ruler]==0.4.13' (or the moba-cli\\[eval] extra). The default tasks "
     "build their data offline: niah_single_1, niah_multikey_2, niah_multikey_3, ruler_vt, ruler_cwe, "
     "ruler_fwe. The essay tasks (niah_single_2/3, niah_multikey_1, niah_multivalue, niah_multiquery) run "
     "with --essay-haystack FILE on your own prose instead of RULER's Paul Graham essays (so their scores "
