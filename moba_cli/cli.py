@@ -42,6 +42,7 @@ COMMANDS: dict[str, Lazy] = {
     "data": Lazy("moba_cli.commands.data:app", "Build training datasets offline (tokenizer, token files, manifest)."),
     "train": Lazy("moba_cli.commands.train:train", "Train a MoBA or full-attention model from a YAML recipe."),
     "sweep": Lazy("moba_cli.commands.sweep:sweep", "Run a grid of training runs and fit loss against compute."),
+    "eval": Lazy("moba_cli.commands.eval:app", "Needle, RULER and loss by position: MoBA against full attention."),
 }
 
 # click's UsageError (bad option value, unknown option or command); typer vendors click, so it is reached
