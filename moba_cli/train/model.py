@@ -146,11 +146,13 @@ def train_flops_per_token(dims: Dims, vocab: int, seq_len: int, attention: Any, 
     """Model FLOPs of one trained token (forward + backward = 3x forward, no recomputation counted).
 
     Matmuls: 6 per weight (blocks and LM head). Attention: ``3 * 4 * D`` per attended (query, key) pair
-    and head, the pairs counted by :mod:`moba_cli.bench.flops` (MoBA counts only the blocks it attends;
+    and head, the pairs counted by :mod:`moba_cli.ops.moba.pairs` (MoBA counts only the blocks it attends;
     full-attention layers of a hybrid count causal pairs). Rows are counted as one sequence of ``seq_len``;
     document masking makes the real work smaller, which this count ignores (as is usual).
     """
-    from moba_cli.bench.flops import FWD_FLOPS_PER_PAIR_PER_DIM, dense_causal_pairs, moba_pairs
+    from moba_cli.bench.flops import FWD_FLOPS_PER_PAIR_PER_DIM
+    from moba_cli.ops.moba.pairs import attended_pairs as moba_pairs
+    from moba_cli.ops.moba.pairs import causal_pairs as dense_causal_pairs
 
     matmul = 6 * (dims.non_embedding_params() + dims.hidden * vocab)
     if kind == "moba":

@@ -1,5 +1,5 @@
 """The MoBA attention op: the float32 reference (``naive``) and the Triton kernels, with one entry point per
-job. ``docs/architecture-ops.md`` lists the files; :mod:`.plan` says how a prefill call is served and
+job. ``docs/architecture.md`` lists the files; :mod:`.plan` says how a prefill call is served and
 :mod:`.options` holds every kernel switch."""
 
 from .api import full_attention, moba_attention, run_plan
