@@ -461,10 +461,7 @@ def test_equivalence_tolerance():
 
 def test_model_compare_kl_is_never_negative():
     """KL(full || MoBA) of nearly identical logits can round below 0 in float32: clamp it and say so."""
-    try:  # the integrations split (branch wip-integ) renames hf_compare to model_compare
-        from moba_cli.integrations.model_compare import _logit_stats
-    except ImportError:
-        from moba_cli.integrations.hf_compare import _logit_stats
+    from moba_cli.integrations.model_compare import _logit_stats
 
     class Model:
         def __init__(self, head):
