@@ -18,6 +18,7 @@ from rich.console import Console
 
 from moba_cli.errors import MobaError
 from moba_cli.utils.devices import DTYPES, parse_dtype, resolve_device
+from moba_cli.utils.limits import SEED_MAX
 
 __all__ = [
     "DTYPES", "SEED_MAX", "DeviceOpt", "DtypeOpt", "OutOpt", "SeedOpt", "console", "err_console", "fail",
@@ -27,8 +28,6 @@ __all__ = [
 console = Console()
 err_console = Console(stderr=True)
 
-# numpy's and torch's seeds both accept [0, 2**32); a larger one would fail (numpy) or wrap (cuRAND) later.
-SEED_MAX = 2**32 - 1
 EXIT_INTERRUPTED = 130  # the shell's code for SIGINT
 
 # Option types shared by the commands. Help texts say what the option does in every command; a command with a

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from moba_cli.errors import MobaError
 
-# Kernels index tokens with int32 offsets (the same bound as moba_cli.utils.sizes on the CLI branch).
+# Kernels index tokens with int32 offsets; beyond this a size can only overflow or exhaust memory.
 MAX_TOKENS = 2**31 - 1
 # numpy's and torch's generators both take seeds in [0, 2**32) (the bound of the commands' --seed option).
 SEED_MAX = 2**32 - 1

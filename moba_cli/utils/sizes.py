@@ -5,10 +5,9 @@ from __future__ import annotations
 import operator
 
 from moba_cli.errors import MobaError
+from moba_cli.utils.limits import MAX_TOKENS as MAX_SIZE
 
 _UNITS = {"k": 1024, "m": 1024**2, "g": 1024**3}
-# Kernels index tokens with int32 offsets; beyond this a size can only overflow or exhaust memory.
-MAX_SIZE = 2**31 - 1
 
 
 def parse_size(text: str | int, limit: int = MAX_SIZE) -> int:
