@@ -91,7 +91,10 @@ def _cache_layer_keys(cache: Any, idx: int | None) -> torch.Tensor | None:
 
 
 def ensure_hook(module: Any) -> None:
-    """Put the cache pre-hook (:func:`_capture_cache_keys`) on ``module`` once."""
+    """Put the cache pre-hook (:func:`_capture_cache_keys`) on ``module`` once (not while torch.compile traces:
+    a hook handle cannot be traced, and load_model has put the hooks on before)."""
+    if torch.compiler.is_compiling():
+        return
     if "_moba_hook" not in module.__dict__ and isinstance(module, torch.nn.Module):
         module.__dict__["_moba_hook"] = module.register_forward_pre_hook(_capture_cache_keys, with_kwargs=True)
 
