@@ -289,3 +289,42 @@ def test_long_block_forward_through_cudnn(lens, heads, kv_heads, chunk, topk, lo
     check_public_call({"what": "long-block-forward", "lens": lens, "heads": heads, "kv_heads": kv_heads,
                        "min_chunk": cudnn_blocks.MIN_CHUNK, "own_splits": cudnn_blocks.own_splits()}, q, k, v, cu_host,
                       chunk, topk)
+
+
+PIECE_CASES = [
+    # seq, hq, hkv, chunk, topk, value magnitude, budget, min rows: values far past float16's range (the
+    # partials' per-KV-head scale), and pieces of rows that end mid-block.
+    (65536, 8, 2, 2048, 6, 1e6, 0.1, 65536),
+    (32768, 4, 4, 512, 8, 1.0, 1e-9, 5000),
+    (16384, 16, 4, 1024, 6, 1e-5, 1e-9, 3000),
+]
+
+
+@pytest.mark.parametrize(("seq", "hq", "hkv", "chunk", "topk", "vmag", "budget", "min_rows"), PIECE_CASES)
+def test_inference_forward_in_pieces(seq, hq, hkv, chunk, topk, vmag, budget, min_rows, monkeypatch):
+    monkeypatch.setattr(triton_moba, "FWD_PIECE_BUDGET", budget)
+    monkeypatch.setattr(triton_moba, "MIN_PIECE_ROWS", min_rows)
+    torch.manual_seed(seq + hq + 1)
+    dev = torch.device("cuda")
+    q = torch.randn(seq, hq, 128, device=dev, dtype=torch.bfloat16)
+    k = torch.randn(seq, hkv, 128, device=dev, dtype=torch.bfloat16)
+    v = (torch.randn(seq, hkv, 128, device=dev) * vmag).bfloat16()
+    layout = make_layout(torch.tensor([0, seq], dtype=torch.int32, device=dev), chunk)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        sel = triton_moba.select_blocks(q, k, layout, topk)
+        out = triton_moba.moba_attention_triton(q, k, v, layout, topk)
+        ref, _ = naive.moba_attention_naive(q.float(), k.float(), v.float(), layout, topk, block_idx=sel)
+    err = rel_rms(out, ref)
+    base = sdpa_bf16_error(q, k, v, False)["out"]
+    ok = err <= 2 * base + 1e-4 and bool(torch.isfinite(out).all())
+    RECORDS.append(
+        {
+            "case": "inference-pieces", "seq": seq, "heads": hq, "kv_heads": hkv, "head_dim": 128, "chunk": chunk,
+            "topk": topk, "value_magnitude": vmag, "budget": budget, "min_rows": min_rows, "dtype": "bfloat16",
+            "errors": {"out": err}, "sdpa_bf16_errors": {"out": base},
+            "seconds": round(time.perf_counter() - t0, 2), "passed": bool(ok),
+        }
+    )
+    assert torch.isfinite(out).all()
+    assert err <= 2 * base + 1e-4, (err, base)

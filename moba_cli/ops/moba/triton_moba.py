@@ -268,9 +268,9 @@ def block_means(k: torch.Tensor, layout: BlockLayout) -> torch.Tensor:
     return km
 
 
-def _all_past_blocks(layout: BlockLayout, hq: int, slots: int) -> torch.Tensor:
+def _all_past_blocks(layout: BlockLayout, hq: int, slots: int, rows: slice = slice(None)) -> torch.Tensor:
     """Selection when top-k covers every block: own block, then every past block in order."""
-    tb, fb = layout.token_block, layout.token_first_block
+    tb, fb = layout.token_block[rows], layout.token_first_block[rows]
     past = fb[:, None] + torch.arange(slots - 1, device=tb.device, dtype=torch.int32)[None, :]
     past = torch.where(past < tb[:, None], past, torch.full_like(past, -1))
     sel = torch.cat([tb[:, None], past], dim=1)
@@ -287,21 +287,27 @@ def gate_kind(npast: int, max_blocks: int) -> str:
     return "sort" if npast > GROUPED_GATE_MAX else kind
 
 
-def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int) -> torch.Tensor:
-    """The gate on the GPU: q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> ``block_idx [T, Hq, slots]`` int32."""
+def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int, rows: slice = slice(None),
+                  km: torch.Tensor | None = None) -> torch.Tensor:
+    """The gate on the GPU: q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> ``block_idx [T, Hq, slots]`` int32.
+
+    ``rows``: only the queries ``q[rows]`` (a contiguous range; ``[len, Hq, slots]`` then). ``km``: the
+    block means of ``k`` (:func:`block_means`) when the caller already has them."""
+    q = q[rows]
+    tb, fb = layout.token_block[rows], layout.token_first_block[rows]
     t_total, hq, d = q.shape
     slots = num_slots(topk, layout.max_blocks)
     if slots == 1:
-        return layout.token_block[:, None, None].expand(-1, hq, 1).contiguous()
+        return tb[:, None, None].expand(-1, hq, 1).contiguous()
     if topk >= layout.max_blocks:
-        return _all_past_blocks(layout, hq, slots)
+        return _all_past_blocks(layout, hq, slots, rows)
     npast = slots - 1
     if npast > MAX_GATE_CANDIDATES:
         raise MobaError(
             f"the triton backend supports topk up to {MAX_GATE_CANDIDATES + 1} unless topk covers every "
             f"block (got topk={topk} with up to {layout.max_blocks} blocks per sequence)"
         )
-    km = block_means(k, layout)
+    km = block_means(k, layout) if km is None else km
     out = _empty(t_total, hq, slots, dtype=torch.int32, device=q.device)
     exact = q.dtype == torch.float32 or _is_interp()
     split = q.dtype == torch.bfloat16 and not _is_interp()
@@ -311,7 +317,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
     # The bf16 halves of the float32 means are made once here, not in every program's loop.
     km_hi = km.to(q.dtype) if split else km
     km_lo = (km - km_hi.float()).to(q.dtype) if split else km
-    args = (q, km, km_hi, km_lo, layout.token_block, layout.token_first_block, out)
+    args = (q, km, km_hi, km_lo, tb, fb, out)
     strides = (q.stride(0), q.stride(1), km.stride(0), km.stride(1), out.stride(0), out.stride(1))
     if kind == "grouped":
         ng = max(2, triton.next_power_of_2(npast))
@@ -533,20 +539,22 @@ def _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, lo, hi, kend, qk_scale,
 
 @triton.jit(do_not_specialize=["slot", "NB"])
 def _fwd_kernel(
-    Q, K, V, KD, VD, ACC, M, L, OUT, LSE, SEL,
+    Q, K, V, KD, VD, PART, VSCALE, M, L, OUT, LSE, SEL,
     PAIR_T, GROUP_OFF, GROUP_CNT, TILE_GROUP, TILE_OFF, SLOT_FIRST, BS, BE,
-    slot, qk_scale,
-    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_at, stride_ah, stride_mt,
+    slot, qk_scale, row0,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_mt, stride_mh,
     stride_ot, stride_oh, stride_st, stride_sh,
     H: tl.constexpr, NB, G: tl.constexpr, D: tl.constexpr,
     FIRST: tl.constexpr, LAST: tl.constexpr, EVEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     PREC: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr,
 ):
-    """One tile of slot ``slot``. ``FIRST``: the first launch, which stores the float32 partial result
-    (``ACC``, ``M``, ``L``); later launches merge into it. ``LAST`` (slot 0, the own block, launched last):
-    merges, normalises and writes ``OUT`` and ``LSE`` directly. A query takes part in the past-block
-    slots only if its slot 1 is a block (``SEL [T, H, S]``): the gates fill slots best first, so a query
-    with any past block has slot 1."""
+    """One tile of slot ``slot``. ``FIRST``: the first launch, which stores the tile's partial result,
+    normalised, into ``PART`` (the output's own memory, viewed as float16 for bf16/fp16 outputs, scaled by
+    ``VSCALE [Hkv]``, a power of two that keeps it inside float16's range) and its softmax statistics into
+    ``M``/``L``; later launches merge into it. ``LAST`` (slot 0, the own block, launched last): merges,
+    normalises and writes ``OUT`` and ``LSE``. A query takes part in the past-block slots only if its slot
+    1 is a block (``SEL [rows, H, S]``, rows counted from ``row0``): the gates fill slots best first, so a
+    query with any past block has slot 1."""
     tile = tl.load(SLOT_FIRST + slot) + tl.program_id(0)
     if tile < tl.load(SLOT_FIRST + slot + 1):
         h, hk, ks, kend, free, t, rvalid = _tile_queries(
@@ -555,11 +563,11 @@ def _fwd_kernel(
         t64 = t.to(tl.int64)
         d = tl.arange(0, D)
         if PREFETCH and not FIRST:
-            # The merge at the end reads this tile's float32 partial results (64 KiB for 128 rows), and with
-            # one program per SM nothing else would run while it waits: ask L2 for those lines now, so the
-            # read overlaps the attention (one bulk prefetch per row; padding rows point at a real row).
+            # The merge at the end reads this tile's partial results, and with one program per SM nothing
+            # else would run while it waits: ask L2 for those lines now, so the read overlaps the attention
+            # (one bulk prefetch per row; padding rows point at a real row).
             tl.inline_asm_elementwise(
-                f"cp.async.bulk.prefetch.L2.global [$1], {D * 4};", "=r,l", [ACC + t64 * stride_at + h * stride_ah],
+                f"cp.async.bulk.prefetch.L2.global [$1], {D * 2};", "=r,l", [PART + t64 * stride_ot + h * stride_oh],
                 dtype=tl.int32, is_pure=False, pack=1,
             )
         q = tl.load(Q + t64[:, None] * stride_qt + h * stride_qh + d[None, :], mask=rvalid[:, None], other=0.0)
@@ -570,10 +578,11 @@ def _fwd_kernel(
                                    stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, False, DESC)
         acc, m_i, l_i = _fwd_inner(acc, m_i, l_i, q, t, K, V, KD, VD, hk, free, kend, kend, qk_scale,
                                    stride_kt, stride_kh, stride_vt, stride_vh, D, BLOCK_N, PREC, True, False)
-        aptr = ACC + t64[:, None] * stride_at + h * stride_ah + d[None, :]
-        mptr = t64 * stride_mt + h
+        pptr = PART + t64[:, None] * stride_ot + h * stride_oh + d[None, :]
+        mptr = t64 * stride_mt + h * stride_mh
+        vscale = tl.load(VSCALE + hk)
         if FIRST and not LAST:
-            tl.store(aptr, acc, mask=rvalid[:, None])
+            tl.store(pptr, (acc * (vscale / l_i)[:, None]).to(PART.dtype.element_ty), mask=rvalid[:, None])
             tl.store(M + mptr, m_i, mask=rvalid)
             tl.store(L + mptr, l_i, mask=rvalid)
         else:
@@ -583,21 +592,22 @@ def _fwd_kernel(
             else:
                 ld = rvalid
                 if LAST:
-                    ld = ld & (tl.load(SEL + t64 * stride_st + h * stride_sh + 1, mask=rvalid, other=-1) >= 0)
-                acc0 = tl.load(aptr, mask=ld[:, None], other=0.0)
+                    srow = (t64 - row0) * stride_st + h * stride_sh
+                    ld = ld & (tl.load(SEL + srow + 1, mask=rvalid, other=-1) >= 0)
+                o0 = tl.load(pptr, mask=ld[:, None], other=0.0).to(tl.float32)
                 m0 = tl.load(M + mptr, mask=ld, other=float("-inf"))
                 l0 = tl.load(L + mptr, mask=ld, other=0.0)
                 mm = tl.maximum(m0, m_i)
-                a0 = tl.math.exp2(m0 - mm)
+                a0 = tl.math.exp2(m0 - mm) * l0
                 a1 = tl.math.exp2(m_i - mm)
-                acc = acc0 * a0[:, None] + acc * a1[:, None]
-                ll = l0 * a0 + l_i * a1
+                acc = o0 * (a0 / vscale)[:, None] + acc * a1[:, None]
+                ll = a0 + l_i * a1
             if LAST:
                 optr = OUT + t64[:, None] * stride_ot + h * stride_oh + d[None, :]
                 tl.store(optr, (acc / ll[:, None]).to(OUT.dtype.element_ty), mask=rvalid[:, None])
                 tl.store(LSE + mptr, mm + tl.math.log2(ll), mask=rvalid)
             else:
-                tl.store(aptr, acc, mask=rvalid[:, None])
+                tl.store(pptr, (acc * (vscale / ll)[:, None]).to(PART.dtype.element_ty), mask=rvalid[:, None])
                 tl.store(M + mptr, mm, mask=rvalid)
                 tl.store(L + mptr, ll, mask=rvalid)
 
@@ -955,25 +965,50 @@ def _hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
-def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float, out: torch.Tensor | None = None):
+def _partial_view(out: torch.Tensor) -> torch.Tensor:
+    """Where the forward keeps each query's partial result between slots: the output's own memory, as
+    float16 for 16-bit outputs (11 significant bits against bfloat16's 8, so the merges of up to 128 slots
+    stay within the final rounding's error) and as itself for float32. No second ``[T, H, D]`` buffer."""
+    return out.view(torch.float16) if out.element_size() == 2 else out
+
+
+def value_scales(v: torch.Tensor) -> torch.Tensor:
+    """Per KV head, a power of two that maps ``max |v|`` to about 2^14: a normalised partial result is a
+    convex combination of value rows, so scaled by this it fits float16 (max 65504) and keeps its
+    relative precision away from float16's subnormals. v ``[T, Hkv, D]`` -> float32 ``[Hkv]`` (on the
+    device, no host sync). Exactly 1 for float32 values, whose partials are stored unscaled."""
+    if v.dtype == torch.float32 or v.shape[0] == 0:
+        return torch.ones(v.shape[1], dtype=torch.float32, device=v.device)
+    amax = v.abs().amax(dim=(0, 2)).float()
+    e = torch.where(amax > 0, torch.ceil(torch.log2(amax)), torch.zeros_like(amax))
+    return torch.exp2(14.0 - e)
+
+
+def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float, out: torch.Tensor | None = None,
+             lse: torch.Tensor | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+             vscale: torch.Tensor | None = None, sel: torch.Tensor | None = None, row0: int = 0):
     """Launch the attention slots: the past-block slots first (slot 1 stores, later ones merge), then the
     own-block slot 0, which every query has, merges and writes the output (into ``out`` if given) and its
-    log-sum-exp."""
+    log-sum-exp (into ``lse`` if given). Partial results live in ``out`` itself (:func:`_partial_view`),
+    with float32 statistics ``stats = (m, l)`` ``[T, H]``. ``sel`` (default ``sched.block_idx``) holds the
+    rows from ``row0`` on that the schedule covers (its tokens are absolute)."""
     t_total, hq, d = q.shape
     g = hq // k.shape[1]
     cfg = _fwd_config(d, q.dtype, layout.chunk_size)
     if out is None:
         out = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    if lse is None:
+        lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
     if sched.tiles_bound == 0:
         return out, lse
-    if sched.slots > 1:
-        acc = _empty(t_total, hq, d, dtype=torch.float32, device=q.device)
-        m = _empty(t_total, hq, dtype=torch.float32, device=q.device)
-        l_ = _empty(t_total, hq, dtype=torch.float32, device=q.device)
-    else:
-        acc, m, l_ = out, lse, lse  # never touched: the only launch is first and last
-    sel = sched.block_idx
+    if sched.slots > 1 and stats is None:
+        stats = (_empty(t_total, hq, dtype=torch.float32, device=q.device),
+                 _empty(t_total, hq, dtype=torch.float32, device=q.device))
+    m, l_ = stats if sched.slots > 1 else (lse, lse)  # never touched with one slot: the only launch is last
+    if vscale is None:
+        vscale = value_scales(v)
+    part = _partial_view(out)
+    sel = sched.block_idx if sel is None else sel
     if sel is None:
         raise RuntimeError("this schedule's block_idx was released after its forward")
     kd, vd = _kv_descriptors(k, v, cfg)
@@ -981,12 +1016,12 @@ def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float, out: t
     kd, vd = (kd, vd) if use_desc else (k, v)
     for s in [*range(1, sched.slots), 0]:
         _fwd_kernel[(sched.tiles_bound,)](
-            q, k, v, kd, vd, acc, m, l_, out, lse, sel,
+            q, k, v, kd, vd, part, vscale, m, l_, out, lse, sel,
             sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off, sched.slot_first,
             layout.block_start, layout.block_end,
-            s, scale * LOG2E,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-            acc.stride(0), acc.stride(1), m.stride(0), out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
+            s, scale * LOG2E, row0,
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), m.stride(0), m.stride(1),
+            out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
             H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=s == min(1, sched.slots - 1), LAST=s == 0,
             EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
             BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=use_desc,
@@ -1056,14 +1091,13 @@ PREFIX_STREAM = True
 _SIDE_STREAMS: dict = {}
 
 
-def _forward_with_prefix(q, k, v, layout: BlockLayout, sched: Schedule, scale: float,
-                         prefix: dense_prefix.Prefix, need_lse: bool):
-    """:func:`_forward` for the scheduled queries and :func:`.dense_prefix.forward` for the prefix rows,
-    both into one output. Returns ``(out, lse, prefix_state)``."""
-    out = _empty(*q.shape, dtype=q.dtype, device=q.device)
+def _forward_with_prefix(q, k, v, out: torch.Tensor, prefix: dense_prefix.Prefix, scale: float, need_lse: bool,
+                         sparse) -> tuple[torch.Tensor, tuple]:
+    """``sparse(out) -> lse`` for the scheduled queries and :func:`.dense_prefix.forward` for the prefix
+    rows, both into ``out``. Returns ``(lse, prefix_state)``."""
     if not (PREFIX_STREAM and q.is_cuda):
-        out, lse = _forward(q, k, v, layout, sched, scale, out)
-        return out, lse, dense_prefix.forward(q, k, v, out, prefix, scale, need_lse)
+        lse = sparse(out)
+        return lse, dense_prefix.forward(q, k, v, out, prefix, scale, need_lse)
     main = torch.cuda.current_stream(q.device)
     side = _SIDE_STREAMS.get(q.device.index)
     if side is None:
@@ -1071,14 +1105,81 @@ def _forward_with_prefix(q, k, v, layout: BlockLayout, sched: Schedule, scale: f
     side.wait_stream(main)  # inputs written and ``out`` allocated (and poisoned) on the main stream
     with torch.cuda.stream(side):
         state = dense_prefix.forward(q, k, v, out, prefix, scale, need_lse)
-    out, lse = _forward(q, k, v, layout, sched, scale, out)
+    lse = sparse(out)
     main.wait_stream(side)
     for x in state:
         if isinstance(x, torch.Tensor):
             # made on the side stream, used and freed on the main one: the allocator must not hand the
             # memory back to the side stream while main-stream work on it may still be queued
             x.record_stream(main)
-    return out, lse, state
+    return lse, state
+
+
+# Inference forward (no gradient wanted) in pieces: the gate's block lists and the schedule's sort
+# buffers take about 26 bytes per (query, head, slot), as much as the output itself at 10 slots, so
+# without a backward to keep them for they are built and used for a share of the heads (whole KV groups)
+# and rows at a time, each piece's buffers at most this fraction of the output's bytes. 0: one piece.
+FWD_PIECE_BUDGET = 0.1
+PIECE_BYTES_PER_SLOT = 26
+# Rows of a piece, at least: fewer would leave most forward tiles (BLOCK_M queries of one block) part
+# empty, as each block's choosers are split among the pieces.
+MIN_PIECE_ROWS = 65536
+
+
+def forward_pieces(t_total: int, hq: int, hkv: int, slots: int, out_bytes: int,
+                   budget: float | None = None) -> tuple[int, int]:
+    """``(heads, rows)`` of one piece of the inference forward: ``heads`` a multiple of the GQA group that
+    divides ``hq``, ``rows`` at least :data:`MIN_PIECE_ROWS` (or all). Heads are split first, since a
+    piece of whole heads keeps every block's choosers together."""
+    budget = FWD_PIECE_BUDGET if budget is None else budget
+    g = hq // hkv
+    if budget <= 0 or t_total == 0:
+        return hq, max(t_total, 1)
+    per_row_head = PIECE_BYTES_PER_SLOT * slots
+    limit = budget * out_bytes
+    heads = hq
+    while heads > g and t_total * heads * per_row_head > limit:
+        nxt = heads // 2
+        if nxt % g or hq % nxt:
+            break
+        heads = nxt
+    rows = t_total
+    if t_total * heads * per_row_head > limit:
+        rows = max(MIN_PIECE_ROWS, int(limit // (heads * per_row_head)))
+    return heads, min(rows, t_total)
+
+
+def _forward_in_pieces(q, k, v, layout: BlockLayout, topk: int, scale: float, skip: torch.Tensor | None,
+                       block_m: int, out: torch.Tensor) -> torch.Tensor:
+    """The gate, schedule and forward of every scheduled query, piece by piece (:func:`forward_pieces`),
+    into ``out``; returns the log-sum-exp ``[T, H]``. Same arithmetic as one piece: each query's slots are
+    merged in the same order."""
+    t_total, hq, d = q.shape
+    hkv = k.shape[1]
+    slots = num_slots(topk, layout.max_blocks)
+    heads, rows = forward_pieces(t_total, hq, hkv, slots, out.numel() * out.element_size())
+    lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    stats = None
+    if slots > 1:
+        stats = (_empty(t_total, hq, dtype=torch.float32, device=q.device),
+                 _empty(t_total, hq, dtype=torch.float32, device=q.device))
+    vscale = value_scales(v)
+    g = hq // hkv
+    for h0 in range(0, hq, heads):
+        hs, ks_ = slice(h0, h0 + heads), slice(h0 // g, (h0 + heads) // g)
+        qh, kh, vh = q[:, hs], k[:, ks_], v[:, ks_]
+        need_means = 1 < slots and topk < layout.max_blocks
+        km = block_means(kh, layout) if need_means else None
+        for r0 in range(0, t_total, rows):
+            r = slice(r0, min(r0 + rows, t_total))
+            sel = select_blocks(qh, kh, layout, topk, r, km)
+            sched = Schedule(sel, layout.num_blocks, block_m, None if skip is None else skip[r])
+            if r0:
+                sched.pair_t += r0
+            _forward(qh, kh, vh, layout, sched, scale, out[:, hs], lse[:, hs],
+                     None if stats is None else (stats[0][:, hs], stats[1][:, hs]), vscale[ks_], sel, r0)
+            del sel, sched
+    return lse
 
 
 class MobaFunction(torch.autograd.Function):
@@ -1087,8 +1188,9 @@ class MobaFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, layout: BlockLayout, topk: int, scale: float, prefix: dense_prefix.Prefix | None,
                 blocks: cudnn_blocks.Plan | None = None):
-        block_idx = select_blocks(q, k, layout, topk)
         need_grad = any(ctx.needs_input_grad[:3])
+        # Without a backward the sparse forward chooses blocks piece by piece (_forward_in_pieces).
+        block_idx = select_blocks(q, k, layout, topk) if need_grad or blocks is not None else None
         bm_f = _fwd_config(q.shape[-1], q.dtype, layout.chunk_size)["BLOCK_M"]
         # The backward path is decided once here, so the schedule kept for it always fits.
         fused = bwd_fused()
@@ -1102,12 +1204,22 @@ class MobaFunction(torch.autograd.Function):
         if blocks is not None:
             out, lse = cudnn_blocks.forward(q, k, v, layout, block_idx, scale, blocks)
         else:
-            sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
-            if prefix is None:
-                out, lse = _forward(q, k, v, layout, sched, scale)
+            out = _empty(*q.shape, dtype=q.dtype, device=q.device)
+            if need_grad:
+                sched = Schedule(block_idx, layout.num_blocks, bm_f, skip)
+
+                def sparse(o):
+                    return _forward(q, k, v, layout, sched, scale, o)[1]
             else:
-                out, lse, state = _forward_with_prefix(q, k, v, layout, sched, scale, prefix, need_grad)
-            sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
+
+                def sparse(o):
+                    return _forward_in_pieces(q, k, v, layout, topk, scale, skip, bm_f, o)
+            if prefix is None:
+                lse = sparse(out)
+            else:
+                lse, state = _forward_with_prefix(q, k, v, out, prefix, scale, need_grad, sparse)
+            if sched is not None:
+                sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
         if need_grad:
             lists = BwdLists(block_idx, layout.num_blocks, skip)
             # The separate dQ pass (not fused) walks tiles like the forward's, of the backward's size.
