@@ -22,15 +22,17 @@ def poison(monkeypatch):
 
 
 def test_piece_sizes_follow_the_budget():
+    fp = triton_moba.forward_pieces
     out_bytes = 2**20 * 1 * 128 * 2  # 1M tokens x 1 head x 128 dims, bf16
-    heads, rows = triton_moba.forward_pieces(2**20, 1, 1, 12, out_bytes, budget=0.1)
+    heads, rows = fp(2**20, 1, 1, 12, 2, out_bytes, budget=0.12)
     assert heads == 1 and triton_moba.MIN_PIECE_ROWS <= rows < 2**20
-    assert rows * 26 * 12 <= 0.1 * out_bytes
-    # GQA 32 q / 8 kv heads at 128K: whole KV groups (4 q heads) first
-    heads, rows = triton_moba.forward_pieces(2**17, 32, 8, 12, 2**17 * 32 * 128 * 2, budget=0.1)
-    assert heads % 4 == 0 and 32 % heads == 0 and heads < 32
-    assert triton_moba.forward_pieces(2**20, 8, 8, 12, out_bytes, budget=0) == (8, 2**20)
-    assert triton_moba.forward_pieces(100, 4, 2, 3, 10**9, budget=0.1) == (4, 100)  # fits: one piece
+    assert rows * (12 * 2 + triton_moba.SLOT_SCHEDULE_BYTES) <= 0.12 * out_bytes
+    # GQA 32 q / 8 kv heads at 128K: whole KV groups (4 q heads) first, all rows
+    heads, rows = fp(2**17, 32, 8, 12, 2, 2**17 * 32 * 128 * 2, budget=0.12)
+    assert heads % 4 == 0 and 32 % heads == 0 and heads < 32 and rows == 2**17
+    assert fp(2**20, 8, 8, 12, 2, out_bytes, budget=0) == (8, 2**20)
+    assert fp(100, 4, 2, 3, 2, 10**9, budget=0.1) == (4, 100)  # fits: one piece
+    assert triton_moba.index_dtype(32767) == torch.int16 and triton_moba.index_dtype(32768) == torch.int32
 
 
 @pytest.mark.parametrize(
@@ -47,13 +49,13 @@ def test_pieces_match_one_piece_and_reference(lens, hq, hkv, chunk, topk, min_ro
     layout = make_layout(cu, chunk)
     ref, _ = naive.moba_attention_naive(q, k, v, layout, topk)
     seen = []
-    real = triton_moba._forward
 
-    def spy(*args, **kw):
-        seen.append(args[0].shape[1])
-        return real(*args, **kw)
+    class Spy(triton_moba._SlotLauncher):  # one launcher per piece
+        def __init__(self, *args):
+            seen.append(args[0].shape[1])
+            super().__init__(*args)
 
-    monkeypatch.setattr(triton_moba, "_forward", spy)
+    monkeypatch.setattr(triton_moba, "_SlotLauncher", Spy)
     monkeypatch.setattr(triton_moba, "FWD_PIECE_BUDGET", 0.0)
     with torch.no_grad():
         whole = moba_attention(q, k, v, chunk_size=chunk, topk=topk, cu_seqlens=cu, backend="triton")

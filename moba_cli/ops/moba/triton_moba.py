@@ -277,6 +277,11 @@ def _all_past_blocks(layout: BlockLayout, hq: int, slots: int, rows: slice = sli
     return sel[:, None, :].expand(-1, hq, -1).contiguous()
 
 
+def index_dtype(num_blocks: int) -> torch.dtype:
+    """The narrowest integer type for block indices (and -1) of ``num_blocks`` blocks."""
+    return torch.int16 if num_blocks < 2**15 else torch.int32
+
+
 def gate_kind(npast: int, max_blocks: int) -> str:
     """``"grouped"`` or ``"sort"`` for ``npast`` past blocks to keep among up to ``max_blocks`` blocks per
     sequence (forced by ``GATE_KIND`` / ``MOBA_GATE_KIND``, where the grouped kernel can take ``npast``)."""
@@ -288,19 +293,20 @@ def gate_kind(npast: int, max_blocks: int) -> str:
 
 
 def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: int, rows: slice = slice(None),
-                  km: torch.Tensor | None = None) -> torch.Tensor:
+                  km: torch.Tensor | None = None, dtype: torch.dtype = torch.int32) -> torch.Tensor:
     """The gate on the GPU: q ``[T, Hq, D]``, k ``[T, Hkv, D]`` -> ``block_idx [T, Hq, slots]`` int32.
 
     ``rows``: only the queries ``q[rows]`` (a contiguous range; ``[len, Hq, slots]`` then). ``km``: the
-    block means of ``k`` (:func:`block_means`) when the caller already has them."""
+    block means of ``k`` (:func:`block_means`) when the caller already has them. ``dtype``: int16 halves
+    the lists where every block index fits (:func:`index_dtype`)."""
     q = q[rows]
     tb, fb = layout.token_block[rows], layout.token_first_block[rows]
     t_total, hq, d = q.shape
     slots = num_slots(topk, layout.max_blocks)
     if slots == 1:
-        return tb[:, None, None].expand(-1, hq, 1).contiguous()
+        return tb[:, None, None].expand(-1, hq, 1).to(dtype)
     if topk >= layout.max_blocks:
-        return _all_past_blocks(layout, hq, slots, rows)
+        return _all_past_blocks(layout, hq, slots, rows).to(dtype)
     npast = slots - 1
     if npast > MAX_GATE_CANDIDATES:
         raise MobaError(
@@ -308,7 +314,7 @@ def select_blocks(q: torch.Tensor, k: torch.Tensor, layout: BlockLayout, topk: i
             f"block (got topk={topk} with up to {layout.max_blocks} blocks per sequence)"
         )
     km = block_means(k, layout) if km is None else km
-    out = _empty(t_total, hq, slots, dtype=torch.int32, device=q.device)
+    out = _empty(t_total, hq, slots, dtype=dtype, device=q.device)
     exact = q.dtype == torch.float32 or _is_interp()
     split = q.dtype == torch.bfloat16 and not _is_interp()
     kind = gate_kind(npast, layout.max_blocks)
@@ -979,56 +985,73 @@ def value_scales(v: torch.Tensor) -> torch.Tensor:
     device, no host sync). Exactly 1 for float32 values, whose partials are stored unscaled."""
     if v.dtype == torch.float32 or v.shape[0] == 0:
         return torch.ones(v.shape[1], dtype=torch.float32, device=v.device)
-    amax = v.abs().amax(dim=(0, 2)).float()
+    # max and -min separately: v.abs() would copy all of v first
+    amax = torch.maximum(v.amax(dim=(0, 2)).float(), -v.amin(dim=(0, 2)).float())
     e = torch.where(amax > 0, torch.ceil(torch.log2(amax)), torch.zeros_like(amax))
     return torch.exp2(14.0 - e)
 
 
-def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float, out: torch.Tensor | None = None,
-             lse: torch.Tensor | None = None, stats: tuple[torch.Tensor, torch.Tensor] | None = None,
-             vscale: torch.Tensor | None = None, sel: torch.Tensor | None = None, row0: int = 0):
+def _forward(q, k, v, layout: BlockLayout, sched: Schedule, scale: float, out: torch.Tensor | None = None):
     """Launch the attention slots: the past-block slots first (slot 1 stores, later ones merge), then the
     own-block slot 0, which every query has, merges and writes the output (into ``out`` if given) and its
-    log-sum-exp (into ``lse`` if given). Partial results live in ``out`` itself (:func:`_partial_view`),
-    with float32 statistics ``stats = (m, l)`` ``[T, H]``. ``sel`` (default ``sched.block_idx``) holds the
-    rows from ``row0`` on that the schedule covers (its tokens are absolute)."""
+    log-sum-exp. Partial results live in ``out`` itself (:func:`_partial_view`) with float32 softmax
+    statistics ``[T, H]`` beside them."""
     t_total, hq, d = q.shape
-    g = hq // k.shape[1]
-    cfg = _fwd_config(d, q.dtype, layout.chunk_size)
     if out is None:
         out = _empty(*q.shape, dtype=q.dtype, device=q.device)
-    if lse is None:
-        lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
+    lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
     if sched.tiles_bound == 0:
         return out, lse
-    if sched.slots > 1 and stats is None:
-        stats = (_empty(t_total, hq, dtype=torch.float32, device=q.device),
-                 _empty(t_total, hq, dtype=torch.float32, device=q.device))
-    m, l_ = stats if sched.slots > 1 else (lse, lse)  # never touched with one slot: the only launch is last
-    if vscale is None:
-        vscale = value_scales(v)
-    part = _partial_view(out)
-    sel = sched.block_idx if sel is None else sel
+    stats = _stats(t_total, hq, sched.slots, q.device)
+    sel = sched.block_idx
     if sel is None:
         raise RuntimeError("this schedule's block_idx was released after its forward")
-    kd, vd = _kv_descriptors(k, v, cfg)
-    use_desc = kd is not None
-    kd, vd = (kd, vd) if use_desc else (k, v)
+    launch = _SlotLauncher(q, k, v, layout, scale, out, lse, stats, value_scales(v), sel, 0)
     for s in [*range(1, sched.slots), 0]:
+        launch(sched, s, first=s == min(1, sched.slots - 1), last=s == 0)
+    return out, lse
+
+
+def _stats(rows: int, heads: int, slots: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The float32 running max and sum ``[rows, heads]`` between slots (None with one slot)."""
+    if slots < 2:
+        return None
+    return (_empty(rows, heads, dtype=torch.float32, device=device),
+            _empty(rows, heads, dtype=torch.float32, device=device))
+
+
+class _SlotLauncher:
+    """Launches :func:`_fwd_kernel` for one slot of a schedule. ``sel``: the block lists of the rows from
+    ``row0`` on (the schedule's tokens are absolute); ``stats``: the running max/sum (None: one slot)."""
+
+    def __init__(self, q, k, v, layout: BlockLayout, scale: float, out: torch.Tensor, lse: torch.Tensor,
+                 stats, vscale: torch.Tensor, sel: torch.Tensor, row0: int):
+        self.q, self.k, self.v, self.layout, self.scale = q, k, v, layout, scale
+        self.out, self.lse, self.vscale, self.sel, self.row0 = out, lse, vscale, sel, row0
+        self.m, self.l_ = stats if stats is not None else (lse, lse)  # one slot: the only launch is last
+        self.part = _partial_view(out)
+        self.cfg = _fwd_config(q.shape[-1], q.dtype, layout.chunk_size)
+        kd, vd = _kv_descriptors(k, v, self.cfg)
+        self.use_desc = kd is not None
+        self.kd, self.vd = (kd, vd) if self.use_desc else (k, v)
+
+    def __call__(self, sched: Schedule, slot: int, first: bool, last: bool) -> None:
+        q, k, v, out, cfg, sel, m = self.q, self.k, self.v, self.out, self.cfg, self.sel, self.m
+        if sched.tiles_bound == 0:
+            return
         _fwd_kernel[(sched.tiles_bound,)](
-            q, k, v, kd, vd, part, vscale, m, l_, out, lse, sel,
+            q, k, v, self.kd, self.vd, self.part, self.vscale, m, self.l_, out, self.lse, sel,
             sched.pair_t, sched.group_off, sched.group_cnt, sched.tile_group, sched.tile_off, sched.slot_first,
-            layout.block_start, layout.block_end,
-            s, scale * LOG2E, row0,
+            self.layout.block_start, self.layout.block_end,
+            slot, self.scale * LOG2E, self.row0,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), m.stride(0), m.stride(1),
             out.stride(0), out.stride(1), sel.stride(0), sel.stride(1),
-            H=hq, NB=layout.num_blocks, G=g, D=d, FIRST=s == min(1, sched.slots - 1), LAST=s == 0,
-            EVEN=layout.chunk_size % cfg["BLOCK_N"] == 0,
-            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=use_desc,
+            H=q.shape[1], NB=self.layout.num_blocks, G=q.shape[1] // k.shape[1], D=q.shape[-1], FIRST=first,
+            LAST=last, EVEN=self.layout.chunk_size % cfg["BLOCK_N"] == 0,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], PREC=_prec(q.dtype), DESC=self.use_desc,
             PREFETCH=FWD_PREFETCH and not _is_interp(),
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
-    return out, lse
 
 
 def _backward(q, k, v, out, dout, lse, layout: BlockLayout, lists: BwdLists, sched: Schedule | None, scale: float,
@@ -1115,27 +1138,30 @@ def _forward_with_prefix(q, k, v, out: torch.Tensor, prefix: dense_prefix.Prefix
     return lse, state
 
 
-# Inference forward (no gradient wanted) in pieces: the gate's block lists and the schedule's sort
-# buffers take about 26 bytes per (query, head, slot), as much as the output itself at 10 slots, so
-# without a backward to keep them for they are built and used for a share of the heads (whole KV groups)
-# and rows at a time, each piece's buffers at most this fraction of the output's bytes. 0: one piece.
-FWD_PIECE_BUDGET = 0.1
-PIECE_BYTES_PER_SLOT = 26
-# Rows of a piece, at least: fewer would leave most forward tiles (BLOCK_M queries of one block) part
+# Inference forward (no gradient wanted): nothing is kept for a backward, so the block lists are int16
+# where the block count allows, each slot's schedule is built just before its launch and freed after it,
+# and where even that would take more than this fraction of the output's bytes, the gate and the slots
+# run for a share of the heads (whole KV groups) and rows at a time. 0: no pieces (still per-slot).
+FWD_PIECE_BUDGET = 0.12
+# Bytes per (row, head) of one slot's schedule at its peak (the stable sort: int16 keys and their copy,
+# int64 indices and their copy, the validity mask), measured around 26.
+SLOT_SCHEDULE_BYTES = 30
+# Rows of a piece, at least: fewer would leave more forward tiles (BLOCK_M queries of one block) part
 # empty, as each block's choosers are split among the pieces.
 MIN_PIECE_ROWS = 65536
 
 
-def forward_pieces(t_total: int, hq: int, hkv: int, slots: int, out_bytes: int,
+def forward_pieces(t_total: int, hq: int, hkv: int, slots: int, index_bytes: int, out_bytes: int,
                    budget: float | None = None) -> tuple[int, int]:
     """``(heads, rows)`` of one piece of the inference forward: ``heads`` a multiple of the GQA group that
-    divides ``hq``, ``rows`` at least :data:`MIN_PIECE_ROWS` (or all). Heads are split first, since a
-    piece of whole heads keeps every block's choosers together."""
+    divides ``hq``, ``rows`` at least :data:`MIN_PIECE_ROWS` (or all). A piece holds its block lists
+    (``slots * index_bytes`` per row and head) and one slot's schedule. Heads are split first (halving),
+    since a piece of whole heads keeps every block's choosers together."""
     budget = FWD_PIECE_BUDGET if budget is None else budget
     g = hq // hkv
     if budget <= 0 or t_total == 0:
         return hq, max(t_total, 1)
-    per_row_head = PIECE_BYTES_PER_SLOT * slots
+    per_row_head = slots * index_bytes + SLOT_SCHEDULE_BYTES
     limit = budget * out_bytes
     heads = hq
     while heads > g and t_total * heads * per_row_head > limit:
@@ -1145,40 +1171,46 @@ def forward_pieces(t_total: int, hq: int, hkv: int, slots: int, out_bytes: int,
         heads = nxt
     rows = t_total
     if t_total * heads * per_row_head > limit:
-        rows = max(MIN_PIECE_ROWS, int(limit // (heads * per_row_head)))
+        pieces = -(-t_total * heads * per_row_head // max(1, int(limit)))
+        rows = max(MIN_PIECE_ROWS, -(-t_total // pieces))
     return heads, min(rows, t_total)
 
 
 def _forward_in_pieces(q, k, v, layout: BlockLayout, topk: int, scale: float, skip: torch.Tensor | None,
                        block_m: int, out: torch.Tensor) -> torch.Tensor:
-    """The gate, schedule and forward of every scheduled query, piece by piece (:func:`forward_pieces`),
-    into ``out``; returns the log-sum-exp ``[T, H]``. Same arithmetic as one piece: each query's slots are
-    merged in the same order."""
+    """Gate, schedule and forward of every scheduled query into ``out``, one slot's schedule at a time and
+    piece by piece (:func:`forward_pieces`); returns the log-sum-exp ``[T, H]``. Per query the same
+    arithmetic as :func:`_forward`: its slots merge in the same order."""
     t_total, hq, d = q.shape
     hkv = k.shape[1]
     slots = num_slots(topk, layout.max_blocks)
-    heads, rows = forward_pieces(t_total, hq, hkv, slots, out.numel() * out.element_size())
+    idt = index_dtype(layout.num_blocks)
+    heads, rows = forward_pieces(t_total, hq, hkv, slots, torch.empty((), dtype=idt).element_size(),
+                                 out.numel() * out.element_size())
     lse = _empty(t_total, hq, dtype=torch.float32, device=q.device)
-    stats = None
-    if slots > 1:
-        stats = (_empty(t_total, hq, dtype=torch.float32, device=q.device),
-                 _empty(t_total, hq, dtype=torch.float32, device=q.device))
+    stats = _stats(t_total, hq, slots, q.device)
     vscale = value_scales(v)
     g = hq // hkv
+    order = [*range(1, slots), 0]
     for h0 in range(0, hq, heads):
         hs, ks_ = slice(h0, h0 + heads), slice(h0 // g, (h0 + heads) // g)
         qh, kh, vh = q[:, hs], k[:, ks_], v[:, ks_]
-        need_means = 1 < slots and topk < layout.max_blocks
-        km = block_means(kh, layout) if need_means else None
+        km = block_means(kh, layout) if 1 < slots and topk < layout.max_blocks else None
         for r0 in range(0, t_total, rows):
             r = slice(r0, min(r0 + rows, t_total))
-            sel = select_blocks(qh, kh, layout, topk, r, km)
-            sched = Schedule(sel, layout.num_blocks, block_m, None if skip is None else skip[r])
-            if r0:
-                sched.pair_t += r0
-            _forward(qh, kh, vh, layout, sched, scale, out[:, hs], lse[:, hs],
-                     None if stats is None else (stats[0][:, hs], stats[1][:, hs]), vscale[ks_], sel, r0)
-            del sel, sched
+            sel = select_blocks(qh, kh, layout, topk, r, km, idt)
+            launch = _SlotLauncher(qh, kh, vh, layout, scale, out[:, hs], lse[:, hs],
+                                   None if stats is None else (stats[0][:, hs], stats[1][:, hs]),
+                                   vscale[ks_], sel, r0)
+            piece_skip = None if skip is None else skip[r]
+            for s in order:
+                sched = Schedule(sel[:, :, s:s + 1], layout.num_blocks, block_m, piece_skip)
+                sched.block_idx = None
+                if r0:
+                    sched.pair_t += r0
+                launch(sched, 0, first=s == order[0], last=s == 0)
+                del sched
+            del sel, launch
     return lse
 
 

@@ -1,0 +1,104 @@
+"""Inference forward: time and peak memory above the inputs, MoBA (by piece budget) against cuDNN.
+
+Usage: python benchmarks/fwd_memory_probe.py OUT.json [case ...]; cases: paper-1m, flashmoba-512k, gqa-128k,
+paper-128k-h8. Each MoBA output is checked for finiteness and against the one-piece forward (rel RMS).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+
+import torch
+import triton
+
+from moba_cli import moba_attention
+from moba_cli.ops.moba import triton_moba
+
+CASES = {
+    # name: seq, heads, kv heads, chunk, topk
+    "paper-1m": (2**20, 1, 1, 4096, 12),
+    "flashmoba-512k": (2**19, 16, 16, 128, 8),
+    "gqa-128k": (2**17, 32, 8, 4096, 12),
+    "paper-128k-h8": (2**17, 8, 8, 4096, 12),
+}
+
+
+def measure(fn, repeats: int = 5):
+    torch.cuda.synchronize()
+    fn()  # warm-up (compiles)
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    out = fn()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - before
+    del out
+    times = []
+    for _ in range(repeats):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return statistics.median(times), peak
+
+
+def run_case(name: str) -> dict:
+    seq, hq, hkv, chunk, topk = CASES[name]
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(1, seq, hq, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(1, seq, hkv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = torch.randn(1, seq, hkv, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    rec: dict = {"case": name, "seq": seq, "heads": hq, "kv_heads": hkv, "chunk": chunk, "topk": topk}
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def cudnn():
+        with torch.no_grad(), sdpa_kernel([SDPBackend.CUDNN_ATTENTION]):
+            return sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
+                        enable_gqa=hq != hkv)
+
+    ms, peak = measure(cudnn, 3)
+    rec["cudnn"] = {"ms": ms, "peak_bytes": peak}
+    outs = {}
+    budgets = [float(b) for b in os.environ.get("BUDGETS", "0,0.12").split(",")]
+    for budget in budgets:
+        triton_moba.FWD_PIECE_BUDGET = budget
+
+        def moba():
+            with torch.no_grad():
+                return moba_attention(q, k, v, chunk_size=chunk, topk=topk)
+
+        ms, peak = measure(moba)
+        outs[budget] = moba()
+        rec[f"moba_budget_{budget}"] = {
+            "ms": ms, "peak_bytes": peak, "speedup_vs_cudnn": rec["cudnn"]["ms"] / ms,
+            "peak_vs_cudnn": peak / rec["cudnn"]["peak_bytes"], "finite": bool(torch.isfinite(outs[budget]).all()),
+        }
+    if len(budgets) > 1:
+        a, b = outs[budgets[0]].float(), outs[budgets[-1]].float()
+        rec["pieces_vs_one_piece_rel_rms"] = ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
+    print(json.dumps(rec), flush=True)
+    return rec
+
+
+def main() -> None:
+    path = sys.argv[1]
+    names = sys.argv[2:] or list(CASES)
+    env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
+           "python": platform.python_version()}
+    recs = []
+    for n in names:
+        recs.append(run_case(n))
+        torch.cuda.empty_cache()
+        with open(path, "w") as f:
+            json.dump({"env": env, "command": " ".join(sys.argv), "records": recs}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
