@@ -22,7 +22,7 @@ from moba_cli.utils.limits import SEED_MAX
 
 __all__ = [
     "DTYPES", "SEED_MAX", "DeviceOpt", "DtypeOpt", "OutOpt", "SeedOpt", "console", "err_console", "fail",
-    "parse_dtype", "print_error", "resolve_device", "user_errors",
+    "group", "parse_dtype", "print_error", "resolve_device", "user_errors",
 ]
 
 console = Console()
@@ -56,6 +56,15 @@ def fail(message: str, code: int = 1) -> typer.Exit:
     """Print ``error: message`` and return the Exit to raise."""
     print_error(message)
     return typer.Exit(code=code)
+
+
+def group(help: str, name: str | None = None) -> typer.Typer:
+    """A command group (``moba eval``, ``moba data``) with the settings of the ``moba`` app: ``-h``, no
+    shell completion, help when called without a subcommand, errors formatted by :func:`user_errors`."""
+    return typer.Typer(
+        name=name, help=help, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
 
 
 @contextlib.contextmanager

@@ -7,17 +7,10 @@ from typing import Annotated, Any
 
 import typer
 
-from moba_cli.commands._common import console, err_console, user_errors
+from moba_cli.commands._common import console, err_console, group, user_errors
 from moba_cli.errors import MobaError
 
-app = typer.Typer(
-    name="data",
-    help="Build training datasets offline (tokenizer, token shards, manifest).",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
-)
+app = group("Build training datasets offline (tokenizer, token shards, manifest).", name="data")
 
 HELP = (
     "Build a training dataset offline: read documents, train a byte-level BPE tokenizer on them, and write "

@@ -13,20 +13,14 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from moba_cli.commands._common import console, parse_dtype, resolve_device, user_errors
+from moba_cli.commands._common import DeviceOpt, console, group, parse_dtype, resolve_device, user_errors
 from moba_cli.errors import MobaError
 
 DEFAULT_OUT = "results/evals"
 
-app = typer.Typer(
-    help=(
-        "Evaluate a model with MoBA against full attention on the same weights: needle in a haystack, RULER "
-        "(through lm-eval) and loss by position. Offline; every command writes a JSON result and plots."
-    ),
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-    context_settings={"help_option_names": ["-h", "--help"]},
+app = group(
+    "Evaluate a model with MoBA against full attention on the same weights: needle in a haystack, RULER "
+    "(through lm-eval) and loss by position. Offline; every command writes a JSON result and plots."
 )
 
 ModelOpt = Annotated[Path, typer.Option("--model", help="Model directory (moba convert/train output or a plain "
@@ -36,7 +30,6 @@ OutOpt = Annotated[Path | None, typer.Option("--out", help=f"Folder (or .json fi
                                             f"(default: {DEFAULT_OUT}).")]
 ChunkOpt = Annotated[str | None, typer.Option("--chunk", help="Override the MoBA block size (e.g. 4k).")]
 TopkOpt = Annotated[int | None, typer.Option("--topk", help="Override MoBA's top-k (blocks per query).")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")]
 DtypeOpt = Annotated[str, typer.Option("--dtype", help="auto (bfloat16 on CUDA, float32 on CPU), bf16, fp16, fp32.")]
 NoPlotOpt = Annotated[bool, typer.Option("--no-plot", help="Skip the PNG plots.")]
 

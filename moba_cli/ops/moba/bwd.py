@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import gluon_compat
-from .common import LOG2E, empty, hopper, is_interp, prec
+from .common import LOG2E, empty, fixed_launch_config, hopper, is_interp, prec
 from .layout import BlockLayout
 from .options import KernelOptions
 from .schedule import BwdLists, Schedule, tile_queries
@@ -205,10 +205,9 @@ def _bwd_dkdv_kernel(
 
 def bwd_config(d: int, dtype: torch.dtype, fused: bool, cfg: tuple[int, ...] | None = None) -> dict:
     """Launch config of the backward; ``cfg`` (KernelOptions.bwd_cfg) overrides it."""
-    if cfg:
-        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
-    if is_interp():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    fixed = fixed_launch_config(cfg)
+    if fixed:
+        return fixed
     if dtype == torch.float32:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
     if fused:

@@ -23,6 +23,16 @@ def empty(*shape: int, dtype: torch.dtype, device: torch.device, poison: bool = 
     return torch.full(shape, fill, dtype=dtype, device=device)
 
 
+def fixed_launch_config(cfg: tuple[int, ...] | None) -> dict | None:
+    """A kernel's launch config where it does not depend on the shape: ``cfg`` (a KernelOptions override,
+    ``(BLOCK_M, BLOCK_N, num_warps, num_stages)``), or the interpreter's small tiles; else None."""
+    if cfg:
+        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
+    if is_interp():
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    return None
+
+
 def hopper(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import dense_prefix
-from .common import LOG2E, empty, hopper, is_interp, prec
+from .common import LOG2E, empty, fixed_launch_config, hopper, is_interp, prec
 from .layout import BlockLayout
 from .options import KernelOptions
 from .schedule import Schedule, tile_queries
@@ -138,10 +138,9 @@ def _fwd_kernel(
 
 def fwd_config(d: int, dtype: torch.dtype, chunk: int, cfg: tuple[int, ...] | None = None) -> dict:
     """Launch config of the forward; ``cfg`` (KernelOptions.fwd_cfg) overrides it."""
-    if cfg:
-        return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), cfg, strict=True))
-    if is_interp():
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    fixed = fixed_launch_config(cfg)
+    if fixed:
+        return fixed
     if dtype == torch.float32:
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     # Small blocks are chosen by fewer queries each: shorter query tiles waste less on padding
