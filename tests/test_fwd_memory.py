@@ -13,7 +13,7 @@ import torch
 from utils import make_inputs, poisoned, rel_rms
 
 from moba_cli import moba_attention
-from moba_cli.ops.moba import fwd, fwd_pieces, naive
+from moba_cli.ops.moba import dense_prefix, fwd, fwd_pieces, naive
 from moba_cli.ops.moba.gate import index_dtype
 from moba_cli.ops.moba.layout import make_layout
 
@@ -106,6 +106,34 @@ def test_pieces_with_dense_prefix(device):
     ref, _ = naive.moba_attention_naive(q, k, v, layout, topk)
     opts = poisoned(dense_prefix=True, dense_prefix_min_rows=0, cudnn_reference=True, fwd_lean=True,
                     fwd_piece_budget=1e-9, fwd_piece_min_rows=11)
+    with torch.no_grad():
+        out = moba_attention(*(x.view(batch, seq, *x.shape[1:]) for x in (q, k, v)), chunk_size=chunk, topk=topk,
+                             backend="triton", options=opts).view(q.shape)
+    assert not out.isnan().any()
+    assert rel_rms(out, ref) < 1e-5
+
+
+def test_dense_prefix_head_pieces():
+    """The inference prefix in head pieces: each cuDNN call's new output stays under the budget's share."""
+    pre = dense_prefix.Prefix(batch=1, seqlen=131072, rows=49152)  # paper preset at 128K: 37.5% prefix rows
+    assert dense_prefix.piece_heads(pre, 32, 8, 0.12) == 8  # GQA 32/8: two KV heads a call, 9.4%
+    assert dense_prefix.piece_heads(pre, 8, 8, 0.12) == 2
+    assert dense_prefix.piece_heads(pre, 8, 1, 0.12) == 2  # MQA: a divisor of the group
+    assert dense_prefix.piece_heads(pre, 1, 1, 0.12) == 1
+    assert dense_prefix.piece_heads(pre, 32, 8, 0.0) == 32  # no budget: one call
+
+
+@pytest.mark.parametrize("hq,hkv", [(8, 2), (4, 4), (6, 1)])
+def test_pieces_with_dense_prefix_in_head_pieces(device, hq, hkv):
+    """Lean inference with the prefix split by heads (whole GQA groups, or heads within one group) equals
+    the reference; NaN-poisoned outputs show any row or head left unwritten."""
+    batch, seq, chunk, topk = 2, 64, 16, 2
+    q, k, v, cu = make_inputs([seq] * batch, hq, hkv, 32, device, seed=11)
+    ref, _ = naive.moba_attention_naive(q, k, v, make_layout(cu, chunk), topk)
+    opts = poisoned(dense_prefix=True, dense_prefix_min_rows=0, cudnn_reference=True, fwd_lean=True,
+                    fwd_piece_budget=0.05)
+    pre = dense_prefix.Prefix(batch=batch, seqlen=seq, rows=topk * chunk)
+    assert dense_prefix.piece_heads(pre, hq, hkv, 0.05) < hq
     with torch.no_grad():
         out = moba_attention(*(x.view(batch, seq, *x.shape[1:]) for x in (q, k, v)), chunk_size=chunk, topk=topk,
                              backend="triton", options=opts).view(q.shape)

@@ -54,10 +54,34 @@ def view(x: torch.Tensor, pre: Prefix) -> torch.Tensor:
     return x.view(pre.batch, pre.seqlen, *x.shape[1:])[:, : pre.rows].transpose(1, 2)
 
 
-def forward(q, k, v, out, pre: Prefix, scale: float, need_lse: bool, reference: bool = False) -> tuple:
+def piece_heads(pre: Prefix, hq: int, hkv: int, budget: float) -> int:
+    """Query heads per cuDNN call of an inference prefix: each call's output is a new tensor before it is
+    copied into ``out``, so its ``P/seqlen * heads/hq`` share of the output's bytes stays under ``budget``
+    where heads can be split (a multiple of the GQA group that divides ``hq``, or a divisor of the group).
+    ``budget <= 0``: all heads in one call."""
+    if budget <= 0:
+        return hq
+    share = pre.rows / pre.seqlen
+    g = hq // hkv
+    fits = [h for h in range(1, hq + 1) if hq % h == 0 and (h % g == 0 or g % h == 0)]
+    return max([h for h in fits if share * h / hq <= budget] or [1])
+
+
+def forward(q, k, v, out, pre: Prefix, scale: float, need_lse: bool, reference: bool = False,
+            heads: int | None = None) -> tuple:
     """Dense causal attention of the prefix rows, written into ``out``'s prefix rows. Returns what
     :func:`backward` needs (cuDNN's natural-log log-sum-exp first, then its bookkeeping). ``reference``:
-    float32 torch attention in place of cuDNN (CPU tests)."""
+    float32 torch attention in place of cuDNN (CPU tests). ``heads`` (inference only, ``need_lse`` off):
+    query heads per call (:func:`piece_heads`), so only that share of the prefix's output exists twice."""
+    hq, hkv = q.shape[1], k.shape[1]
+    if heads is not None and heads < hq:
+        if need_lse:
+            raise ValueError("a dense prefix in head pieces keeps no state for a backward")
+        g = hq // hkv
+        for h0 in range(0, hq, heads):
+            kvs = slice(h0 // g, (h0 + heads) // g) if heads >= g else slice(h0 // g, h0 // g + 1)
+            forward(q[:, h0:h0 + heads], k[:, kvs], v[:, kvs], out[:, h0:h0 + heads], pre, scale, False, reference)
+        return ()
     qv, kv, vv = view(q, pre), view(k, pre), view(v, pre)
     if not reference:
         with clear_errors():

@@ -71,7 +71,10 @@ def run_forward(q, k, v, layout: BlockLayout, topk: int, scale: float, opts: Ker
     if prefix is None:
         lse = sparse(out)
     else:
-        lse, state = run_with_prefix(q, k, v, out, prefix, scale, need_lse, opts, sparse)
+        heads = None
+        if inference and not need_lse:
+            heads = dense_prefix.piece_heads(prefix, q.shape[1], k.shape[1], opts.fwd_piece_budget)
+        lse, state = run_with_prefix(q, k, v, out, prefix, scale, need_lse, opts, sparse, heads)
     if sched is not None:
         sched.block_idx = None  # the backward does not need it; do not keep [T, H, S] alive until then
     return out, lse, block_idx, sched, skip, state

@@ -273,20 +273,21 @@ _SIDE_STREAMS: dict = {}
 
 
 def run_with_prefix(q, k, v, out: torch.Tensor, prefix: dense_prefix.Prefix, scale: float, need_lse: bool,
-                    opts: KernelOptions, sparse) -> tuple[torch.Tensor, tuple]:
+                    opts: KernelOptions, sparse, heads: int | None = None) -> tuple[torch.Tensor, tuple]:
     """``sparse(out) -> lse`` for the scheduled queries and :func:`.dense_prefix.forward` for the prefix
-    rows, both into ``out``. Returns ``(lse, prefix_state)``."""
+    rows (``heads`` query heads per cuDNN call, all if None), both into ``out``. Returns ``(lse,
+    prefix_state)``."""
     ref = opts.cudnn_reference
     if not (opts.prefix_stream and q.is_cuda):
         lse = sparse(out)
-        return lse, dense_prefix.forward(q, k, v, out, prefix, scale, need_lse, ref)
+        return lse, dense_prefix.forward(q, k, v, out, prefix, scale, need_lse, ref, heads)
     main = torch.cuda.current_stream(q.device)
     side = _SIDE_STREAMS.get(q.device.index)
     if side is None:
         side = _SIDE_STREAMS[q.device.index] = torch.cuda.Stream(q.device)
     side.wait_stream(main)  # inputs written and ``out`` allocated (and poisoned) on the main stream
     with torch.cuda.stream(side):
-        state = dense_prefix.forward(q, k, v, out, prefix, scale, need_lse, ref)
+        state = dense_prefix.forward(q, k, v, out, prefix, scale, need_lse, ref, heads)
     lse = sparse(out)
     main.wait_stream(side)
     for x in state:
