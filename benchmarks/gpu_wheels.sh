@@ -3,7 +3,7 @@
 # transformers, accelerate, pandas, pyarrow, scipy, sacrebleu, tokenizers, ... but no lm-eval or datasets).
 # Python 3.12, manylinux x86_64. Run where the network is reachable; the wheels land in .whl/ (ignored by
 # git; carry it to the GPU machine). There:
-#     pip install --no-deps --no-index --target .pydeps .whl/*.whl && export PYTHONPATH=$PWD/.pydeps
+#     pip install --no-deps --no-index --upgrade --target /tmp/moba-pydeps .whl/*.whl && export PYTHONPATH=/tmp/moba-pydeps
 # Checked here with: python benchmarks/eval_import_check.py MODEL_DIR (hides everything else).
 set -euo pipefail
 cd "$(dirname "$0")/.."
