@@ -369,3 +369,26 @@ def test_parquet_rows(tmp_path):
     assert all(tok.decode(ds.doc(i)[1:-1].tolist()) in rows for i in range(ds.n_docs))
     with pytest.raises(MobaError, match="no column 'text'"):
         build_dataset(cfg([{"kind": "files", "paths": [str(tmp_path / "d.parquet")]}]), tmp_path / "bad")
+
+
+def test_needle_documents_take_the_eval_prompt_form():
+    """The `needle` task writes `moba eval needle`'s preamble, needle and question, asks for the first key,
+    hides 1-3 keyed needles, and is the same for the same seed."""
+    from moba_cli.evals.needle import PREAMBLE, Templates
+
+    count = lambda pieces: [len(p) for p in pieces]  # noqa: E731
+    t = Templates()
+    seen_multi = False
+    for i in range(20):
+        prompt, answer = make_document("needle", np.random.default_rng([3, i]), 900, count)
+        assert 0.85 * 900 <= sum(count([prompt, answer])) + 2 <= 900
+        assert prompt.startswith(PREAMBLE)
+        found = dict(re.findall(r"One of the special magic numbers for ([\w-]+) is: (\d{7})\.", prompt))
+        asked = re.search(r"What is the special magic number for ([\w-]+) mentioned", prompt).group(1)
+        assert prompt.endswith("\n" + t.fill_question(asked))
+        assert found[asked] == answer.strip()
+        assert 1 <= len(found) <= 3
+        seen_multi |= len(found) > 1
+        again = make_document("needle", np.random.default_rng([3, i]), 900, count)
+        assert again == (prompt, answer)
+    assert seen_multi

@@ -105,10 +105,15 @@ class Sample:
     candidates: list[list[int]]  # token ids of " value" for the true value, then distractors
 
 
+def needle_key(rng: random.Random) -> str:
+    """A needle's key, ``adjective-noun`` (the eval's and the training documents' one vocabulary)."""
+    return f"{rng.choice(_ADJ)}-{rng.choice(_NOUN)}"
+
+
 def sample_kv(seed: int, length: int, depth: float, index: int, distractors: int) -> tuple[str, str, list[str]]:
     """The key, the 7-digit value and distinct distractor values of one sample (same for every attention)."""
     rng = random.Random(f"needle-{seed}-{length}-{depth}-{index}")
-    key = f"{rng.choice(_ADJ)}-{rng.choice(_NOUN)}"
+    key = needle_key(rng)
     values = rng.sample(range(1_000_000, 10_000_000), distractors + 1)
     return key, str(values[0]), [str(v) for v in values[1:]]
 

@@ -13,7 +13,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from moba_cli.errors import MobaError
 from moba_cli.utils.sizes import parse_size
 
-SYNTHETIC_TASKS = ("passkey", "kv", "vartrack")
+SYNTHETIC_TASKS = ("passkey", "kv", "vartrack", "needle")
 MIN_VOCAB = 256 + 3 + 1  # every byte, bos/eos/pad, and at least one merge
 _SIZE = {"size": True}  # field metadata: accepts "2m"-style sizes
 
@@ -70,9 +70,10 @@ class SyntheticSource:
     """Long-context retrieval documents from the project's templates (passkey, key-value, variable chain)."""
 
     kind: str = "synthetic"
-    tasks: list[str] = field(default_factory=lambda: list(SYNTHETIC_TASKS))
+    tasks: list[str] = field(default_factory=lambda: list(SYNTHETIC_TASKS[:3]))
     """Which templates to use, in turn: ``passkey`` (a number hidden in filler), ``kv`` (look a key up
-    in a list of key-value pairs), ``vartrack`` (follow a chain of variable assignments)."""
+    in a list of key-value pairs), ``vartrack`` (follow a chain of variable assignments), ``needle``
+    (``moba eval needle``'s own prompt form; not in the default set)."""
     lengths: list[int] = field(default_factory=lambda: [2048], metadata=_SIZE)
     """Target lengths in tokens; document ``i`` takes ``lengths[i % len(lengths)]``."""
     docs: int | None = None

@@ -6,7 +6,10 @@ answer by attending far back:
 - ``passkey``: a secret number inside filler prose;
 - ``kv``: a table of random key/value records, asked for one key's value;
 - ``vartrack``: a chain of variable assignments (``LET ABCD = EFGH``) spread through filler, next to
-  distractor chains, asked for the value the chain's last variable holds.
+  distractor chains, asked for the value the chain's last variable holds;
+- ``needle``: the prompt form of ``moba eval needle`` (its preamble, noise haystack, needle and question
+  templates, keyed 7-digit magic numbers), with up to two needles of other keys as distractors, so a small
+  model trained on it is measured on the form it learnt.
 
 A document is a (prompt, answer) pair; pretraining data joins them, SFT data keeps the loss on the answer.
 Lengths are fitted to a target in tokens with a counting function (the real tokenizer once it exists, a
@@ -15,6 +18,7 @@ characters-per-token estimate before), so every document is generated from its s
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 
 import numpy as np
@@ -51,6 +55,8 @@ def make_document(task: str, rng: np.random.Generator, target_tokens: int, count
         return _kv(rng, target_tokens, count)
     if task == "vartrack":
         return _vartrack(rng, target_tokens, count)
+    if task == "needle":
+        return _needle(rng, target_tokens, count)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 
@@ -146,3 +152,29 @@ def _vartrack(rng: np.random.Generator, target: int, count: CountMany) -> tuple[
             j += 1
         out.append(piece)
     return head + "".join(out) + tail, answer
+
+
+def _needle(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
+    """``moba eval needle``'s prompt: preamble, noise, the needle (and 0-2 needles of other keys), question."""
+    # the eval's own templates and key words: one copy of the prompt form (imported here, as evals loads torch)
+    from moba_cli.evals.haystack import NOISE
+    from moba_cli.evals.needle import Templates, needle_key
+
+    t = Templates()
+    keyer = random.Random(int(rng.integers(2**63)))
+    keys: list[str] = []
+    while len(keys) < 1 + int(rng.integers(3)):
+        key = needle_key(keyer)
+        if key not in keys:
+            keys.append(key)
+    values = [str(int(rng.integers(1_000_000, 10_000_000))) for _ in keys]
+    needles = [f"\n{t.fill_needle(k, v)}\n" for k, v in zip(keys, values, strict=True)]
+    head = t.preamble + "\n"
+    tail = "\n" + t.fill_question(keys[0])
+    answer = f" {values[0]}"
+    noise = [p + "." for p in NOISE.split(".") if p.strip()]
+    filler = _fill(rng, _budget(target, [head, tail, answer, *needles], count), count,
+                   lambda: noise[int(rng.integers(len(noise)))])
+    for n in needles:
+        _insert(filler, rng, n)
+    return head + "".join(filler) + tail, answer
