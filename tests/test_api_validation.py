@@ -77,6 +77,12 @@ CASES = {
     "cu_seqlens on meta": (packed(cu_seqlens=torch.tensor([0, 3, 10], dtype=torch.int32, device="meta")), "must be on"),
     "max_seqlen too small": (packed(max_seqlen=5), "max_seqlen=5"),
     "unknown backend": (good(backend="flash"), "unknown backend 'flash'"),
+    "position_ids with cu_seqlens": (packed(position_ids=torch.arange(10)[None]), "not both"),
+    "position_ids float": (good(position_ids=torch.arange(8.0)[None]), "integer tensor"),
+    "position_ids 1-D": (good(position_ids=torch.arange(8)), "must be [1, 8] for q"),
+    "position_ids too short": (good(position_ids=torch.arange(7)[None]), "got (1, 7)"),
+    "position_ids batch": (good(position_ids=torch.arange(8).expand(3, 8)), "got (3, 8)"),
+    "position_ids list": (good(position_ids=list(range(8))), "must be a torch.Tensor"),
 }
 
 
@@ -126,7 +132,7 @@ def test_triton_head_dim_checked_before_anything_runs(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ["dtype mismatch", "rank 5", "Hq not multiple of Hkv", "cu_seqlens wrong end",
-                                  "float64"])
+                                  "float64", "position_ids with cu_seqlens", "position_ids batch"])
 def test_full_attention_shares_the_checks(case):
     args, needle = CASES[case]
     a = dict(args)

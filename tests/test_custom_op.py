@@ -123,3 +123,103 @@ def test_options_travel_as_a_key():
 
     for opts in (KernelOptions(), POISON.replace(gate_kind="sort", fwd_cfg=(16, 16, 4, 1), fwd_desc=False)):
         assert from_key(opts.key()) == opts
+
+
+# ------------------------------------------------------------------ rows packing several sequences (position_ids)
+
+LENS = [13, 24, 9, 28]  # two rows of 37: [13, 24] and [9, 28]
+
+
+def _rows() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v ``[2, 37, H, D]`` whose rows pack two sequences each, their position_ids, and the packed
+    ``cu_seqlens`` of those four sequences."""
+    q, k, v, cu = make_inputs(LENS, 2, 1, 32, "cpu", seed=5)
+    pos = torch.cat([torch.arange(n) for n in LENS]).view(2, 37) + 3  # offsets do not matter, the restarts do
+    return *(x.view(2, 37, *x.shape[1:]) for x in (q, k, v)), pos, cu
+
+
+@pytest.mark.parametrize(("backend", "options"), CASES)
+def test_position_ids_split_rows_like_cu_seqlens(backend, options):
+    q, k, v, pos, cu = _rows()
+    got = moba_attention(q, k, v, chunk_size=8, topk=2, position_ids=pos, backend=backend, options=options)
+    flat = [x.flatten(0, 1) for x in (q, k, v)]
+    want = moba_attention(*flat, chunk_size=8, topk=2, cu_seqlens=cu, backend=backend, options=options)
+    assert torch.equal(got, want.view(q.shape))
+    rows = moba_attention(q, k, v, chunk_size=8, topk=2, backend=backend, options=options)
+    one_row = moba_attention(q, k, v, chunk_size=8, topk=2, position_ids=torch.arange(37)[None], backend=backend,
+                             options=options)
+    assert torch.equal(one_row, rows) and not torch.equal(got, rows)
+
+
+@pytest.mark.parametrize(("backend", "options"), CASES)
+def test_compiled_packed_rows_match_eager_in_one_graph(backend, options):
+    # The starts of packed rows reach the op as a fixed-shape tensor: fullgraph holds, no break.
+    torch._dynamo.reset()
+    q, k, v, pos, _ = _rows()
+
+    def f(q, k, v, pos):
+        return moba_attention(q, k, v, chunk_size=8, topk=2, position_ids=pos, backend=backend, options=options)
+
+    explain = torch._dynamo.explain(f)(q, k, v, pos)
+    assert explain.graph_break_count == 0, explain.break_reasons
+    torch._dynamo.reset()
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves, pos)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = f(*ref_leaves, pos)
+    assert rel_rms(got, want) < 1e-5
+    do = torch.randn_like(want)
+    got.backward(do)
+    want.backward(do)
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        assert rel_rms(a.grad, b.grad) < 1e-4
+
+
+@pytest.mark.parametrize("backend", ["naive", "auto"])
+def test_compiled_full_attention_with_position_ids(backend):
+    from moba_cli.ops.moba import full_attention
+
+    torch._dynamo.reset()
+    q, k, v, pos, cu = _rows()
+
+    def f(q, k, v, pos):
+        return full_attention(q, k, v, position_ids=pos, backend=backend)
+
+    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves, pos)
+    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+    want = full_attention(*(x.flatten(0, 1) for x in ref_leaves), cu_seqlens=cu, backend=backend)
+    assert torch.equal(f(q, k, v, pos), want.view(q.shape).detach())  # eager: the cu_seqlens call
+    assert rel_rms(got, want.view(q.shape)) < 1e-5
+    do = torch.randn_like(got)
+    got.backward(do)
+    want.backward(do.flatten(0, 1))
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        assert rel_rms(a.grad, b.grad.view(a.shape)) < 1e-4
+
+
+def test_opcheck_with_starts():
+    from moba_cli.ops.moba.packing import sequence_starts
+
+    q, k, v, pos, _ = _rows()
+    starts = sequence_starts(pos, 2).flatten()
+    rows = torch.tensor([0, 37, 74], dtype=torch.int32)
+    args = [x.flatten(0, 1).requires_grad_() for x in (q, k, v)]
+    torch.library.opcheck(torch.ops.moba.attention_fwd.default,
+                          (*args, rows, 8, 2, 32**-0.5, 37, "naive", POISON.key(), starts))
+    for backend in ("naive", "auto"):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v)]
+        torch.library.opcheck(torch.ops.moba.full_fwd.default, (*leaves, starts, None, backend))
+
+
+def test_op_splits_cu_seqlens_at_starts():
+    from moba_cli.errors import MobaError
+    from moba_cli.ops.moba.packing import split_cu_seqlens
+
+    starts = torch.zeros(10, dtype=torch.bool)
+    starts[[0, 4, 7]] = True
+    got = split_cu_seqlens(torch.tensor([0, 6, 6, 10], dtype=torch.int32), starts)
+    assert got.tolist() == [0, 4, 6, 7, 10] and got.dtype == torch.int32  # union of both; empty ones drop out
+    q, k, v, cu = make_inputs([10], 2, 1, 32, "cpu", seed=1)
+    with pytest.raises(MobaError, match="starts must be bool"):
+        torch.ops.moba.attention_fwd(q, k, v, cu, 4, 2, 0.2, 10, "naive", POISON.key(), starts[:9])

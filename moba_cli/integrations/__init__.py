@@ -7,7 +7,7 @@ Modules, each importing only those above it (no cycles)::
 
     settings.py       MobaSettings (config.moba), parse_full_layers, constants; no torch
     sparsity.py       analytic pair count and expected sparsity; no torch
-    masks.py          padding masks -> row spans, packed position_ids -> cu_seqlens
+    masks.py          padding masks -> row spans, collator cu_seq_lens -> cu_seqlens, per-row position_ids
     decode.py         new tokens against a KV cache, cached block means
     attention.py      the registered ``moba`` attention function, its counters and cache hook, register()
     loading.py        load_model, attention_mode, moba_stats

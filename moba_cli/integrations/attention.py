@@ -9,8 +9,9 @@ How one attention call is served (``query [B, Hq, q, D]``, ``key``/``value [B, H
 passes them, ``L`` counting cached tokens):
 
 * prefill (``q == L``): :func:`moba_cli.moba_attention` (or :func:`moba_cli.full_attention` on full layers)
-  on ``[B, S, H, D]`` views; a padding mask (left or right) or packed ``position_ids`` become a
-  variable-length batch with ``cu_seqlens`` (:mod:`moba_cli.integrations.masks`).
+  on ``[B, S, H, D]`` views; a padding mask (left or right) becomes a variable-length batch with
+  ``cu_seqlens`` (:mod:`moba_cli.integrations.masks`), and ``position_ids`` are passed on, so rows packing
+  several sequences are split where their positions restart (without a graph break under ``torch.compile``).
 * decode (``q < L``, a KV cache): :mod:`moba_cli.integrations.decode`.
 
 Limits: transformers' default dynamic KV cache only (static/preallocated caches are refused with an
@@ -29,7 +30,7 @@ import torch
 
 from moba_cli.errors import MobaError
 from moba_cli.integrations.decode import check_decode_cache, decode_attention
-from moba_cli.integrations.masks import Spans, given_cu_seqlens, packed_cu_seqlens, padding_mask, row_spans
+from moba_cli.integrations.masks import Spans, given_cu_seqlens, padding_mask, row_positions, row_spans
 from moba_cli.integrations.settings import CONFIG_KEY, IMPL_NAME, MobaSettings
 
 _registered = False
@@ -170,10 +171,9 @@ def _prefill(
     b, s = q.shape[:2]
     if spans is None:
         cu = given_cu_seqlens(kwargs, b, s, q.device)
-        if cu is None:
-            cu = packed_cu_seqlens(kwargs.get("position_ids"), b, s, q.device)
-        if cu is None:
-            return fn(q, k, v, softmax_scale=scaling, **extra)
+        if cu is None:  # rows packing several sequences are split by their positions, inside the op call
+            pos = row_positions(kwargs.get("position_ids"), s)
+            return fn(q, k, v, position_ids=pos, softmax_scale=scaling, **extra)
         flat = [x.reshape(b * s, *x.shape[2:]) for x in (q, k, v)]
         return fn(*flat, cu_seqlens=cu, softmax_scale=scaling, **extra).view(q.shape)
     # Padding: gather the real tokens of every row into one packed batch, blocks restart per row.

@@ -1,9 +1,11 @@
 """What a transformers attention call says about padding and packing, as the MoBA kernels need it.
 
-A padding mask (left or right) becomes per-row spans of real tokens; packed ``position_ids`` or a
-flattening collator's ``cu_seq_lens_q`` become ``cu_seqlens``. Either way blocks restart at every
-sequence's first real token. Every layer of one forward gets the same mask and position tensors, so the
-derived values are cached per tensor (one host sync per forward, not per layer).
+A padding mask (left or right) becomes per-row spans of real tokens; a flattening collator's
+``cu_seq_lens_q`` becomes ``cu_seqlens``; per-row ``position_ids`` go to the attention functions as they
+are (:mod:`moba_cli.ops.moba.packing` finds the packed sequences, also inside a ``torch.compile`` graph).
+Either way blocks restart at every sequence's first real token. Every layer of one forward gets the same
+mask and position tensors, so the derived values are cached per tensor (one host sync per forward, not
+per layer).
 """
 
 from __future__ import annotations
@@ -98,28 +100,13 @@ def row_spans(mask: torch.Tensor | None, batch: int, length: int) -> Spans | Non
     return spans
 
 
-_packed_cache: dict[str, Any] = {"pos": None, "version": None, "cu": None}
-
-
-def packed_cu_seqlens(position_ids: Any, batch: int, length: int, device: torch.device) -> torch.Tensor | None:
-    """cu_seqlens of sequences packed along each row, found where ``position_ids`` do not step by one.
-
-    Returns None for the usual one sequence per row (positions ``p, p+1, ...``).
-    """
-    if not isinstance(position_ids, torch.Tensor) or position_ids.dim() != 2 or position_ids.shape[-1] != length:
-        return None
-    if _packed_cache["pos"] is position_ids and _packed_cache["version"] == position_ids._version:
-        return _packed_cache["cu"]  # every layer of a forward gets the same tensor
-    pos = position_ids.expand(batch, length)
-    breaks = pos[:, 1:] != pos[:, :-1] + 1
-    cu = None
-    if bool(breaks.any()):
-        starts = torch.ones(batch, length, dtype=torch.bool, device=pos.device)
-        starts[:, 1:] = breaks
-        idx = torch.nonzero(starts.flatten()).flatten()
-        cu = torch.cat([idx, torch.tensor([batch * length], device=idx.device)]).to(device=device, dtype=torch.int32)
-    _packed_cache.update(pos=position_ids, version=position_ids._version, cu=cu)
-    return cu
+def row_positions(position_ids: Any, length: int) -> torch.Tensor | None:
+    """The ``position_ids`` transformers passed when they are per-row positions ``[B or 1, L]``, which the
+    attention functions split packed rows by (:func:`moba_cli.moba_attention`); else None (none given,
+    or another layout such as multimodal rotary positions ``[3, B, L]``)."""
+    if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2 and position_ids.shape[-1] == length:
+        return position_ids
+    return None
 
 
 def given_cu_seqlens(kwargs: dict[str, Any], b: int, s: int, device: torch.device) -> torch.Tensor | None:

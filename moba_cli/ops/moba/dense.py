@@ -1,5 +1,6 @@
-"""Dense attention shared by the dense paths (shortcut, dense prefix, long blocks): SDPA causal attention,
-cuDNN's availability and one-line errors, and the float32 stand-in for cuDNN that CPU tests run."""
+"""Dense attention: the dense paths' SDPA causal attention (shortcut, dense prefix, long blocks),
+full_attention's compute, cuDNN's availability and one-line errors, and the float32 stand-in for cuDNN
+that CPU tests run."""
 
 from __future__ import annotations
 
@@ -36,6 +37,34 @@ def dense_causal(q, k, v, cu_seqlens: list[int] | None, scale: float) -> torch.T
                 qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
                 outs.append(sdpa(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1))
         return torch.cat(outs, 0) if outs else torch.empty_like(q)
+
+
+def full_causal(q, k, v, cu_seqlens: list[int] | None, scale: float | None, backend: str) -> torch.Tensor:
+    """:func:`~.api.full_attention` after its checks (the eager call and the ``moba::full_fwd`` op share it).
+
+    q ``[B, S, Hq, D]`` (``cu_seqlens`` None) or packed ``[T, Hq, D]`` with host-side ``cu_seqlens``.
+    ``backend`` ``"naive"``: float32, one sequence at a time; else SDPA in the inputs' dtype (whatever
+    kernel PyTorch picks). Returns q's shape and dtype.
+    """
+    if backend == "naive":
+        from .naive import full_attention_naive
+
+        b, s = (1, q.shape[0]) if cu_seqlens is not None else q.shape[:2]
+        cu = cu_seqlens if cu_seqlens is not None else [i * s for i in range(b + 1)]
+        qp, kp, vp = (x.reshape(b * s, *x.shape[-2:]) for x in (q, k, v))
+        with torch.autocast(q.device.type, enabled=False):
+            return full_attention_naive(qp, kp, vp, cu, scale).to(q.dtype).view(q.shape)
+    gqa = q.shape[-2] != k.shape[-2]
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    if cu_seqlens is None:
+        o = sdpa(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True, scale=scale, enable_gqa=gqa)
+        return o.transpose(1, 2).contiguous()
+    out = torch.empty_like(q)
+    for s0, s1 in zip(cu_seqlens[:-1], cu_seqlens[1:], strict=True):
+        if s1 > s0:
+            qs, ks, vs = (x[s0:s1].transpose(0, 1)[None] for x in (q, k, v))
+            out[s0:s1] = sdpa(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=gqa)[0].transpose(0, 1)
+    return out
 
 
 def cudnn_ok(q: torch.Tensor, k: torch.Tensor) -> bool:

@@ -99,6 +99,21 @@ def check_cu_seqlens(
     return cu
 
 
+def check_position_ids(position_ids: object, q: torch.Tensor, cu_seqlens: torch.Tensor | None) -> None:
+    """``position_ids`` is an integer ``[B, S]`` or ``[1, S]`` tensor for q ``[B, S, H, D]`` (shapes only:
+    a traced graph checks nothing else), and comes without ``cu_seqlens``."""
+    if cu_seqlens is not None:
+        raise MobaError("pass cu_seqlens (packed [T, H, D] input) or position_ids ([B, S, H, D] input), not both")
+    if not isinstance(position_ids, torch.Tensor):
+        raise MobaError(f"position_ids must be a torch.Tensor, got {type(position_ids).__name__}")
+    if position_ids.is_floating_point() or position_ids.is_complex() or position_ids.dtype == torch.bool:
+        raise MobaError(f"position_ids must be an integer tensor, got {position_ids.dtype}")
+    b, s = q.shape[:2]
+    if position_ids.dim() != 2 or position_ids.shape[0] not in (1, b) or position_ids.shape[1] != s:
+        shapes = f"[{b}, {s}]" if b == 1 else f"[{b}, {s}] or [1, {s}]"
+        raise MobaError(f"position_ids must be {shapes} for q {tuple(q.shape)}, got {tuple(position_ids.shape)}")
+
+
 def check_scale(softmax_scale: object) -> None:
     """``softmax_scale`` is None or a finite positive real number (numpy scalars included)."""
     if softmax_scale is None:
