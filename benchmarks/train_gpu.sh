@@ -26,13 +26,13 @@ LOG="$OUT/log.txt"
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee -a "$LOG"
 
-# 1. Data: code of the installed packages + retrieval documents (passkey, kv, vartrack up to 8K tokens).
+# 1. Data: code of the installed packages + retrieval documents (needle, passkey, kv, vartrack up to 8K).
 DATA="$WORK/data"
 if [ ! -f "$DATA/manifest.json" ]; then
   cat > "$WORK/data.yaml" <<EOF
 sources:
   - {kind: code, suffixes: [.py], fraction: 0.6}
-  - {kind: synthetic, tasks: [passkey, kv, vartrack], lengths: [1k, 2k, 4k, 8k], fraction: 0.4}
+  - {kind: synthetic, tasks: [needle, passkey, kv, needle, vartrack], lengths: [1k, 2k, 4k, 8k], fraction: 0.4}
 vocab_size: 8192
 max_tokens: $DATA_TOKENS
 tokenizer_bytes: 32m
