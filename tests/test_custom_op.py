@@ -12,6 +12,20 @@ from utils import POISON, make_inputs, rel_rms
 from moba_cli.ops.moba import moba_attention
 from moba_cli.ops.moba.custom_op import op_slots
 
+
+def assert_fwd_bwd_match(run, ref, tensors) -> None:
+    """``run(*leaves)`` and ``ref(*leaves)`` on fresh leaf copies of ``tensors`` agree: output to 1e-5 and the
+    leaves' gradients to 1e-4 relative RMS (``ref`` may return another view of the same values)."""
+    leaves = [x.clone().requires_grad_() for x in tensors]
+    ref_leaves = [x.clone().requires_grad_() for x in tensors]
+    got, want = run(*leaves), ref(*ref_leaves)
+    assert rel_rms(got, want.view(got.shape)) < 1e-5
+    do = torch.randn_like(got)
+    got.backward(do)
+    want.backward(do.view(want.shape))
+    for a, b in zip(leaves, ref_leaves, strict=True):
+        assert rel_rms(a.grad, b.grad.view(a.shape)) < 1e-4
+
 CASES = [("naive", None), ("triton", POISON)]
 
 
@@ -64,16 +78,7 @@ def test_compiled_varlen_call_matches_eager(backend, options):
         return moba_attention(q, k, v, chunk_size=8, topk=2, cu_seqlens=cu, max_seqlen=30, backend=backend,
                               options=options)
 
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves)
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    want = f(*ref_leaves)
-    assert rel_rms(got, want) < 1e-5
-    do = torch.randn_like(want)
-    got.backward(do)
-    want.backward(do)
-    for a, b in zip(leaves, ref_leaves, strict=True):
-        assert rel_rms(a.grad, b.grad) < 1e-4
+    assert_fwd_bwd_match(torch.compile(f, backend="aot_eager", fullgraph=True), f, (q, k, v))
 
 
 @pytest.mark.parametrize("backend", ["naive", "triton"])
@@ -105,16 +110,10 @@ def test_op_serves_the_cudnn_paths(path):
                           cudnn_min_chunk=0 if path == "long_blocks" else 2**20, cudnn_pad_rows=8, cudnn_tile_rows=16)
     q, k, v, cu = make_inputs([40, 40], 2, 1, 32, "cpu", seed=7)
     assert plan_call(q, k, chunk_size=8, topk=2, cu_seqlens=cu, backend="triton", options=opts).path == path
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    out, _, _ = torch.ops.moba.attention_fwd(*leaves, cu, 8, 2, 32**-0.5, 40, "triton", opts.key())
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    want = moba_attention(*ref_leaves, chunk_size=8, topk=2, cu_seqlens=cu, backend="triton", options=opts)
-    assert rel_rms(out, want) < 1e-5
-    do = torch.randn_like(want)
-    out.backward(do)
-    want.backward(do)
-    for a, b in zip(leaves, ref_leaves, strict=True):
-        assert rel_rms(a.grad, b.grad) < 1e-4
+    assert_fwd_bwd_match(
+        lambda *x: torch.ops.moba.attention_fwd(*x, cu, 8, 2, 32**-0.5, 40, "triton", opts.key())[0],
+        lambda *x: moba_attention(*x, chunk_size=8, topk=2, cu_seqlens=cu, backend="triton", options=opts),
+        (q, k, v))
 
 
 def test_options_travel_as_a_key():
@@ -163,16 +162,8 @@ def test_compiled_packed_rows_match_eager_in_one_graph(backend, options):
     explain = torch._dynamo.explain(f)(q, k, v, pos)
     assert explain.graph_break_count == 0, explain.break_reasons
     torch._dynamo.reset()
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves, pos)
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    want = f(*ref_leaves, pos)
-    assert rel_rms(got, want) < 1e-5
-    do = torch.randn_like(want)
-    got.backward(do)
-    want.backward(do)
-    for a, b in zip(leaves, ref_leaves, strict=True):
-        assert rel_rms(a.grad, b.grad) < 1e-4
+    assert_fwd_bwd_match(lambda *x: torch.compile(f, backend="aot_eager", fullgraph=True)(*x, pos),
+                         lambda *x: f(*x, pos), (q, k, v))
 
 
 @pytest.mark.parametrize("backend", ["naive", "auto"])
@@ -185,17 +176,11 @@ def test_compiled_full_attention_with_position_ids(backend):
     def f(q, k, v, pos):
         return full_attention(q, k, v, position_ids=pos, backend=backend)
 
-    leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    got = torch.compile(f, backend="aot_eager", fullgraph=True)(*leaves, pos)
-    ref_leaves = [x.clone().requires_grad_() for x in (q, k, v)]
-    want = full_attention(*(x.flatten(0, 1) for x in ref_leaves), cu_seqlens=cu, backend=backend)
-    assert torch.equal(f(q, k, v, pos), want.view(q.shape).detach())  # eager: the cu_seqlens call
-    assert rel_rms(got, want.view(q.shape)) < 1e-5
-    do = torch.randn_like(got)
-    got.backward(do)
-    want.backward(do.flatten(0, 1))
-    for a, b in zip(leaves, ref_leaves, strict=True):
-        assert rel_rms(a.grad, b.grad.view(a.shape)) < 1e-4
+    def by_cu(*x):
+        return full_attention(*(t.flatten(0, 1) for t in x), cu_seqlens=cu, backend=backend)
+
+    assert torch.equal(f(q, k, v, pos), by_cu(q, k, v).view(q.shape))  # eager: the cu_seqlens call
+    assert_fwd_bwd_match(lambda *x: torch.compile(f, backend="aot_eager", fullgraph=True)(*x, pos), by_cu, (q, k, v))
 
 
 def test_opcheck_with_starts():
