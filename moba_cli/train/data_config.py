@@ -14,6 +14,7 @@ from moba_cli.errors import MobaError
 from moba_cli.utils.sizes import parse_size
 
 SYNTHETIC_TASKS = ("passkey", "kv", "vartrack", "needle")
+DEFAULT_SYNTHETIC_TASKS = ("passkey", "kv", "vartrack")  # needle is opt-in
 MIN_VOCAB = 256 + 3 + 1  # every byte, bos/eos/pad, and at least one merge
 _SIZE = {"size": True}  # field metadata: accepts "2m"-style sizes
 
@@ -70,7 +71,7 @@ class SyntheticSource:
     """Long-context retrieval documents from the project's templates (passkey, key-value, variable chain)."""
 
     kind: str = "synthetic"
-    tasks: list[str] = field(default_factory=lambda: list(SYNTHETIC_TASKS[:3]))
+    tasks: list[str] = field(default_factory=lambda: list(DEFAULT_SYNTHETIC_TASKS))
     """Which templates to use, in turn: ``passkey`` (a number hidden in filler), ``kv`` (look a key up
     in a list of key-value pairs), ``vartrack`` (follow a chain of variable assignments), ``needle``
     (``moba eval needle``'s own prompt form; not in the default set)."""
