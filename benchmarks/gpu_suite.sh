@@ -34,7 +34,7 @@ steps=("$@")
 [ ${#steps[@]} -eq 0 ] && steps=(suite paper flashmoba)
 for s in "${steps[@]}"; do
   case $s in
-    suite) step suite 130 env MOBA_GPU_SUITE_OUT="$OUT/gpu-suite.json" python -m pytest -q -m gpu tests/test_gpu_suite.py ;;
+    suite) step suite 360 env MOBA_GPU_SUITE_OUT="$OUT/gpu-suite.json" python -m pytest -q -m gpu tests/test_gpu_suite.py ;;
     paper) step paper 75 $BENCH --preset paper --heads 1 --seq 1m --pass fwd,fwd+bwd --max-dense-seconds 3 ;;
     paper8) step paper8 90 $BENCH --preset paper --heads 8 --seq 128k --pass fwd,fwd+bwd ;;
     flashmoba) step flashmoba 60 $BENCH --preset flashmoba --seq 512k --pass fwd,fwd+bwd --max-dense-seconds 2 ;;

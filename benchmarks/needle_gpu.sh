@@ -9,7 +9,8 @@
 # result.json is then missing and the log says so). Then benchmarks/eval_gpu.sh runs on each newest
 # checkpoint: EVAL_MOBA (default all: needle, loss, RULER) on the MoBA-trained model, EVAL_FULL (default
 # needle) on the full-attention one, both with --attn both. The eval_gpu.sh knobs (NEEDLE_LENGTHS, ...)
-# pass through. Writes under $OUT: train-{moba,full}/{metrics.jsonl,result.json,recipe.yaml},
+# pass through. KINDS (default "moba full") picks the trainings; EVAL=none skips the evals (run them later
+# with benchmarks/eval_gpu.sh on $WORK/<kind>/checkpoints/<step>). Writes under $OUT: train-{moba,full}/{metrics.jsonl,result.json,recipe.yaml},
 # evals-{moba,full}/<step>/..., log.txt. SET: more `--set key=value` words for both trainings.
 set -u
 cd "$(dirname "$0")/.."
@@ -19,13 +20,15 @@ DATA=${DATA:?DATA must name a moba data build folder}
 STEPS=${STEPS:-400}
 LIMIT=${LIMIT:-180}
 CKPT_EVERY=${CKPT_EVERY:-100}
+KINDS=${KINDS:-moba full}
+EVAL=${EVAL:-}
 read -r -a MORE <<< "${SET:-}"
 mkdir -p "$OUT" "$WORK"
 export MOBA_GIT_COMMIT=${MOBA_GIT_COMMIT:-$(git rev-parse HEAD 2>/dev/null || echo unknown)}
 LOG="$OUT/log.txt"
 say() { echo "[$(date -u +%H:%M:%S)] $*" | tee -a "$LOG"; }
 
-for kind in moba full; do
+for kind in $KINDS; do
   t0=$SECONDS
   COLUMNS=120 timeout "$LIMIT" python -m moba_cli train recipes/needle-small.yaml --set name="needle-$kind" \
     --set attention.kind=$kind --set data.path="$DATA" --set log.out="$WORK/$kind" --set train.steps="$STEPS" \
@@ -36,7 +39,8 @@ for kind in moba full; do
   cp "$WORK/$kind"/{metrics.jsonl,result.json,recipe.yaml} "$OUT/train-$kind/" 2>/dev/null
 done
 
-for kind in moba full; do
+[ "$EVAL" = none ] && exit 0
+for kind in $KINDS; do
   pointer="$WORK/$kind/checkpoints/latest"
   [ -f "$pointer" ] || { say "no checkpoint for $kind"; continue; }
   step=EVAL_${kind^^}
