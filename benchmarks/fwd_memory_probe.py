@@ -99,7 +99,8 @@ def main() -> None:
     path = sys.argv[1]
     names = sys.argv[2:] or list(CASES)
     env = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-           "python": platform.python_version()}
+           "python": platform.python_version(),
+           "git_commit": os.environ.get("MOBA_GIT_COMMIT", "unknown")}
     recs = []
     for n in names:
         recs.append(run_case(n))
