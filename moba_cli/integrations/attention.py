@@ -45,14 +45,15 @@ def _layer_is_full(module: Any, settings: MobaSettings) -> bool:
     return idx in settings.full_layers
 
 
+_UNCOUNTED = {"prefill_moba": 0, "prefill_full": 0, "decode_moba": 0, "decode_full": 0, "means_computed": 0,
+              "means_updated": 0}
+
+
 def layer_stats(module: Any) -> dict[str, int]:
-    """The attention module's call counters (created on first use); read by ``moba_stats``."""
+    """The attention module's call counters of eager calls (created on first use); read by ``moba_stats``."""
     st = module.__dict__.get("_moba_stats")
     if st is None:
-        st = {
-            "prefill_moba": 0, "prefill_full": 0, "decode_moba": 0, "decode_full": 0,
-            "means_computed": 0, "means_updated": 0,
-        }
+        st = _UNCOUNTED.copy()
         module.__dict__["_moba_stats"] = st
     return st
 
@@ -65,6 +66,8 @@ def _capture_cache_keys(module: Any, args: tuple, kwargs: dict) -> None:
     a beam reorder, a crop) makes them rebuilt once. Compared here because the update frees that tensor.
     Preallocated (static) caches hand the attention padded key buffers; they are flagged to be refused.
     """
+    if torch.compiler.is_compiling():  # a traced forward reads no note (see moba_attention_forward)
+        return
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     idx = getattr(module, "layer_idx", None)
     keys = _cache_layer_keys(cache, idx)
@@ -128,9 +131,13 @@ def moba_attention_forward(
         raise MobaError("MoBA attention does not support attention logit soft-capping")
     settings = MobaSettings.from_config(module.config)
     full = _layer_is_full(module, settings)
-    stats = layer_stats(module)
+    # The counters and the cache pre-hook's note are Python bookkeeping on the module's __dict__, which
+    # torch.compile cannot trace on every torch version (2.11 breaks the graph at __dict__.pop): a traced
+    # call neither counts nor reads the note (None: as if the pre-hook had not run).
+    traced = torch.compiler.is_compiling()
+    stats = _UNCOUNTED.copy() if traced else layer_stats(module)
     ensure_hook(module)
-    cache_info = module.__dict__.pop("_moba_cache_info", None)  # None: the pre-hook did not run
+    cache_info = None if traced else module.__dict__.pop("_moba_cache_info", None)
     b, _, q_len, _ = query.shape
     kv_len = key.shape[2]
     if q_len > kv_len:
