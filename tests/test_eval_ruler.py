@@ -85,6 +85,40 @@ def test_ruler_end_to_end_one_task(tmp_path):
     assert moba[0]["length"] == 400
 
 
+@pytest.mark.slow
+def test_both_attentions_get_the_same_cwe_samples(tmp_path):
+    """ruler_cwe's generator keeps a module-level random.Random: without a fresh load per run the second
+    attention got other word lists (seen on the GPU: same_prompts False)."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[hf,ruler]==0.4.13')")
+    ckpt = tiny_checkpoint(tmp_path / "m", moba={"chunk_size": 32, "topk": 2})
+    out = tmp_path / "out"
+    r = _cli("--model", ckpt, "--tasks", "ruler_cwe", "--lengths", "2000", "--samples", "1", "--device", "cpu",
+             "--out", out)
+    assert r.exit_code == 0, r.output
+    res = json.loads(next(out.glob("eval-ruler-*[0-9]Z.json")).read_text())
+    assert res["summary"]["same_prompts"] is True
+    raw = json.loads(next(out.glob("*-lm_eval.json")).read_text())
+    moba, full = raw["moba"]["ruler_cwe"]["samples"], raw["full"]["ruler_cwe"]["samples"]
+    assert len(moba) == 1 and moba[0]["prompt_sha256"] == full[0]["prompt_sha256"]
+
+
+@pytest.mark.slow
+def test_a_failing_lm_eval_task_is_a_record_not_a_traceback(tmp_path):
+    """lm-eval's ruler_cwe generator divides by zero at 1K tokens: the run goes on, the records say
+    ``error`` and the notes say why, in one line per task and attention."""
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[hf,ruler]==0.4.13')")
+    ckpt = tiny_checkpoint(tmp_path / "m", moba={"chunk_size": 32, "topk": 2})
+    out = tmp_path / "out"
+    r = _cli("--model", ckpt, "--tasks", "ruler_cwe", "--lengths", "1000", "--samples", "1", "--device", "cpu",
+             "--attn", "full", "--out", out)
+    assert r.exit_code == 0, r.output
+    assert "Traceback" not in r.output
+    res = json.loads(next(out.glob("eval-ruler-*[0-9]Z.json")).read_text())
+    assert [x["status"] for x in res["records"]] == ["error"]
+    assert "ZeroDivisionError" in res["records"][0]["error"]
+    assert any("ruler_cwe (full): lm-eval failed" in n for n in res["summary"]["notes"])
+
+
 def test_time_limit_interrupts_a_loop():
     import time
 

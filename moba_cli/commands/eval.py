@@ -394,6 +394,8 @@ def ruler(
                          "length, which shifts the per-length picks); see 'samples' in each record")
         if summary.get("same_prompts") is False:
             notes.append("MoBA and full attention did not get identical prompts from lm-eval")
+        failed = {(r["attn"], r["task"]): r["error"] for r in records if r["status"] in ("error", "timeout", "oom")}
+        notes += [f"{task} ({attn}): {err}" for (attn, task), err in failed.items()]
         config = {**_model_config(lm), "attn": attns, "tasks": names, "lengths": lens, "samples": samples,
                   "essay_haystack": essay, "time_limit": time_limit, "batch_size": batch_size}
 

@@ -24,9 +24,11 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import random
 import re
 import signal
 import socket
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -191,8 +193,8 @@ def run_ruler(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Score every task at every length for each attention. Returns ``(records, raw lm-eval outputs)``.
 
-    Records: ``{attn, task, length, score (0..1), samples, status}``; ``status`` is ``ok``, ``timeout`` or
-    ``oom``. Raw: per attention and task, lm-eval's results and its per-sample answers (prompts left out).
+    Records: ``{attn, task, length, score (0..1), samples, status}``; ``status`` is ``ok``, ``timeout``,
+    ``oom`` or ``error`` (lm-eval itself failed; the record's ``error`` says how). Raw: per attention and task, lm-eval's results and its per-sample answers (prompts left out).
     """
     if not 1 <= samples <= SAMPLES_PER_LENGTH:
         raise MobaError(f"--samples must be between 1 and {SAMPLES_PER_LENGTH} (lm-eval builds that many per length)")
@@ -222,6 +224,7 @@ def run_ruler(
                 m.reset_calls(lm)
                 t0 = time.perf_counter()
                 status, err, res = "ok", None, None
+                fresh_generators()
                 try:
                     with network_blocked(), deadline(time_limit, task):
                         res = simple_evaluate(
@@ -237,10 +240,12 @@ def run_ruler(
                     if cause is not None:
                         raise MobaError(f"RULER task {task} tried to reach the network ({type(cause).__name__}: "
                                         f"{str(cause).splitlines()[0][:160]}); it cannot run offline") from None
-                    if not m.is_oom(e):
-                        raise
-                    m.free_memory(lm.device)
-                    status, err = "oom", str(e).splitlines()[0][:200]
+                    if m.is_oom(e):
+                        m.free_memory(lm.device)
+                        status, err = "oom", str(e).splitlines()[0][:200]
+                    else:  # lm-eval's own generators fail on some lengths (ruler_cwe: ZeroDivisionError at 1K)
+                        status = "error"
+                        err = f"lm-eval failed: {type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}"
                 seconds = round(time.perf_counter() - t0, 3)
                 calls = m.moba_calls(lm) if attn == "moba" else None
                 tick(len(picks), f"{attn}: {task} done")
@@ -252,6 +257,17 @@ def run_ruler(
                 records += _task_records(res, attn, task, lengths, seconds, calls)
                 raw.setdefault(attn, {})[task] = _raw(res, task)
     return records, raw
+
+
+def fresh_generators() -> None:
+    """Make lm-eval load its RULER helpers afresh before a task runs, where they hold a module-level
+    ``random.Random`` (``ruler_cwe``'s ``RNG``, seeded once at import). lm-eval keeps a loaded helper in
+    ``sys.modules`` and that generator goes on from where the last run left it, so a second attention
+    would get other samples than the first; loaded again, every run gets the samples of a fresh process."""
+    for name, mod in list(sys.modules.items()):
+        if name.startswith("lm_eval.tasks.ruler.") and hasattr(mod, "__mtime__") and any(
+                isinstance(v, random.Random) for v in vars(mod).values()):
+            del sys.modules[name]
 
 
 def _task_records(res: dict, attn: str, task: str, lengths: list[int], seconds: float, calls: int | None) -> list:
