@@ -392,3 +392,35 @@ def test_needle_documents_take_the_eval_prompt_form():
         again = make_document("needle", np.random.default_rng([3, i]), 900, count)
         assert again == (prompt, answer)
     assert seen_multi
+
+
+def test_many_question_documents_answer_every_question_from_their_facts():
+    """`needle_multi` and `kv_multi`: many facts, questions each followed by the right answer, the last one
+    the document's answer; about the target length; the same for the same seed."""
+    from moba_cli.evals.needle import PREAMBLE, Templates
+
+    count = lambda pieces: [len(p) for p in pieces]  # noqa: E731
+    t = Templates()
+    for target in (2000, 12000):
+        for i in range(5):
+            prompt, answer = make_document("needle_multi", np.random.default_rng([4, i]), target, count)
+            assert 0.85 * target <= sum(count([prompt, answer])) + 2 <= target
+            assert prompt.startswith(PREAMBLE)
+            facts = dict(re.findall(r"One of the special magic numbers for ([\w-]+) is: (\d{7})\.", prompt))
+            assert len(facts) == max(2, target // 256)
+            qa = re.findall(r"magic number for ([\w-]+) mentioned in the provided text is (\d{7})\.", prompt)
+            assert len(qa) == len(facts) - 1 and all(facts[k] == v for k, v in qa)
+            last = re.findall(r"What is the special magic number for ([\w-]+) mentioned", prompt)[-1]
+            assert prompt.endswith("\n" + t.fill_question(last)) and facts[last] == answer.strip()
+            assert {k for k, _ in qa} | {last} == set(facts)  # every fact asked once
+            assert make_document("needle_multi", np.random.default_rng([4, i]), target, count) == (prompt, answer)
+
+            prompt, answer = make_document("kv_multi", np.random.default_rng([5, i]), target, count)
+            assert 0.8 * target <= sum(count([prompt, answer])) + 2 <= target
+            table = dict(re.findall(r"\nrecord ([0-9a-f]{8}) -> ([0-9a-f]{8})", prompt))
+            lookups = re.findall(r"\nlookup ([0-9a-f]{8}) -> ([0-9a-f]{8})", prompt)
+            assert len(table) >= 3 and len(lookups) >= 1
+            assert all(table[k] == v for k, v in lookups)
+            last = re.search(r"\nlookup ([0-9a-f]{8}) ->$", prompt).group(1)
+            assert table[last] == answer.strip()
+            assert make_document("kv_multi", np.random.default_rng([5, i]), target, count) == (prompt, answer)

@@ -194,7 +194,8 @@ def run_ruler(
     """Score every task at every length for each attention. Returns ``(records, raw lm-eval outputs)``.
 
     Records: ``{attn, task, length, score (0..1), samples, status}``; ``status`` is ``ok``, ``timeout``,
-    ``oom`` or ``error`` (lm-eval itself failed; the record's ``error`` says how). Raw: per attention and task, lm-eval's results and its per-sample answers (prompts left out).
+    ``oom`` or ``error`` (lm-eval itself failed; the record's ``error`` says how). Raw: per attention and
+    task, lm-eval's results and its per-sample answers (prompts left out).
     """
     if not 1 <= samples <= SAMPLES_PER_LENGTH:
         raise MobaError(f"--samples must be between 1 and {SAMPLES_PER_LENGTH} (lm-eval builds that many per length)")

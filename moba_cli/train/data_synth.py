@@ -9,7 +9,12 @@ answer by attending far back:
   distractor chains, asked for the value the chain's last variable holds;
 - ``needle``: the prompt form of ``moba eval needle`` (its preamble, noise haystack, needle and question
   templates, keyed 7-digit magic numbers), with up to two needles of other keys as distractors, so a small
-  model trained on it is measured on the form it learnt.
+  model trained on it is measured on the form it learnt;
+- ``needle_multi`` and ``kv_multi``: the same forms with many facts and many answered questions per
+  document (one fact per ~256 tokens; every fact asked, in random order, each question followed by its
+  answer). The single-question tasks reward retrieval on ~4 tokens per document, too few for a small
+  model to form induction heads in a few hundred million tokens (seen: docs/evals.md); here a third or
+  more of the tokens do.
 
 A document is a (prompt, answer) pair; pretraining data joins them, SFT data keeps the loss on the answer.
 Lengths are fitted to a target in tokens with a counting function (the real tokenizer once it exists, a
@@ -57,6 +62,10 @@ def make_document(task: str, rng: np.random.Generator, target_tokens: int, count
         return _vartrack(rng, target_tokens, count)
     if task == "needle":
         return _needle(rng, target_tokens, count)
+    if task == "needle_multi":
+        return _needle_multi(rng, target_tokens, count)
+    if task == "kv_multi":
+        return _kv_multi(rng, target_tokens, count)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 
@@ -178,3 +187,64 @@ def _needle(rng: np.random.Generator, target: int, count: CountMany) -> tuple[st
     for n in needles:
         _insert(filler, rng, n)
     return head + "".join(filler) + tail, answer
+
+
+def _facts(target: int) -> int:
+    """Facts (and questions) in a many-question document of ``target`` tokens: one per ~256 tokens."""
+    return int(min(64, max(2, target // 256)))
+
+
+def _needle_multi(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
+    """``moba eval needle``'s form with :func:`_facts` needles in the noise, then every one asked in random
+    order, each question followed by its answer; the last question is the document's (prompt, answer)."""
+    from moba_cli.evals.haystack import NOISE
+    from moba_cli.evals.needle import Templates, needle_key
+
+    t = Templates()
+    keyer = random.Random(int(rng.integers(2**63)))
+    keys: list[str] = []
+    while len(keys) < _facts(target):
+        key = needle_key(keyer)
+        if key not in keys:
+            keys.append(key)
+    values = [str(int(rng.integers(1_000_000, 10_000_000))) for _ in keys]
+    needles = [f"\n{t.fill_needle(k, v)}\n" for k, v in zip(keys, values, strict=True)]
+    order = [int(i) for i in rng.permutation(len(keys))]
+    qa = [f"\n{t.fill_question(keys[i])} {values[i]}." for i in order[:-1]]
+    head = t.preamble + "\n"
+    tail = "\n" + t.fill_question(keys[order[-1]])
+    answer = f" {values[order[-1]]}"
+    noise = [p + "." for p in NOISE.split(".") if p.strip()]
+    filler = _fill(rng, _budget(target, [head, "\n", tail, answer, *needles, *qa], count), count,
+                   lambda: noise[int(rng.integers(len(noise)))])
+    for n in needles:
+        _insert(filler, rng, n)
+    return head + "".join(filler) + "\n" + "".join(qa) + tail, answer
+
+
+def _kv_multi(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
+    """A table of key/value records (two thirds of the tokens), then lookups of records picked at random,
+    each with its value; the last lookup's value is the answer."""
+    head = "Each record below maps a key to a value. Keys are unique. Lookups follow the records.\n"
+    mid = "\n\nLookups:"
+    budget = _budget(target, [head, mid, "\nlookup 0a1b2c3d ->", " 4e5f6a7b"], count)
+    table: dict[str, str] = {}
+
+    def record() -> str:
+        key = _code(rng, 8, _HEX)
+        while key in table:
+            key = _code(rng, 8, _HEX)
+        table[key] = _code(rng, 8, _HEX)
+        return f"\nrecord {key} -> {table[key]}"
+
+    records = _fill(rng, 2 * budget // 3, count, record) or [record()]
+    pairs = [(r.split()[1], r.split()[3]) for r in records]
+    used = sum(count(records))
+
+    def lookup() -> str:
+        key, value = pairs[int(rng.integers(len(pairs)))]
+        return f"\nlookup {key} -> {value}"
+
+    lookups = _fill(rng, budget - used, count, lookup) or [lookup()]
+    key, value = lookups.pop().split()[1::2]
+    return head + "".join(records) + mid + "".join(lookups) + f"\nlookup {key} ->", f" {value}"
