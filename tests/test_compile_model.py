@@ -90,3 +90,23 @@ def test_packed_rows_equal_each_sequence_alone(model_dir, full_layers):
     torch.testing.assert_close(packed[0, SPLIT:], second[0], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed[1], whole[0], rtol=1e-5, atol=1e-5)
     assert (crossing[0, SPLIT:] - second[0]).abs().max() > 1e-2
+
+
+def test_a_traced_call_leaves_the_modules_bookkeeping_alone(model_dir, monkeypatch):
+    """Under tracing the attention neither counts calls nor pops the cache pre-hook's note from the
+    module's ``__dict__``: torch 2.11's dynamo breaks the graph at ``__dict__.pop`` (8 breaks in a 2-layer
+    model, seen on the GPU), though newer versions trace it."""
+    model = _load(model_dir, None)
+    attn = model.model.layers[0].self_attn
+    note = {"continues": False, "static": None}
+    attn.__dict__["_moba_cache_info"] = note
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        model(input_ids=_ids(), use_cache=False)
+    assert attn.__dict__.get("_moba_cache_info") is note
+    assert sum(s["prefill_moba"] for s in moba_cli.integrations.moba_stats(model)) == 0
+    monkeypatch.undo()
+    with torch.no_grad():
+        model(input_ids=_ids(), use_cache=False)
+    assert "_moba_cache_info" not in attn.__dict__  # eager: read and dropped
+    assert sum(s["prefill_moba"] for s in moba_cli.integrations.moba_stats(model)) == 2
