@@ -63,23 +63,29 @@ def test_unknown_task_fails_before_loading(tmp_path):
     assert r.exit_code == 1 and "unknown RULER task" in r.output
 
 
-@pytest.mark.slow
-def test_ruler_end_to_end_one_task(tmp_path):
-    """niah_single_1 at one short length: MoBA with top-k covering every block answers exactly like full."""
+def _run_ruler(tmp_path, task: str, length: int, *more) -> tuple[dict, dict, str]:
+    """``moba eval ruler`` on a tiny checkpoint, one task at one length, 1 sample, on the CPU: (result JSON,
+    lm-eval's raw output, console output)."""
     pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[hf,ruler]==0.4.13')")
     ckpt = tiny_checkpoint(tmp_path / "m", moba={"chunk_size": 32, "topk": 2})
     out = tmp_path / "out"
-    r = _cli("--model", ckpt, "--tasks", "niah_single_1", "--lengths", "400", "--samples", "1", "--topk", "20",
-             "--device", "cpu", "--out", out)
+    r = _cli("--model", ckpt, "--tasks", task, "--lengths", length, "--samples", "1", "--device", "cpu",
+             "--out", out, *more)
     assert r.exit_code == 0, r.output
     res = json.loads(next(out.glob("eval-ruler-*[0-9]Z.json")).read_text())
+    return res, json.loads(next(out.glob("*-lm_eval.json")).read_text()), r.output
+
+
+@pytest.mark.slow
+def test_ruler_end_to_end_one_task(tmp_path):
+    """niah_single_1 at one short length: MoBA with top-k covering every block answers exactly like full."""
+    res, raw, _ = _run_ruler(tmp_path, "niah_single_1", 400, "--topk", "20")
     assert res["schema"] == "moba-result/1" and res["kind"] == "eval-ruler"
     recs = {(x["attn"], x["task"], x["length"]): x for x in res["records"]}
     assert set(recs) == {("moba", "niah_single_1", 400), ("full", "niah_single_1", 400)}  # no 4096 placeholder
     assert all(x["status"] == "ok" and x["samples"] == 1 and 0 <= x["score"] <= 1 for x in recs.values())
     assert recs[("moba", "niah_single_1", 400)]["moba_calls"] > 0  # lm-eval really ran MoBA
     assert res["summary"]["same_prompts"] is True
-    raw = json.loads(next(out.glob("*-lm_eval.json")).read_text())
     moba, full = raw["moba"]["niah_single_1"]["samples"], raw["full"]["niah_single_1"]["samples"]
     assert [s["response"] for s in moba] == [s["response"] for s in full]
     assert moba[0]["length"] == 400
@@ -89,15 +95,8 @@ def test_ruler_end_to_end_one_task(tmp_path):
 def test_both_attentions_get_the_same_cwe_samples(tmp_path):
     """ruler_cwe's generator keeps a module-level random.Random: without a fresh load per run the second
     attention got other word lists (seen on the GPU: same_prompts False)."""
-    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[hf,ruler]==0.4.13')")
-    ckpt = tiny_checkpoint(tmp_path / "m", moba={"chunk_size": 32, "topk": 2})
-    out = tmp_path / "out"
-    r = _cli("--model", ckpt, "--tasks", "ruler_cwe", "--lengths", "2000", "--samples", "1", "--device", "cpu",
-             "--out", out)
-    assert r.exit_code == 0, r.output
-    res = json.loads(next(out.glob("eval-ruler-*[0-9]Z.json")).read_text())
+    res, raw, _ = _run_ruler(tmp_path, "ruler_cwe", 2000)
     assert res["summary"]["same_prompts"] is True
-    raw = json.loads(next(out.glob("*-lm_eval.json")).read_text())
     moba, full = raw["moba"]["ruler_cwe"]["samples"], raw["full"]["ruler_cwe"]["samples"]
     assert len(moba) == 1 and moba[0]["prompt_sha256"] == full[0]["prompt_sha256"]
 
@@ -106,14 +105,8 @@ def test_both_attentions_get_the_same_cwe_samples(tmp_path):
 def test_a_failing_lm_eval_task_is_a_record_not_a_traceback(tmp_path):
     """lm-eval's ruler_cwe generator divides by zero at 1K tokens: the run goes on, the records say
     ``error`` and the notes say why, in one line per task and attention."""
-    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install 'lm-eval[hf,ruler]==0.4.13')")
-    ckpt = tiny_checkpoint(tmp_path / "m", moba={"chunk_size": 32, "topk": 2})
-    out = tmp_path / "out"
-    r = _cli("--model", ckpt, "--tasks", "ruler_cwe", "--lengths", "1000", "--samples", "1", "--device", "cpu",
-             "--attn", "full", "--out", out)
-    assert r.exit_code == 0, r.output
-    assert "Traceback" not in r.output
-    res = json.loads(next(out.glob("eval-ruler-*[0-9]Z.json")).read_text())
+    res, _, output = _run_ruler(tmp_path, "ruler_cwe", 1000, "--attn", "full")
+    assert "Traceback" not in output
     assert [x["status"] for x in res["records"]] == ["error"]
     assert "ZeroDivisionError" in res["records"][0]["error"]
     assert any("ruler_cwe (full): lm-eval failed" in n for n in res["summary"]["notes"])
