@@ -10,7 +10,10 @@
 # checkpoint: EVAL_MOBA (default all: needle, loss, RULER) on the MoBA-trained model, EVAL_FULL (default
 # needle) on the full-attention one, both with --attn both. The eval_gpu.sh knobs (NEEDLE_LENGTHS, ...)
 # pass through. KINDS (default "moba full") picks the trainings; EVAL=none skips the evals (run them later
-# with benchmarks/eval_gpu.sh on $WORK/<kind>/checkpoints/<step>). Writes under $OUT: train-{moba,full}/{metrics.jsonl,result.json,recipe.yaml},
+# with benchmarks/eval_gpu.sh on $WORK/<kind>/checkpoints/<step>). MODEL_OUT=DIR also writes each kind's
+# newest checkpoint without its optimizer state, as DIR/<kind>.tgz.part-aa, -ab, ... (15 MiB pieces: the
+# device returns files of at most 16 MiB, 8 in all: a 10M model takes 4; `cat <kind>.tgz.part-* | tar xz`
+# puts it back). Writes under $OUT: train-{moba,full}/{metrics.jsonl,result.json,recipe.yaml},
 # evals-{moba,full}/<step>/..., log.txt. SET: more `--set key=value` words for both trainings.
 set -u
 cd "$(dirname "$0")/.."
@@ -39,6 +42,16 @@ for kind in $KINDS; do
   cp "$WORK/$kind"/{metrics.jsonl,result.json,recipe.yaml} "$OUT/train-$kind/" 2>/dev/null
 done
 
+if [ -n "${MODEL_OUT:-}" ]; then
+  mkdir -p "$MODEL_OUT"
+  for kind in $KINDS; do
+    pointer="$WORK/$kind/checkpoints/latest"
+    [ -f "$pointer" ] || continue
+    tar cz -C "$WORK/$kind/checkpoints/$(cat "$pointer")" --exclude=trainer.pt --exclude='rank-*.pt' . |
+      split -b 15M - "$MODEL_OUT/$kind.tgz.part-"
+    say "model $kind: $(du -sh "$MODEL_OUT" | cut -f1) in $MODEL_OUT"
+  done
+fi
 [ "$EVAL" = none ] && exit 0
 for kind in $KINDS; do
   pointer="$WORK/$kind/checkpoints/latest"
