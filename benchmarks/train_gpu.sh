@@ -3,7 +3,8 @@
 #   data/summary.json, data/manifest.json   the dataset built from this machine's installed packages
 #   speed.json                               tokens/s, MFU, step time, memory: 20M at 8K and 32K and 100M at
 #                                            8K, MoBA and full (median over the steps after the first 5);
-#                                            full also with flash-attn's varlen kernel when it is installed
+#                                            full also with full_impl=moba_dense, and with flash-attn's
+#                                            varlen kernel when it is installed
 #   speed/<run>/{metrics.jsonl,result.json,recipe.yaml}
 #   needle/summary.json, needle/points/kind-*/{metrics.jsonl,result.json,recipe.yaml}
 #   needle/ckpt-{moba,full}/   the final checkpoints (HF dirs, ~60 MB each) only with KEEP_CKPT=1; else they
@@ -69,8 +70,11 @@ speed 20M-32k-moba 20M 32768 2048 moba 2
 speed 20M-32k-full 20M 32768 2048 full 2
 speed 100M-8k-moba 100M 8192 512 moba 4
 speed 100M-8k-full 100M 8192 512 full 4
-# Full attention's default is SDPA with a packed block-diagonal mask; flash-attn's variable-length kernel
-# (when installed) is the stronger baseline for document-masked rows.
+# Full attention's default is SDPA with a packed block-diagonal mask (no flash/cuDNN kernel takes a mask
+# tensor); moba_dense runs this project's full_attention, cuDNN first, one call per packed document, and
+# flash-attn's variable-length kernel (when installed) is the other strong baseline for such rows.
+speed 20M-32k-full-dense 20M 32768 2048 full 2 --set attention.full_impl=moba_dense
+speed 100M-8k-full-dense 100M 8192 512 full 4 --set attention.full_impl=moba_dense
 if python -c "import flash_attn" 2>/dev/null; then
   speed 20M-32k-full-fa2 20M 32768 2048 full 2 --set attention.full_impl=flash_attention_2
   speed 100M-8k-full-fa2 100M 8192 512 full 4 --set attention.full_impl=flash_attention_2

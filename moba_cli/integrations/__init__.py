@@ -28,6 +28,7 @@ _EXPORTS = {
     "IMPL_NAME": "moba_cli.integrations.settings",
     "CONFIG_KEY": "moba_cli.integrations.settings",
     "FULL_IMPL": "moba_cli.integrations.settings",
+    "DENSE_IMPL_NAME": "moba_cli.integrations.settings",
     "MobaSettings": "moba_cli.integrations.settings",
     "parse_full_layers": "moba_cli.integrations.settings",
     "register": "moba_cli.integrations.attention",

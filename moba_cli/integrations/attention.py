@@ -31,7 +31,7 @@ import torch
 from moba_cli.errors import MobaError
 from moba_cli.integrations.decode import check_decode_cache, decode_attention
 from moba_cli.integrations.masks import Spans, given_cu_seqlens, padding_mask, row_positions, row_spans
-from moba_cli.integrations.settings import CONFIG_KEY, IMPL_NAME, MobaSettings
+from moba_cli.integrations.settings import CONFIG_KEY, DENSE_IMPL_NAME, IMPL_NAME, MobaSettings
 
 _registered = False
 
@@ -118,6 +118,26 @@ def moba_attention_forward(
     query ``[B, Hq, q, D]``, key/value ``[B, Hkv, L, D]`` (``L >= q``; cached tokens first).
     Returns ``(out [B, q, Hq, D], None)``; attention weights are never materialised.
     """
+    return _attention(module, query, key, value, attention_mask, scaling, dropout, False, kwargs)
+
+
+def dense_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The ``moba_dense`` implementation: :func:`moba_attention_forward` with every layer full."""
+    return _attention(module, query, key, value, attention_mask, scaling, dropout, True, kwargs)
+
+
+def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None, dropout: float, all_full: bool,
+               kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
     if dropout:
         raise MobaError("MoBA attention has no dropout; set the model's attention_dropout to 0 to train")
     if kwargs.get("sliding_window") is not None:
@@ -130,7 +150,7 @@ def moba_attention_forward(
     if kwargs.get("softcap") is not None:
         raise MobaError("MoBA attention does not support attention logit soft-capping")
     settings = MobaSettings.from_config(module.config)
-    full = _layer_is_full(module, settings)
+    full = all_full or _layer_is_full(module, settings)
     # The counters and the cache pre-hook's note are Python bookkeeping on the module's __dict__, which
     # torch.compile cannot trace on every torch version (2.11 breaks the graph at __dict__.pop): a traced
     # call neither counts nor reads the note (None: as if the pre-hook had not run).
@@ -203,12 +223,14 @@ def register() -> None:
     from transformers import AttentionInterface
 
     AttentionInterface.register(IMPL_NAME, moba_attention_forward)
+    AttentionInterface.register(DENSE_IMPL_NAME, dense_attention_forward)
     try:
         from transformers.masking_utils import AttentionMaskInterface
     except ImportError:  # transformers < 4.53 builds 4-D masks itself; row_spans reads those too
         pass
     else:
         AttentionMaskInterface.register(IMPL_NAME, padding_mask)
+        AttentionMaskInterface.register(DENSE_IMPL_NAME, padding_mask)
     _keep_implementation_on_save()
     _registered = True
 

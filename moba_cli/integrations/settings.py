@@ -24,6 +24,9 @@ IMPL_NAME = "moba"
 CONFIG_KEY = "moba"
 SCHEMA_VERSION = 1
 FULL_IMPL = "sdpa"  # what ``attn="full"`` loads: transformers' own dense attention
+DENSE_IMPL_NAME = "moba_dense"
+"""Every layer full, through :func:`moba_cli.full_attention` (SDPA, cuDNN first, one call per packed
+sequence): document-masked full attention without a mask tensor, for training full-attention baselines."""
 
 
 

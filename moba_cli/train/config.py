@@ -59,7 +59,9 @@ class AttentionSection:
                                    "(the paper's layer-wise hybrid).")
     backend: str = opt("auto", "MoBA kernel: auto (Triton on CUDA), triton or naive (float32 reference).")
     full_impl: str = opt("sdpa", "transformers attention for kind=full: sdpa (a packed block-diagonal mask), "
-                                 "flash_attention_2 (variable-length kernel; needs flash-attn) or flex_attention.")
+                                 "moba_dense (this project's full_attention: SDPA with cuDNN first, one call per "
+                                 "packed sequence, no mask tensor), flash_attention_2 (variable-length kernel; "
+                                 "needs flash-attn) or flex_attention.")
     switch_to: str | None = opt(None, "Attention kind after switch_at (e.g. full for the paper's 90/10 recipe).")
     switch_at: float | None = opt(None, "When to switch: a fraction of train.steps in (0, 1) or a step >= 1.")
 

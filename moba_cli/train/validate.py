@@ -11,7 +11,7 @@ from moba_cli.train.config import Recipe, get_dotted
 
 ATTN_KINDS = ("moba", "full")
 BACKENDS = ("auto", "triton", "naive")
-FULL_IMPLS = ("sdpa", "flash_attention_2", "flex_attention", "eager")
+FULL_IMPLS = ("sdpa", "moba_dense", "flash_attention_2", "flex_attention", "eager")
 
 
 def _positive(name: str, value: int | float, allow_zero: bool = False) -> None:
