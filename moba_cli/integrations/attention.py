@@ -24,6 +24,7 @@ dropout; ``output_attentions`` gives None. On transformers 4.x, ``from_pretraine
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -111,33 +112,16 @@ def moba_attention_forward(
     attention_mask: torch.Tensor | None,
     scaling: float | None = None,
     dropout: float = 0.0,
+    *,
+    all_full: bool = False,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The ``moba`` attention implementation transformers calls.
+    """The ``moba`` attention implementation transformers calls (``all_full``: every layer full, the
+    ``moba_dense`` implementation, :data:`dense_attention_forward`).
 
     query ``[B, Hq, q, D]``, key/value ``[B, Hkv, L, D]`` (``L >= q``; cached tokens first).
     Returns ``(out [B, q, Hq, D], None)``; attention weights are never materialised.
     """
-    return _attention(module, query, key, value, attention_mask, scaling, dropout, False, kwargs)
-
-
-def dense_attention_forward(
-    module: torch.nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None = None,
-    dropout: float = 0.0,
-    **kwargs: Any,
-) -> tuple[torch.Tensor, None]:
-    """The ``moba_dense`` implementation: :func:`moba_attention_forward` with every layer full."""
-    return _attention(module, query, key, value, attention_mask, scaling, dropout, True, kwargs)
-
-
-def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-               attention_mask: torch.Tensor | None, scaling: float | None, dropout: float, all_full: bool,
-               kwargs: dict[str, Any]) -> tuple[torch.Tensor, None]:
     if dropout:
         raise MobaError("MoBA attention has no dropout; set the model's attention_dropout to 0 to train")
     if kwargs.get("sliding_window") is not None:
@@ -172,6 +156,10 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
         continues = bool(cache_info and cache_info["continues"])
         out = decode_attention(module, query, key, value, spans, settings, full, scaling, stats, continues)
     return out, None
+
+
+dense_attention_forward = functools.partial(moba_attention_forward, all_full=True)
+"""The ``moba_dense`` implementation: every layer through :func:`moba_cli.full_attention`."""
 
 
 def _prefill(
