@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -54,18 +55,9 @@ def chars_estimate(pieces: list[str]) -> list[int]:
 
 def make_document(task: str, rng: np.random.Generator, target_tokens: int, count: CountMany) -> tuple[str, str]:
     """A (prompt, answer) pair of about ``target_tokens`` tokens (bos and eos included)."""
-    if task == "passkey":
-        return _passkey(rng, target_tokens, count)
-    if task == "kv":
-        return _kv(rng, target_tokens, count)
-    if task == "vartrack":
-        return _vartrack(rng, target_tokens, count)
-    if task == "needle":
-        return _needle(rng, target_tokens, count)
-    if task == "needle_multi":
-        return _needle_multi(rng, target_tokens, count)
-    if task == "kv_multi":
-        return _kv_multi(rng, target_tokens, count)
+    make = _MAKERS.get(task)
+    if make is not None:
+        return make(rng, target_tokens, count)
     raise ValueError(f"unknown synthetic task {task!r}")
 
 
@@ -163,30 +155,43 @@ def _vartrack(rng: np.random.Generator, target: int, count: CountMany) -> tuple[
     return head + "".join(out) + tail, answer
 
 
-def _needle(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
-    """``moba eval needle``'s prompt: preamble, noise, the needle (and 0-2 needles of other keys), question."""
+def _needle_facts(rng: np.random.Generator, more: Callable[[int], bool]) -> tuple[Any, list[str], list[str],
+                                                                                   list[str]]:
+    """The eval's templates, keys drawn while ``more(len(keys))``, their 7-digit values and needle lines."""
     # the eval's own templates and key words: one copy of the prompt form (imported here, as evals loads torch)
-    from moba_cli.evals.haystack import NOISE
     from moba_cli.evals.needle import Templates, needle_key
 
     t = Templates()
     keyer = random.Random(int(rng.integers(2**63)))
     keys: list[str] = []
-    while len(keys) < 1 + int(rng.integers(3)):
+    while more(len(keys)):
         key = needle_key(keyer)
         if key not in keys:
             keys.append(key)
     values = [str(int(rng.integers(1_000_000, 10_000_000))) for _ in keys]
-    needles = [f"\n{t.fill_needle(k, v)}\n" for k, v in zip(keys, values, strict=True)]
-    head = t.preamble + "\n"
-    tail = "\n" + t.fill_question(keys[0])
-    answer = f" {values[0]}"
+    return t, keys, values, [f"\n{t.fill_needle(k, v)}\n" for k, v in zip(keys, values, strict=True)]
+
+
+def _noise_around(rng: np.random.Generator, target: int, count: CountMany, fixed: list[str],
+                  needles: list[str]) -> str:
+    """The eval's noise haystack filling what ``fixed`` and ``needles`` leave of ``target``, needles inside."""
+    from moba_cli.evals.haystack import NOISE
+
     noise = [p + "." for p in NOISE.split(".") if p.strip()]
-    filler = _fill(rng, _budget(target, [head, tail, answer, *needles], count), count,
+    filler = _fill(rng, _budget(target, [*fixed, *needles], count), count,
                    lambda: noise[int(rng.integers(len(noise)))])
     for n in needles:
         _insert(filler, rng, n)
-    return head + "".join(filler) + tail, answer
+    return "".join(filler)
+
+
+def _needle(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
+    """``moba eval needle``'s prompt: preamble, noise, the needle (and 0-2 needles of other keys), question."""
+    t, keys, values, needles = _needle_facts(rng, lambda n: n < 1 + int(rng.integers(3)))
+    head = t.preamble + "\n"
+    tail = "\n" + t.fill_question(keys[0])
+    answer = f" {values[0]}"
+    return head + _noise_around(rng, target, count, [head, tail, answer], needles) + tail, answer
 
 
 def _facts(target: int) -> int:
@@ -197,29 +202,14 @@ def _facts(target: int) -> int:
 def _needle_multi(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
     """``moba eval needle``'s form with :func:`_facts` needles in the noise, then every one asked in random
     order, each question followed by its answer; the last question is the document's (prompt, answer)."""
-    from moba_cli.evals.haystack import NOISE
-    from moba_cli.evals.needle import Templates, needle_key
-
-    t = Templates()
-    keyer = random.Random(int(rng.integers(2**63)))
-    keys: list[str] = []
-    while len(keys) < _facts(target):
-        key = needle_key(keyer)
-        if key not in keys:
-            keys.append(key)
-    values = [str(int(rng.integers(1_000_000, 10_000_000))) for _ in keys]
-    needles = [f"\n{t.fill_needle(k, v)}\n" for k, v in zip(keys, values, strict=True)]
+    t, keys, values, needles = _needle_facts(rng, lambda n: n < _facts(target))
     order = [int(i) for i in rng.permutation(len(keys))]
     qa = [f"\n{t.fill_question(keys[i])} {values[i]}." for i in order[:-1]]
     head = t.preamble + "\n"
     tail = "\n" + t.fill_question(keys[order[-1]])
     answer = f" {values[order[-1]]}"
-    noise = [p + "." for p in NOISE.split(".") if p.strip()]
-    filler = _fill(rng, _budget(target, [head, "\n", tail, answer, *needles, *qa], count), count,
-                   lambda: noise[int(rng.integers(len(noise)))])
-    for n in needles:
-        _insert(filler, rng, n)
-    return head + "".join(filler) + "\n" + "".join(qa) + tail, answer
+    body = _noise_around(rng, target, count, [head, "\n", tail, answer, *qa], needles)
+    return head + body + "\n" + "".join(qa) + tail, answer
 
 
 def _kv_multi(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
@@ -248,3 +238,9 @@ def _kv_multi(rng: np.random.Generator, target: int, count: CountMany) -> tuple[
     lookups = _fill(rng, budget - used, count, lookup) or [lookup()]
     key, value = lookups.pop().split()[1::2]
     return head + "".join(records) + mid + "".join(lookups) + f"\nlookup {key} ->", f" {value}"
+
+
+_MAKERS: dict[str, Callable[[np.random.Generator, int, CountMany], tuple[str, str]]] = {
+    "passkey": _passkey, "kv": _kv, "vartrack": _vartrack, "needle": _needle, "needle_multi": _needle_multi,
+    "kv_multi": _kv_multi,
+}
