@@ -96,6 +96,24 @@ def median_ms(fn: Callable[[], None], rep_ms: int = 300) -> float:
     return float(triton.testing.do_bench(fn, warmup=25, rep=rep_ms, return_mode="median"))
 
 
+def event_times(fn: Callable[[], object], runs: int = 5, flush: torch.Tensor | None = None) -> list[float]:
+    """Milliseconds of ``runs`` calls of ``fn``, CUDA events around each and a sync after it (after one
+    warm-up call); ``flush``: a buffer zeroed before each call (an L2 flush)."""
+    fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(runs):
+        if flush is not None:
+            flush.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        fn()
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e))
+    return times
+
+
 def stage_times(fn: Callable[[], None], calls: int = 5) -> tuple[dict[str, float], list[dict]]:
     """GPU kernel milliseconds per call of ``fn``, by stage and by kernel (profiled after one warm call)."""
     from torch.profiler import ProfilerActivity, profile

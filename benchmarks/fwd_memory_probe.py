@@ -16,6 +16,7 @@ import sys
 
 import torch
 import triton
+from common import event_times
 
 from moba_cli import moba_attention
 
@@ -38,15 +39,7 @@ def measure(fn, repeats: int = 5):
     torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - before
     del out
-    times = []
-    for _ in range(repeats):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        fn()
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e))
-    return statistics.median(times), peak
+    return statistics.median(event_times(fn, repeats)), peak
 
 
 def run_case(name: str) -> dict:
@@ -90,6 +83,7 @@ def run_case(name: str) -> dict:
         }
     if len(budgets) > 1:
         a, b = outs[budgets[0]].float(), outs[budgets[-1]].float()
+        # (named when the first budget was the lean forward in one piece; it compares the first and last budget)
         rec["pieces_vs_one_piece_rel_rms"] = ((a - b).pow(2).mean().sqrt() / b.pow(2).mean().sqrt()).item()
     print(json.dumps(rec), flush=True)
     return rec

@@ -7,7 +7,8 @@ Run by tests/test_kernels_compile.py in a subprocess without TRITON_INTERPRET. P
 Decode: the real launchers (``moba_decode_triton`` with the arguments ``moba_decode`` passes, and
 ``dense_decode_triton``) run on meta tensors with their kernels swapped for recorders, so the constexprs,
 ``num_warps``/``num_stages`` and Triton's own argument specialisation (ints equal to 1, divisibility by 16)
-are exactly those of a launch on the H200; each distinct launch is then compiled.
+are exactly those of a launch on the H200; each distinct launch is then compiled. The attention forward and
+the lean forward's counting sort (``SlotSchedule``) are recorded the same way.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton.runtime.jit import create_function_from_signature
 
-from moba_cli.ops.moba import bwd, fwd, gate
+from moba_cli.ops.moba import bwd, fwd, gate, slot_schedule
 from moba_cli.ops.moba import triton_decode as td
 from moba_cli.ops.moba.options import KernelOptions
 
@@ -158,6 +159,31 @@ def forward_launches() -> list:
     return launches
 
 
+def slot_schedule_launches() -> list:
+    """Both passes of the lean forward's counting sort (slot_schedule.py), as ``SlotSchedule`` launches them
+    on meta tensors for every past slot of 12 (a slot's block list starts 16-byte aligned or not): int16
+    lists at the paper preset (1M rows, 1 head, 256 blocks) and with a dense-prefix skip (512K rows, 16
+    heads, 1024 blocks, the most that take the counting sort). Block lists are int32 only from 32768 blocks
+    on, which are sorted instead."""
+    from types import SimpleNamespace
+
+    launches: list = []
+    saved = slot_schedule._slot_count_kernel
+    try:
+        slot_schedule._slot_count_kernel = _Recorder(saved, launches)
+        for dtype, rows, heads, nb, with_skip in ((torch.int16, 2**20, 1, 256, False),
+                                                  (torch.int16, 2**19, 16, 1024, True)):
+            sel = torch.empty(rows, heads, 12, dtype=dtype, device="meta")
+            ints = torch.empty(nb, dtype=torch.int32, device="meta")
+            layout = SimpleNamespace(num_blocks=nb, block_start=ints, block_end=ints)
+            skip = torch.empty(rows, dtype=torch.bool, device="meta") if with_skip else None
+            for s in range(1, 12):
+                slot_schedule.SlotSchedule(sel, s, layout, 128, 0, skip)
+    finally:
+        slot_schedule._slot_count_kernel = saved
+    return launches
+
+
 def compile_gluon() -> None:
     """The Hopper backward in Gluon (gluon_bwd.py): bf16 and fp16, key tiles dividing the block or not.
     Skipped, with a line saying why, where this Triton has no Gluon API the kernel can use (gluon_compat.py);
@@ -222,6 +248,8 @@ def main() -> None:
     compile_kernel(gate._block_mean_kernel, {"K": "*bf16", "BS": I32, "BE": I32, "KM": P32}, {"D": 128, "BLOCK_T": 64})
     backend, done = make_backend(TARGET), set()
     for fn, args, kwargs in forward_launches():
+        compile_launch(fn, args, kwargs, backend, done)
+    for fn, args, kwargs in slot_schedule_launches():
         compile_launch(fn, args, kwargs, backend, done)
     for fn, args, kwargs in decode_launches():
         compile_launch(fn, args, kwargs, backend, done)

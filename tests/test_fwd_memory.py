@@ -13,23 +13,34 @@ import torch
 from utils import make_inputs, poisoned, rel_rms
 
 from moba_cli import moba_attention
-from moba_cli.ops.moba import dense_prefix, fwd, fwd_pieces, naive
+from moba_cli.ops.moba import dense_prefix, fwd, fwd_pieces, naive, slot_schedule
 from moba_cli.ops.moba.gate import index_dtype
 from moba_cli.ops.moba.layout import make_layout
 
 
 def test_piece_sizes_follow_the_budget():
     fp = fwd_pieces.forward_pieces
-    per = fwd_pieces.SLOT_SCHEDULE_BYTES
+    counted, sorted_ = slot_schedule.schedule_bytes(256), slot_schedule.schedule_bytes(4096)
+    assert counted <= 6 and sorted_ == 30  # 256 blocks: counting sort; 4096 (flashmoba preset): the sort
     out_bytes = 2**20 * 1 * 128 * 2  # 1M tokens x 1 head x 128 dims, bf16
-    heads, rows = fp(2**20, 1, 1, 12, 2, out_bytes, 0.12, 65536)
+    # The paper preset (12 int16 slots, 256 blocks) fits in one piece: its lists and one slot's
+    # counting-sort schedule stay within 12% of the output, where the stable sort's schedule did not.
+    assert fp(2**20, 1, 1, 12, 2, out_bytes, 0.12, 65536, counted) == (1, 2**20)
+    heads, rows = fp(2**20, 1, 1, 12, 2, out_bytes, 0.12, 65536, sorted_)
     assert heads == 1 and 65536 <= rows < 2**20
-    assert rows * (12 * 2 + per) <= 0.12 * out_bytes
+    assert rows * (12 * 2 + sorted_) <= 0.12 * out_bytes
+    heads, rows = fp(2**20, 1, 1, 12, 2, out_bytes, 0.05, 65536, counted)  # a tighter budget: row pieces
+    assert heads == 1 and 65536 <= rows < 2**20
+    assert rows * (12 * 2 + counted) <= 0.05 * out_bytes
     # GQA 32 q / 8 kv heads at 128K: whole KV groups (4 q heads) first, all rows
-    heads, rows = fp(2**17, 32, 8, 12, 2, 2**17 * 32 * 128 * 2, 0.12, 65536)
+    gqa_out = 2**17 * 32 * 128 * 2
+    heads, rows = fp(2**17, 32, 8, 12, 2, gqa_out, 0.05, 65536, counted)
     assert heads % 4 == 0 and 32 % heads == 0 and heads < 32 and rows == 2**17
-    assert fp(2**20, 8, 8, 12, 2, out_bytes, 0, 65536) == (8, 2**20)
-    assert fp(100, 4, 2, 3, 2, 10**9, 0.1, 65536) == (4, 100)  # fits: one piece
+    assert fp(2**17, 32, 8, 12, 2, gqa_out, 0.12, 65536, counted) == (32, 2**17)
+    # flashmoba preset (512K x 16 heads, 8 slots, 4096 blocks: sorted): pieces of 8 heads, all rows
+    assert fp(2**19, 16, 16, 8, 2, 2**19 * 16 * 128 * 2, 0.12, 65536, sorted_) == (8, 2**19)
+    assert fp(2**20, 8, 8, 12, 2, out_bytes, 0, 65536, counted) == (8, 2**20)
+    assert fp(100, 4, 2, 3, 2, 10**9, 0.1, 65536, sorted_) == (4, 100)  # fits: one piece
     assert index_dtype(32767) == torch.int16 and index_dtype(32768) == torch.int32
 
 

@@ -17,23 +17,20 @@ from .fwd import SlotLauncher, stats_buffers, value_scales
 from .gate import block_means, index_dtype, select_blocks
 from .layout import BlockLayout, num_slots
 from .options import KernelOptions
-from .schedule import Schedule
-
-# Bytes per (row, head) of one slot's schedule at its peak: the stable sort's int16 keys and their sorted
-# copy, its int64 indices and their sorted copy, the validity mask, the int32 token list.
-SLOT_SCHEDULE_BYTES = 30
+from .slot_schedule import SlotSchedule, schedule_bytes
 
 
 def forward_pieces(t_total: int, hq: int, hkv: int, slots: int, index_bytes: int, out_bytes: int,
-                   budget: float, min_rows: int) -> tuple[int, int]:
+                   budget: float, min_rows: int, sched_bytes: int) -> tuple[int, int]:
     """``(heads, rows)`` of one piece: ``heads`` a multiple of the GQA group that divides ``hq``, ``rows`` at
     least ``min_rows`` (or all). A piece holds its block lists (``slots * index_bytes`` per row and head)
-    and one slot's schedule (:data:`SLOT_SCHEDULE_BYTES`), within ``budget * out_bytes`` where it can.
-    Heads are split first (halving), since a piece of whole heads keeps every block's choosers together."""
+    and one slot's schedule (``sched_bytes`` per row and head, :func:`.slot_schedule.schedule_bytes`),
+    within ``budget * out_bytes`` where it can. Heads are split first (halving), since a piece of whole
+    heads keeps every block's choosers together."""
     g = hq // hkv
     if budget <= 0 or t_total == 0:
         return hq, max(t_total, 1)
-    per_row_head = slots * index_bytes + SLOT_SCHEDULE_BYTES
+    per_row_head = slots * index_bytes + sched_bytes
     limit = max(1, int(budget * out_bytes))
     heads = hq
     while heads > g and t_total * heads * per_row_head > limit:
@@ -58,10 +55,11 @@ def forward_in_pieces(q, k, v, layout: BlockLayout, topk: int, scale: float, ski
     slots = num_slots(topk, layout.max_blocks)
     idt = index_dtype(layout.num_blocks)
     heads, rows = forward_pieces(t_total, hq, hkv, slots, torch.empty((), dtype=idt).element_size(),
-                                 out.numel() * out.element_size(), opts.fwd_piece_budget, opts.fwd_piece_min_rows)
+                                 out.numel() * out.element_size(), opts.fwd_piece_budget, opts.fwd_piece_min_rows,
+                                 schedule_bytes(layout.num_blocks))
     poison = opts.poison_outputs
     lse = empty(t_total, hq, dtype=torch.float32, device=q.device, poison=poison)
-    stats = stats_buffers(t_total, hq, slots, q.device, poison)
+    stats = stats_buffers(lse, slots, poison)
     vscale = value_scales(v)
     g = hq // hkv
     order = [*range(1, slots), 0]
@@ -77,10 +75,7 @@ def forward_in_pieces(q, k, v, layout: BlockLayout, topk: int, scale: float, ski
                                   sel, r0)
             piece_skip = None if skip is None else skip[r]
             for s in order:
-                sched = Schedule(sel[:, :, s:s + 1], layout.num_blocks, block_m, piece_skip)
-                sched.block_idx = None
-                if r0:
-                    sched.pair_t += r0  # the schedule counts the piece's rows from 0; the kernel wants tokens
+                sched = SlotSchedule(sel, s, layout, block_m, r0, piece_skip)
                 launch(sched, 0, first=s == order[0], last=s == 0)
                 del sched
             del sel, launch

@@ -53,10 +53,12 @@ class KernelOptions:
     """The forward prefetches each merging tile's float32 partial results into L2 (not under the interpreter)."""
     prefix_stream: bool = True
     """The dense prefix's cuDNN forward runs on a side stream beside the sparse launches (CUDA only)."""
-    fwd_lean: bool = False
-    """Inference forward (no gradient) with the least memory: int16 block lists, one slot's schedule at a
-    time, pieces of heads and rows (``MOBA_FWD_LEAN``); about 1.16x cuDNN's forward peak instead of about
-    1.7x, 2-10% slower where blocks are few (docs/perf-notes.md, forward memory)."""
+    fwd_lean: bool = True
+    """Inference forward (no gradient) with the least memory (``MOBA_FWD_LEAN=0`` turns it off): int16 block
+    lists, one slot's schedule at a time (a counting sort up to 1024 blocks), pieces of heads and rows where
+    needed. About 1.15x cuDNN's forward peak instead of 1.3-1.75x, within 1.3% of the other forward's
+    speed at the paper preset and for GQA (H100; 1.8% slower at the flashmoba preset, H200), so it is the
+    default (docs/perf-notes.md, forward memory)."""
     fwd_piece_budget: float = 0.12
     """With ``fwd_lean``: the gate's and schedules' buffers of a piece stay under this fraction of the output's
     bytes where they can; 0 runs every query at once (still slot by slot)."""

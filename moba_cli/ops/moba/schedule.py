@@ -1,7 +1,8 @@
 """Work lists from the gate's choice ``block_idx [T, H, S]``, built on the device without a host sync:
 the forward/dQ tiles (:class:`Schedule`, "gather and densify": every (slot, head, block) gets a dense list
 of the queries that chose it), the dK/dV lists (:class:`BwdLists`), the long-block forward's lists
-(:class:`PastLists`), and the kernels' reader of a schedule tile (:func:`tile_queries`)."""
+(:class:`PastLists`), the tiles over a schedule's groups (:func:`tile_lists`, also those of the lean
+forward's one-slot schedules, :mod:`.slot_schedule`), and the kernels' reader of a tile (:func:`tile_queries`)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,30 @@ def sorted_groups(key: torch.Tensor, block_idx: torch.Tensor, skip: torch.Tensor
 def key_dtype(ngroups: int) -> torch.dtype:
     """Narrowest integer type for group keys below ``ngroups``."""
     return torch.int32 if ngroups < 2**31 - 1 else torch.int64
+
+
+def tile_lists(group_cnt: torch.Tensor, slots: int, rows: int, heads: int, num_blocks: int,
+               block_m: int) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor]:
+    """The forward/dQ tiles of groups in (slot, head, block) order with ``group_cnt [S*H*NB]`` queries each,
+    ``rows`` tokens per slot: ``(slot_first [S+1], tiles_bound, tile_group, tile_off)`` as in
+    :class:`Schedule` (int32, on the device, no host sync)."""
+    dev = group_cnt.device
+    ngroups = group_cnt.numel()
+    ntiles = (group_cnt + block_m - 1) // block_m
+    cum = torch.cumsum(ntiles, 0, dtype=torch.int32)
+    # Any slot has at most rows*H queries, in at most min(H*NB, rows*H) non-empty groups, so at most this
+    # many tiles.
+    tiles_bound = triton.cdiv(rows * heads, block_m) + min(heads * num_blocks, rows * heads)
+    slot_first = torch.zeros(slots + 1, device=dev, dtype=torch.int32)
+    if ngroups:
+        slot_first[1:] = cum.view(slots, heads * num_blocks)[:, -1]
+    # int32 throughout: these temporaries are a share of the lean forward's per-slot peak (fwd_pieces.py)
+    ti = torch.arange(slots * tiles_bound, device=dev, dtype=torch.int32)
+    g = torch.searchsorted(cum, ti, right=True, out_int32=True).clamp_(max=max(ngroups - 1, 0))
+    first_tile = cum.sub_(ntiles)
+    del ntiles
+    tile_off = ti.sub_(first_tile.index_select(0, g)).mul_(block_m)
+    return slot_first, tiles_bound, g, tile_off
 
 
 class BwdLists:
@@ -81,22 +106,11 @@ class Schedule:
         sh = torch.arange(s, device=dev, dtype=kdt)[None, :] * h + torch.arange(h, device=dev, dtype=kdt)[:, None]
         self.pair_t, offs = sorted_groups(block_idx.to(kdt) + sh[None] * num_blocks, block_idx, skip, ngroups)
         del sh
-        counts = offs[1:] - offs[:-1]
         self.group_off = offs[:-1].to(torch.int32)
-        self.group_cnt = counts.to(torch.int32)
-        ntiles = (counts + block_m - 1) // block_m
-        cum = torch.cumsum(ntiles, 0)
-        # Any slot has at most T*H queries, in at most min(H*NB, T*H) non-empty groups, so at most this many
-        # tiles.
-        self.tiles_bound = triton.cdiv(t_total * h, block_m) + min(h * num_blocks, t_total * h)
-        self.slot_first = torch.zeros(s + 1, device=dev, dtype=torch.int32)
-        if ngroups:
-            self.slot_first[1:] = cum.view(s, h * num_blocks)[:, -1].to(torch.int32)
-        ti = torch.arange(s * self.tiles_bound, device=dev, dtype=cum.dtype)
-        g = torch.searchsorted(cum, ti, right=True).clamp_(max=max(ngroups - 1, 0))
-        first_tile = cum - ntiles
-        self.tile_group = g.to(torch.int32)
-        self.tile_off = ((ti - first_tile[g]) * block_m).to(torch.int32)
+        self.group_cnt = (offs[1:] - offs[:-1]).to(torch.int32)
+        del offs
+        self.slot_first, self.tiles_bound, self.tile_group, self.tile_off = tile_lists(
+            self.group_cnt, s, t_total, h, num_blocks, block_m)
 
 
 class PastLists:
