@@ -424,3 +424,20 @@ def test_many_question_documents_answer_every_question_from_their_facts():
             last = re.search(r"\nlookup ([0-9a-f]{8}) ->$", prompt).group(1)
             assert table[last] == answer.strip()
             assert make_document("kv_multi", np.random.default_rng([5, i]), target, count) == (prompt, answer)
+
+
+def test_repeat_documents_copy_their_passage():
+    """`repeat`: the passage, then the same passage again, its last piece the answer; about the target
+    length; the same for the same seed."""
+    count = lambda pieces: [len(p) for p in pieces]  # noqa: E731
+    mid = "\n\nThe same passage again:\n"
+    for target in (300, 2000, 12000):
+        for i in range(4):
+            prompt, answer = make_document("repeat", np.random.default_rng([6, i]), target, count)
+            first, second = prompt.split(mid)
+            passage = first.split("\n", 1)[1]
+            assert passage == second + answer and len(answer.strip()) > 0
+            # (a short target fits few whole pieces: only its upper bound holds)
+            assert (0.8 * target if target >= 2000 else 0) <= sum(count([prompt, answer])) + 2 <= target
+            assert make_document("repeat", np.random.default_rng([6, i]), target, count) == (prompt, answer)
+

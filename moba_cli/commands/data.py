@@ -22,7 +22,8 @@ HELP = (
     "files: local .txt/.md/.rst files (one document each), .jsonl (one a line, text in --field) or .parquet "
     "(needs pyarrow); folders are read recursively. With --prompt-field and --answer-field they are SFT pairs.\n"
     "synthetic: long-context retrieval documents (passkey, kv lookup, vartrack = variable chains, needle = "
-    "moba eval needle's prompt form; needle_multi and kv_multi: many facts, each asked and answered) of "
+    "moba eval needle's prompt form; needle_multi and kv_multi: many facts, each asked and answered; repeat: "
+    "a passage written twice) of "
     "--synthetic-lengths tokens; --sft makes them prompt/answer pairs with the loss on the answer only.\n\n"
     "[bold]Examples[/]:\n"
     "moba data build --source code --out data/code --vocab 4096 --max-tokens 2m\n"
@@ -69,7 +70,7 @@ def build(
     answer_field: Annotated[str | None, Opt("--answer-field", help="files: answer field of SFT pairs.")] = None,
     files_fraction: Annotated[float | None, Opt("--files-fraction", help="files: share of tokens.")] = None,
     synthetic_tasks: Annotated[str | None, Opt("--synthetic-tasks", help="synthetic: comma list of passkey, kv, "
-                                               "vartrack, needle, needle_multi, kv_multi. "
+                                               "vartrack, needle, needle_multi, kv_multi, repeat. "
                                                "(default: passkey,kv,vartrack)")] = None,
     synthetic_lengths: Annotated[str | None, Opt("--synthetic-lengths", help="synthetic: target lengths in "
                                                  "tokens, e.g. 8k,32k. (default: 2k)")] = None,

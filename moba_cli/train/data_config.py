@@ -13,7 +13,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from moba_cli.errors import MobaError
 from moba_cli.utils.sizes import parse_size
 
-SYNTHETIC_TASKS = ("passkey", "kv", "vartrack", "needle", "needle_multi", "kv_multi")
+SYNTHETIC_TASKS = ("passkey", "kv", "vartrack", "needle", "needle_multi", "kv_multi", "repeat")
 DEFAULT_SYNTHETIC_TASKS = ("passkey", "kv", "vartrack")  # the others are opt-in
 MIN_VOCAB = 256 + 3 + 1  # every byte, bos/eos/pad, and at least one merge
 _SIZE = {"size": True}  # field metadata: accepts "2m"-style sizes
@@ -75,7 +75,8 @@ class SyntheticSource:
     """Which templates to use, in turn: ``passkey`` (a number hidden in filler), ``kv`` (look a key up
     in a list of key-value pairs), ``vartrack`` (follow a chain of variable assignments), ``needle``
     (``moba eval needle``'s own prompt form), ``needle_multi`` / ``kv_multi`` (many facts, every one asked
-    and answered: dense retrieval signal for small models); the last three are not in the default set."""
+    and answered: dense retrieval signal for small models), ``repeat`` (a passage written twice: copying
+    on every token of the copy); the last four are not in the default set."""
     lengths: list[int] = field(default_factory=lambda: [2048], metadata=_SIZE)
     """Target lengths in tokens; document ``i`` takes ``lengths[i % len(lengths)]``."""
     docs: int | None = None

@@ -240,7 +240,22 @@ def _kv_multi(rng: np.random.Generator, target: int, count: CountMany) -> tuple[
     return head + "".join(records) + mid + "".join(lookups) + f"\nlookup {key} ->", f" {value}"
 
 
+def _repeat(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
+    """A passage of filler sentences and random codes, then the same passage again; the copy's last piece is
+    the answer. Every token of the copy is predicted by finding its place in the first half, up to half the
+    document back: the copying (induction) that retrieval rests on, with no question in between. A 10M
+    model did not learn it from the question tasks alone (docs/evals.md, third run); a tiny Llama on a
+    repeated random sequence learns it after a plateau of a few hundred steps."""
+    head = "The passage below is written out twice.\n"
+    mid = "\n\nThe same passage again:\n"
+    piece = lambda: f" {_code(rng, 8, _HEX)}" if rng.random() < 0.3 else _sentence(rng)  # noqa: E731
+    pieces = _fill(rng, _budget(target, [head, mid], count) // 2, count, piece)
+    if len(pieces) < 2:
+        pieces = [piece(), piece()]
+    return head + "".join(pieces) + mid + "".join(pieces[:-1]), pieces[-1]
+
+
 _MAKERS: dict[str, Callable[[np.random.Generator, int, CountMany], tuple[str, str]]] = {
     "passkey": _passkey, "kv": _kv, "vartrack": _vartrack, "needle": _needle, "needle_multi": _needle_multi,
-    "kv_multi": _kv_multi,
+    "kv_multi": _kv_multi, "repeat": _repeat,
 }
