@@ -245,7 +245,7 @@ def _repeat(rng: np.random.Generator, target: int, count: CountMany) -> tuple[st
     the answer. Every token of the copy is predicted by finding its place in the first half, up to half the
     document back: the copying (induction) that retrieval rests on, with no question in between. A 10M
     model did not learn it from the question tasks alone (docs/evals.md, third run); a tiny Llama on a
-    repeated random sequence learns it after a plateau of a few hundred steps."""
+    repeated random sequence learns it after a plateau of a few hundred steps (on this text, not yet seen)."""
     head = "The passage below is written out twice.\n"
     mid = "\n\nThe same passage again:\n"
     piece = lambda: f" {_code(rng, 8, _HEX)}" if rng.random() < 0.3 else _sentence(rng)  # noqa: E731
