@@ -427,17 +427,24 @@ def test_many_question_documents_answer_every_question_from_their_facts():
 
 
 def test_repeat_documents_copy_their_passage():
-    """`repeat`: the passage, then the same passage again, its last piece the answer; about the target
-    length; the same for the same seed."""
+    """`repeat`: a marked passage, filler, then the same passage again, its last piece the answer; about
+    the target length; the same for the same seed; the passage's length and distance vary by seed (a fixed
+    distance let a tiny model copy by position instead of content)."""
     count = lambda pieces: [len(p) for p in pieces]  # noqa: E731
-    mid = "\n\nThe same passage again:\n"
+    start, stop, mid = "\n\nPassage:\n", "\nEnd of passage.\n", "\n\nThe same passage again:\n"
     for target in (300, 2000, 12000):
-        for i in range(4):
+        distances, lengths = set(), set()
+        for i in range(6):
             prompt, answer = make_document("repeat", np.random.default_rng([6, i]), target, count)
             first, second = prompt.split(mid)
-            passage = first.split("\n", 1)[1]
+            passage = first.split(start, 1)[1].split(stop, 1)[0]
             assert passage == second + answer and len(answer.strip()) > 0
+            assert len(passage) <= target // 2 + 60
+            distances.add(len(first) - first.index(start))
+            lengths.add(len(passage))
             # (a short target fits few whole pieces: only its upper bound holds)
             assert (0.8 * target if target >= 2000 else 0) <= sum(count([prompt, answer])) + 2 <= target
             assert make_document("repeat", np.random.default_rng([6, i]), target, count) == (prompt, answer)
+        if target >= 2000:
+            assert len(distances) >= 5 and len(lengths) >= 5
 

@@ -241,18 +241,26 @@ def _kv_multi(rng: np.random.Generator, target: int, count: CountMany) -> tuple[
 
 
 def _repeat(rng: np.random.Generator, target: int, count: CountMany) -> tuple[str, str]:
-    """A passage of filler sentences and random codes, then the same passage again; the copy's last piece is
-    the answer. Every token of the copy is predicted by finding its place in the first half, up to half the
-    document back: the copying (induction) that retrieval rests on, with no question in between. A 10M
-    model did not learn it from the question tasks alone (docs/evals.md, third run); a tiny Llama on a
-    repeated random sequence learns it after a plateau of a few hundred steps (on this text, not yet seen)."""
-    head = "The passage below is written out twice.\n"
+    """A passage of filler sentences and random codes, filler, then the same passage again; the copy's last
+    piece is the answer. Every token of the copy is predicted by finding its place in the first copy: the
+    copying (induction) that retrieval rests on. The passage's length (1/8 to 1/2 of the document) and the
+    filler before and between the copies are drawn per document, so the copy's distance varies and only
+    matching content finds it: with a fixed distance a tiny model learnt a positional shortcut instead
+    (second copy worse than the first at other lengths, docs/evals.md)."""
+    head = "A passage is marked below; later it is written out again.\n"
+    start, stop = "\n\nPassage:\n", "\nEnd of passage.\n"
     mid = "\n\nThe same passage again:\n"
-    piece = lambda: f" {_code(rng, 8, _HEX)}" if rng.random() < 0.3 else _sentence(rng)  # noqa: E731
-    pieces = _fill(rng, _budget(target, [head, mid], count) // 2, count, piece)
-    if len(pieces) < 2:
-        pieces = [piece(), piece()]
-    return head + "".join(pieces) + mid + "".join(pieces[:-1]), pieces[-1]
+    budget = _budget(target, [head, start, stop, mid], count)
+    piece = lambda: f" {_code(rng, 8, _HEX)}" if rng.random() < 0.5 else _sentence(rng)  # noqa: E731
+    pieces = _fill(rng, int(rng.integers(budget // 8, budget // 2 + 1)), count, piece)
+    if len(pieces) < 2:  # a tiny target: two codes, the shortest pieces
+        pieces = [f" {_code(rng, 8, _HEX)}" for _ in range(2)]
+    rest = max(0, budget - 2 * sum(count(pieces)))
+    before = int(rng.integers(rest + 1))
+    filler = lambda: _sentence(rng)  # noqa: E731
+    pre, gap = _fill(rng, before, count, filler), _fill(rng, rest - before, count, filler)
+    first = head + "".join(pre) + start + "".join(pieces) + stop + "".join(gap) + mid
+    return first + "".join(pieces[:-1]), pieces[-1]
 
 
 _MAKERS: dict[str, Callable[[np.random.Generator, int, CountMany], tuple[str, str]]] = {
