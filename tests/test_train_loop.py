@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -42,9 +43,15 @@ def test_smoke_recipe_end_to_end(tmp_path):
         assert all(torch.isfinite(torch.tensor(r[k])) for k in ("loss", "lr", "grad_norm", "tokens_per_s"))
     evals = [r for r in rows if "val_loss" in r]
     assert [r["step"] for r in evals] == [3, 6] and len(evals[-1]["val_loss_by_position"]) == 4
+    # the copy probe: an untrained model does not copy, so both copies cost about ln(vocab)
+    vocab = load_recipe(SMOKE).data.build["vocab_size"]
+    for r in evals:
+        first, second = r["val_copy_loss_first"], r["val_copy_loss_second"]
+        assert abs(second - first) < 0.5 < first < 2 * math.log(vocab)
     assert rows[-1]["loss"] < rows[0]["loss"]  # lr 1e-3 on a tiny model learns within 6 steps
     result = json.loads((run / "result.json").read_text())
     assert result["kind"] == "train" and result["summary"]["final_val_loss"] == evals[-1]["val_loss"]
+    assert result["summary"]["val_copy_loss_second"] == evals[-1]["val_copy_loss_second"]
     assert (run / "recipe.yaml").is_file() and (run / "checkpoints" / "latest").read_text().strip() == "step-6"
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*")) == ["step-3", "step-6"]
 

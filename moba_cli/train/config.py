@@ -116,6 +116,9 @@ class EvalSection:
     every: int = opt(0, "Validate every N steps (0: only at the end).")
     batches: int = opt(2, "Validation batches (of train.batch_size rows) per evaluation.")
     buckets: int = opt(8, "Position buckets for the loss-by-position (trailing-token) curve.")
+    copy_rows: int = opt(4, "Rows of the copy probe (random ids, a passage written twice at a random "
+                            "distance): val_copy_loss_second falling below val_copy_loss_first shows copying "
+                            "(induction heads) forming. 0: off.")
 
 
 @dataclass

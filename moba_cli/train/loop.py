@@ -4,7 +4,8 @@ Run folder (``log.out``)::
 
     recipe.yaml       the resolved recipe (every default filled in)
     metrics.jsonl     one JSON line per logged step: loss, lr, grad_norm, tokens_per_s, mfu, memory,
-                      and val_loss / val_loss_by_position on evaluation steps
+                      and val_loss / val_loss_by_position / val_copy_loss_first / val_copy_loss_second on
+                      evaluation steps
     checkpoints/      step-N/ (Hugging Face directory + training state) and the latest pointer
     result.json       moba-result/1, kind "train": the config, the evaluation records, the summary
 
@@ -28,7 +29,7 @@ from moba_cli.errors import MobaError
 from moba_cli.train import checkpoint as ckpt
 from moba_cli.train.config import Recipe
 from moba_cli.train.distributed import Dist, all_reduce_sum, broadcast_object, setup, teardown, wrap
-from moba_cli.train.losses import evaluate, token_loss
+from moba_cli.train.losses import copy_losses, copy_probe, evaluate, token_loss
 from moba_cli.train.validate import switch_step, validate
 
 
@@ -212,11 +213,17 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
     records: list[dict[str, Any]] = []
     progress = _progress(recipe, d, console, start)
 
+    special = {i for i in (base.config.bos_token_id, base.config.eos_token_id, base.config.pad_token_id)
+               if isinstance(i, int)}
+    probe = copy_probe(vocab, seq, recipe.eval.copy_rows, special) if recipe.eval.copy_rows > 0 else None
+
     def run_eval(step: int) -> dict[str, Any]:
         kind = attention_at(recipe, max(step - 1, 0))
         with attention_mode(base, impl_name(kind, recipe.attention)):
             ev = evaluate(model, val_batches, recipe.eval.buckets, device, autocast(),
                           lambda x: all_reduce_sum(x, d))
+            if probe is not None:  # every rank runs it (FSDP gathers weights in the forward)
+                ev.update(copy_losses(model, probe, device, autocast()))
         return {"step": step, "attention": kind, **ev}
 
     row: dict[str, Any] = {}
@@ -294,7 +301,9 @@ def _summary(recipe: Recipe, run_dir: Path, row: dict[str, Any], n_params: int, 
     compute = tokens_per_step * (switch * kind_flops[0] + (steps - switch) * kind_flops[1])
     final = ckpt.latest(run_dir)
     return {"final_val_loss": row.get("val_loss"), "final_loss": row.get("loss"),
-            "val_loss_by_position": row.get("val_loss_by_position"), "params": n_params,
+            "val_loss_by_position": row.get("val_loss_by_position"),
+            "val_copy_loss_first": row.get("val_copy_loss_first"),
+            "val_copy_loss_second": row.get("val_copy_loss_second"), "params": n_params,
             "non_embedding_params": dims.non_embedding_params(), "tokens": steps * tokens_per_step,
             "compute_flops": compute, "attn": recipe.attention.kind, "size": recipe.model.size,
             "world_size": d.world, "checkpoint": str(final) if final else None}

@@ -1,4 +1,5 @@
-"""Per-token training loss with document masking, and the validation pass (loss and loss by position).
+"""Per-token training loss with document masking, the validation pass (loss and loss by position), and
+the copy probe (does the model copy a passage it has seen: the induction heads retrieval rests on).
 
 :func:`moba_cli.evals.position_loss.token_losses` serves single documents; packed training rows need
 ``position_ids`` (document masking) and label masks, so the losses are computed here and only the
@@ -69,3 +70,53 @@ def evaluate(model: Any, batches: list[Any], buckets: int, device: torch.device,
     by_pos = [(s / c).item() if c > 0 else None for s, c in zip(sums, counts, strict=True)]
     return {"val_loss": (totals[0] / totals[1]).item() if totals[1] > 0 else None,
             "val_tokens": int(totals[1].item()), "val_loss_by_position": by_pos}
+
+
+def copy_probe(vocab: int, seq_len: int, rows: int, special: set[int],
+               seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of random token ids in which one passage appears twice, at a distance drawn per row.
+
+    Random ids leave nothing to predict but the copy, and a random distance leaves nothing to copy by
+    position: the second copy's loss falls below the first's only when the model finds the passage by
+    content. Returns ``(input_ids [rows, S], part [rows, S])`` with ``S = seq_len``; ``part`` is 1 on the
+    first copy, 2 on the second, 0 elsewhere; position 0 holds the smallest special id (bos in this
+    project's tokenizers) and no special id appears elsewhere.
+    """
+    g = torch.Generator().manual_seed(seed)
+    allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
+    ids = allowed[torch.randint(len(allowed), (rows, seq_len), generator=g)]
+    part = torch.zeros(rows, seq_len, dtype=torch.long)
+    n = max(2, min(256, (seq_len - 1) // 4))  # passage length
+    for r in range(rows):
+        first = 1 + int(torch.randint(seq_len - 1 - 2 * n + 1, (), generator=g))
+        second = first + n + int(torch.randint(seq_len - first - 2 * n + 1, (), generator=g))
+        ids[r, second:second + n] = ids[r, first:first + n]
+        part[r, first:first + n], part[r, second:second + n] = 1, 2
+    if special:
+        ids[:, 0] = min(special)
+    return ids, part
+
+
+@torch.no_grad()
+def copy_losses(model: Any, probe: tuple[torch.Tensor, torch.Tensor], device: torch.device,
+                autocast: Any = None) -> dict[str, float]:
+    """Mean next-token loss on the probe's first and second copies (each copy's first token left out: it
+    cannot be predicted). A model that copies by content has ``val_copy_loss_second`` far below
+    ``val_copy_loss_first`` (ln of the vocabulary or more: random ids are unlike any data)."""
+    ids, part = probe
+    pos = torch.arange(ids.shape[1], device=device)[None]
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(2, dtype=torch.float64)
+    counts = torch.zeros(2, dtype=torch.float64)
+    for r in range(ids.shape[0]):  # one row at a time: a row's float32 logits are S x vocab
+        row = ids[r:r + 1].to(device)
+        losses, _ = token_loss(model, row, row, pos, autocast)
+        target, prev = part[r, 1:].to(device), part[r, :-1].to(device)
+        for k in (1, 2):
+            sel = (target == k) & (prev == k)  # the previous token is in the same copy
+            sums[k - 1] += losses[0][sel].sum().item()
+            counts[k - 1] += sel.sum().item()
+    model.train(was_training)
+    first, second = (sums / counts.clamp_min(1)).tolist()
+    return {"val_copy_loss_first": first, "val_copy_loss_second": second}
