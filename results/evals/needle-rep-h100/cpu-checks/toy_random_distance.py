@@ -1,7 +1,7 @@
 """Plain loop: random ids, a passage copied at a random distance (content-based induction needed)."""
 import os, time, torch
 from transformers import LlamaConfig, LlamaForCausalLM
-torch.manual_seed(0)
+torch.manual_seed(0); torch.set_num_threads(int(os.environ.get("THREADS", 1)))
 V, B, T = int(os.environ.get("V", 256)), int(os.environ.get("B", 64)), 128
 LR = float(os.environ.get("LR", 1e-3)); LAYERS = int(os.environ.get("LAYERS", 2))
 cfg = LlamaConfig(vocab_size=V, hidden_size=128, intermediate_size=256, num_hidden_layers=LAYERS, num_attention_heads=4,
