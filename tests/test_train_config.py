@@ -74,6 +74,7 @@ def test_type_errors(raw, words):
     ({"model__size": "huge"}, "model.size 'huge' is unknown"),
     ({"optim__warmup_steps": 10}, "fewer than train.steps"),
     ({"train__steps": 0}, "train.steps must be positive"),
+    ({"eval__copy_rows": -1}, "eval.copy_rows must be >= 0"),
     ({"sweep": {"model.sise": ["tiny"]}}, "not a recipe field"),
     ({"attention__full_impl": "xformers"}, "attention.full_impl must be"),
 ])

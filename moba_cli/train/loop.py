@@ -215,7 +215,8 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
 
     special = {i for i in (base.config.bos_token_id, base.config.eos_token_id, base.config.pad_token_id)
                if isinstance(i, int)}
-    probe = copy_probe(vocab, seq, recipe.eval.copy_rows, special) if recipe.eval.copy_rows > 0 else None
+    # (rows under 16 tokens have no room for two copies and the filler around them)
+    probe = copy_probe(vocab, seq, recipe.eval.copy_rows, special) if recipe.eval.copy_rows > 0 and seq >= 16 else None
 
     def run_eval(step: int) -> dict[str, Any]:
         kind = attention_at(recipe, max(step - 1, 0))

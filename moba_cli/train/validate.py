@@ -53,7 +53,7 @@ def validate(recipe: Recipe, *, world_size: int | None = None, check_data: bool 
     for name, value in (("train.micro_batch", t.micro_batch), ("optim.warmup_steps", o.warmup_steps),
                         ("optim.grad_clip", o.grad_clip), ("optim.weight_decay", o.weight_decay),
                         ("eval.every", recipe.eval.every), ("checkpoint.every", recipe.checkpoint.every),
-                        ("checkpoint.keep", recipe.checkpoint.keep)):
+                        ("checkpoint.keep", recipe.checkpoint.keep), ("eval.copy_rows", recipe.eval.copy_rows)):
         _positive(name, value, allow_zero=True)
     if not 0 <= o.min_lr_ratio <= 1:
         raise MobaError(f"optim.min_lr_ratio must be between 0 and 1, got {o.min_lr_ratio}")
