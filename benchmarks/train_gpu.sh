@@ -14,6 +14,8 @@
 # The speed stage alone took over 6 min on an H100 at d97d238 (data 86 s, then 35-65 s a run). SPEED_STEPS,
 # NEEDLE_STEPS, DATA_TOKENS shorten or lengthen it, STAGES="speed" or "needle" runs one part; the data of
 # $WORK/data is reused when present.
+# SPEED_ONLY="100M-8k-full 100M-8k-full-dense" runs only the named speed runs; SPEED_SET="--set train.compile=true"
+# adds settings to every speed run (runs of one call share them: name the output folder after them).
 set -u
 OUT=${OUT:-/tmp/moba-train-out}
 WORK=${WORK:-/tmp/moba-train-work}
@@ -51,6 +53,8 @@ cp "$DATA/manifest.json" "$OUT/data/" 2>/dev/null || { say "no data; stopping"; 
 speed() {  # name size seq chunk kind micro [more --set ...]
   local name=$1 size=$2 seq=$3 chunk=$4 kind=$5 micro=$6 rows
   shift 6
+  [ -n "${SPEED_ONLY:-}" ] && [[ " $SPEED_ONLY " != *" $name "* ]] && return 0
+  read -r -a extra <<< "${SPEED_SET:-}"
   rows=$((131072 / seq))  # 128K tokens a step at every length
   t0=$SECONDS
   COLUMNS=120 timeout 150 python -m moba_cli train recipes/scaling-tiny.yaml --set name="$name" \
@@ -58,7 +62,7 @@ speed() {  # name size seq chunk kind micro [more --set ...]
     --set data.seq_len="$seq" --set attention.chunk="$chunk" --set attention.kind="$kind" \
     --set train.steps="$SPEED_STEPS" --set train.batch_size="$rows" --set train.micro_batch="$micro" \
     --set eval.every=0 --set eval.batches=1 --set checkpoint.every=0 --set checkpoint.final=false \
-    --set log.every=1 --set log.progress=false --set optim.warmup_steps=5 "$@" >>"$LOG" 2>&1
+    --set log.every=1 --set log.progress=false --set optim.warmup_steps=5 "$@" "${extra[@]}" >>"$LOG" 2>&1
   say "speed $name rc=$? in $((SECONDS - t0)) s"
   mkdir -p "$OUT/speed/$name"
   cp "$WORK/speed/$name"/{metrics.jsonl,result.json,recipe.yaml} "$OUT/speed/$name/" 2>/dev/null
