@@ -15,7 +15,7 @@ from moba_cli.train.losses import copy_losses, copy_probe
 @pytest.mark.parametrize(("vocab", "seq", "rows"), [(50, 64, 8), (300, 97, 5), (8192, 1000, 3), (20, 9, 4)])
 def test_probe_layout(vocab, seq, rows):
     special = {0, 1, 2}
-    ids, part = copy_probe(vocab, seq, rows, special, seed=3)
+    ids, part = copy_probe(vocab, seq, rows, special, bos=0, seed=3)
     assert ids.shape == part.shape == (rows, seq)
     assert (ids[:, 0] == 0).all() and not torch.isin(ids[:, 1:], torch.tensor(sorted(special))).any()
     assert int(ids.max()) < vocab
@@ -29,9 +29,9 @@ def test_probe_layout(vocab, seq, rows):
         starts.add((int(first[0]), int(second[0])))
     if rows >= 5 and seq >= 64:
         assert len(starts) >= 3  # distances differ by row
-    again = copy_probe(vocab, seq, rows, special, seed=3)
+    again = copy_probe(vocab, seq, rows, special, bos=0, seed=3)
     assert torch.equal(again[0], ids) and torch.equal(again[1], part)
-    assert not torch.equal(copy_probe(vocab, seq, rows, special, seed=4)[0], ids)
+    assert not torch.equal(copy_probe(vocab, seq, rows, special, bos=0, seed=4)[0], ids)
 
 
 class _Oracle(torch.nn.Module):
@@ -63,7 +63,7 @@ class _Oracle(torch.nn.Module):
 
 def test_probe_scores_content_copying_not_position():
     vocab = 500
-    probe = copy_probe(vocab, 96, 4, {0}, seed=0)
+    probe = copy_probe(vocab, 96, 4, {0}, bos=0, seed=0)
     uniform = math.log(vocab)
     none = copy_losses(_Oracle(vocab), probe, torch.device("cpu"))
     assert none["val_copy_loss_first"] == pytest.approx(uniform, rel=1e-5)

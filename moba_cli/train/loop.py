@@ -213,10 +213,11 @@ def _train(recipe: Recipe, d: Dist, resume: bool, console: Any) -> dict[str, Any
     records: list[dict[str, Any]] = []
     progress = _progress(recipe, d, console, start)
 
-    special = {i for i in (base.config.bos_token_id, base.config.eos_token_id, base.config.pad_token_id)
-               if isinstance(i, int)}
+    cfg = base.config
+    special = {i for i in (cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id) if isinstance(i, int)}
     # (rows under 16 tokens have no room for two copies and the filler around them)
-    probe = copy_probe(vocab, seq, recipe.eval.copy_rows, special) if recipe.eval.copy_rows > 0 and seq >= 16 else None
+    probe = (copy_probe(vocab, seq, recipe.eval.copy_rows, special, cfg.bos_token_id)
+             if recipe.eval.copy_rows > 0 and seq >= 16 else None)
 
     def run_eval(step: int) -> dict[str, Any]:
         kind = attention_at(recipe, max(step - 1, 0))

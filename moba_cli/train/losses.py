@@ -72,15 +72,15 @@ def evaluate(model: Any, batches: list[Any], buckets: int, device: torch.device,
             "val_tokens": int(totals[1].item()), "val_loss_by_position": by_pos}
 
 
-def copy_probe(vocab: int, seq_len: int, rows: int, special: set[int],
+def copy_probe(vocab: int, seq_len: int, rows: int, special: set[int], bos: int | None = None,
                seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of random token ids in which one passage appears twice, at a distance drawn per row.
 
     Random ids leave nothing to predict but the copy, and a random distance leaves nothing to copy by
     position: the second copy's loss falls below the first's only when the model finds the passage by
     content. Returns ``(input_ids [rows, S], part [rows, S])`` with ``S = seq_len``; ``part`` is 1 on the
-    first copy, 2 on the second, 0 elsewhere; position 0 holds the smallest special id (bos in this
-    project's tokenizers) and no special id appears elsewhere.
+    first copy, 2 on the second, 0 elsewhere; position 0 holds ``bos`` (when given) and no id of
+    ``special`` appears elsewhere.
     """
     g = torch.Generator().manual_seed(seed)
     allowed = torch.tensor([i for i in range(vocab) if i not in special], dtype=torch.long)
@@ -92,8 +92,8 @@ def copy_probe(vocab: int, seq_len: int, rows: int, special: set[int],
         second = first + n + int(torch.randint(seq_len - first - 2 * n + 1, (), generator=g))
         ids[r, second:second + n] = ids[r, first:first + n]
         part[r, first:first + n], part[r, second:second + n] = 1, 2
-    if special:
-        ids[:, 0] = min(special)
+    if bos is not None:
+        ids[:, 0] = bos
     return ids, part
 
 
@@ -105,18 +105,15 @@ def copy_losses(model: Any, probe: tuple[torch.Tensor, torch.Tensor], device: to
     ``val_copy_loss_first`` (ln of the vocabulary or more: random ids are unlike any data)."""
     ids, part = probe
     pos = torch.arange(ids.shape[1], device=device)[None]
+    # entry j predicts token j + 1; count it when tokens j and j + 1 are in the same copy
+    sel = [(part[:, 1:] == k) & (part[:, :-1] == k) for k in (1, 2)]
     was_training = model.training
     model.eval()
-    sums = torch.zeros(2, dtype=torch.float64)
-    counts = torch.zeros(2, dtype=torch.float64)
+    rows = []
     for r in range(ids.shape[0]):  # one row at a time: a row's float32 logits are S x vocab
         row = ids[r:r + 1].to(device)
-        losses, _ = token_loss(model, row, row, pos, autocast)
-        target, prev = part[r, 1:].to(device), part[r, :-1].to(device)
-        for k in (1, 2):
-            sel = (target == k) & (prev == k)  # the previous token is in the same copy
-            sums[k - 1] += losses[0][sel].sum().item()
-            counts[k - 1] += sel.sum().item()
+        rows.append(token_loss(model, row, row, pos, autocast)[0][0].double().cpu())
     model.train(was_training)
-    first, second = (sums / counts.clamp_min(1)).tolist()
+    losses = torch.stack(rows)
+    first, second = (float(losses[m].sum() / m.sum().clamp_min(1)) for m in sel)
     return {"val_copy_loss_first": first, "val_copy_loss_second": second}
